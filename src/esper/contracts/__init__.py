@@ -1,0 +1,58 @@
+"""Shared vocabulary: lifecycle stages and authority, the factored action, seed specs (no torch)."""
+
+from esper.contracts.actions import (
+    HEADS,
+    RELEVANT_HEADS,
+    AlphaCurve,
+    AlphaSpeed,
+    AlphaTarget,
+    Blueprint,
+    FactoredAction,
+    Style,
+    Tempo,
+    Topology,
+)
+from esper.contracts.lifecycle import (
+    AUTHORITY,
+    SEED_STAGES,
+    TAMIYO_OPS,
+    TRANSITIONS,
+    Actor,
+    DoubleTick,
+    IllegalTransition,
+    Lifecycle,
+    LifecycleConfig,
+    LifecycleError,
+    Op,
+    Stage,
+    is_legal,
+)
+from esper.contracts.seeds import SeedSpec, SlotTelemetry
+
+__all__ = [
+    "AUTHORITY",
+    "HEADS",
+    "RELEVANT_HEADS",
+    "SEED_STAGES",
+    "TAMIYO_OPS",
+    "TRANSITIONS",
+    "Actor",
+    "AlphaCurve",
+    "AlphaSpeed",
+    "AlphaTarget",
+    "Blueprint",
+    "DoubleTick",
+    "FactoredAction",
+    "IllegalTransition",
+    "Lifecycle",
+    "LifecycleConfig",
+    "LifecycleError",
+    "Op",
+    "SeedSpec",
+    "SlotTelemetry",
+    "Stage",
+    "Style",
+    "Tempo",
+    "Topology",
+    "is_legal",
+]

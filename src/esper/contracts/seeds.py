@@ -1,0 +1,83 @@
+"""What a seed is made of (blueprint, style, §9.7 knobs) and what a slot reports about itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from esper.contracts.actions import AlphaCurve, Blueprint, Style
+from esper.contracts.lifecycle import Stage
+
+# Paper §9.7 knob options; the policy picks among these, the library accepts any positive value.
+HEAD_COUNTS = (1, 2, 4, 8)
+CHANNEL_WIDTHS = (0.25, 0.5, 1.0, 2.0)
+LR_MULTIPLIERS = (0.1, 0.5, 1.0, 2.0)
+WARMUP_TICKS = (0, 1, 3, 5)
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    """Everything needed to rebuild a seed module from scratch (besides its weights)."""
+
+    blueprint: Blueprint
+    style: Style = Style.RESIDUAL
+    head_count: int = 2
+    """Attention heads (ATTENTION on sequences)."""
+    channel_width: float = 1.0
+    """Multiplier on the seed's hidden width relative to the slot's channels."""
+    lr_multiplier: float = 1.0
+    """The seed's learning rate relative to the host's (its optimizer parameter group)."""
+    warmup_ticks: int = 0
+    """Ticks in BLENDING before α starts to ramp."""
+
+    def __post_init__(self) -> None:
+        if self.head_count < 1:
+            raise ValueError(f"head_count must be >= 1, got {self.head_count}")
+        if self.channel_width <= 0:
+            raise ValueError(f"channel_width must be > 0, got {self.channel_width}")
+        if self.lr_multiplier <= 0:
+            raise ValueError(f"lr_multiplier must be > 0, got {self.lr_multiplier}")
+        if self.warmup_ticks < 0:
+            raise ValueError(f"warmup_ticks must be >= 0, got {self.warmup_ticks}")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "blueprint": self.blueprint.name,
+            "style": self.style.name,
+            "head_count": self.head_count,
+            "channel_width": self.channel_width,
+            "lr_multiplier": self.lr_multiplier,
+            "warmup_ticks": self.warmup_ticks,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> SeedSpec:
+        return cls(
+            blueprint=Blueprint[str(d["blueprint"])],
+            style=Style[str(d["style"])],
+            head_count=int(d["head_count"]),  # type: ignore[arg-type]
+            channel_width=float(d["channel_width"]),  # type: ignore[arg-type]
+            lr_multiplier=float(d["lr_multiplier"]),  # type: ignore[arg-type]
+            warmup_ticks=int(d["warmup_ticks"]),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class SlotTelemetry:
+    """One slot's state as the policy sees it (paper §3, §6). Plain numbers, no tensors."""
+
+    name: str
+    stage: Stage
+    ticks_in_stage: int
+    alpha: float
+    alpha_target: float
+    alpha_curve: AlphaCurve
+    alpha_ticks_left: int
+    seed_grad_norm: float
+    host_grad_norm: float
+    grad_ratio: float
+    param_count: int
+    spec: SeedSpec | None
+    contribution: float | None = None
+    """The seed's α=0 ablation contribution to the validation metric; filled by the engine."""
+    contribution_tick: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)

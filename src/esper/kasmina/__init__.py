@@ -1,0 +1,65 @@
+"""Kasmina, the body: SeedSlots, seed lifecycle, blending, blueprints, phages and hosts."""
+
+from esper.kasmina.alpha import AlphaSchedule, curve_value
+from esper.kasmina.blend import Blend
+from esper.kasmina.blueprints import (
+    BlueprintError,
+    Cost,
+    SeedModule,
+    blueprint_cost,
+    blueprints_for,
+    build_seed,
+    module_cost,
+    parse_blueprint,
+    supported_topologies,
+)
+from esper.kasmina.checkpoint import CheckpointError, load_model, read_checkpoint, save_model
+from esper.kasmina.hosts import (
+    CNNHost,
+    MLPHost,
+    Residual,
+    TransformerHost,
+    insert_slots,
+    slots_of,
+    wrap_in_phage,
+)
+from esper.kasmina.lysis import UnitMask
+from esper.kasmina.phage import SEDATE, LysisError, Phage, PhageROI
+from esper.kasmina.slot import GateConfig, GateReport, SeedSlot
+from esper.kasmina.telemetry import host_grad_rms, observe_gradients
+
+__all__ = [
+    "SEDATE",
+    "AlphaSchedule",
+    "Blend",
+    "BlueprintError",
+    "CNNHost",
+    "CheckpointError",
+    "Cost",
+    "GateConfig",
+    "GateReport",
+    "LysisError",
+    "MLPHost",
+    "Phage",
+    "PhageROI",
+    "Residual",
+    "SeedModule",
+    "SeedSlot",
+    "TransformerHost",
+    "UnitMask",
+    "blueprint_cost",
+    "blueprints_for",
+    "build_seed",
+    "curve_value",
+    "host_grad_rms",
+    "insert_slots",
+    "load_model",
+    "module_cost",
+    "observe_gradients",
+    "parse_blueprint",
+    "read_checkpoint",
+    "save_model",
+    "slots_of",
+    "supported_topologies",
+    "wrap_in_phage",
+]

@@ -1,0 +1,168 @@
+"""Weights-only checkpoints of a grown model (safetensors; no pickle, no code).
+
+The file holds the model's state dict as tensors and, in its header metadata, a JSON description
+of every slot (stage, clock, seed spec, α schedule, unit counts after lysis) and of host blocks
+wrapped as phages. Loading into a freshly built host rebuilds each seed or phage from its spec,
+then loads the weights: no manual re-germination.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from esper.contracts import AlphaCurve, SeedSpec, Stage
+from esper.kasmina.alpha import AlphaSchedule
+from esper.kasmina.hosts import slots_of, wrap_in_phage
+from esper.kasmina.phage import Phage
+from esper.kasmina.slot import GateReport, SeedSlot
+
+FORMAT = "esper.kasmina.model"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+# -- slot state <-> JSON -------------------------------------------------------------------------
+
+def _phage_state(phage: Phage) -> dict[str, Any]:
+    return {"units": phage.units, "has_module": phage.module is not None,
+            "has_blend": phage.blend is not None, "module_sedated": phage.module_sedated,
+            "fade": list(phage.fade) if phage.fade else None}
+
+
+def slot_state(slot: SeedSlot) -> dict[str, Any]:
+    gate = slot.last_gate
+    target, tempo, curve = slot.pending
+    return {
+        "channels": slot.channels, "topology": slot.topology.value,
+        "stage": slot.stage.name, "ticks_in_stage": slot.lifecycle.ticks_in_stage,
+        "last_tick": slot.lifecycle.last_tick,
+        "spec": slot.spec.to_dict() if slot.spec else None,
+        "schedule": slot.schedule.to_dict(), "pending": [target, tempo, curve.name],
+        "seed_units": slot.seed.units if slot.seed is not None else None,
+        "phage": _phage_state(slot.phage) if slot.phage is not None else None,
+        "gate": None if gate is None else [gate.passed, list(gate.reasons), gate.metrics],
+        "seed_id": slot.seed_id, "contribution": slot.contribution,
+        "contribution_tick": slot.contribution_tick,
+    }
+
+
+def _apply_phage_state(phage: Phage, st: dict[str, Any]) -> Phage:
+    """Shape `phage` as `st` says (units left after lysis, what was removed); weights come later."""
+    mask = getattr(phage.module, "unit_mask", None)
+    if mask is not None and mask.units != st["units"]:
+        phage.module.remove_units(torch.arange(st["units"]))
+    if not st["has_module"]:
+        phage.module = None
+    if not st["has_blend"]:
+        phage.blend = None
+    phage.module_sedated = st["module_sedated"]
+    phage.fade = tuple(st["fade"]) if st["fade"] else None
+    return phage
+
+
+def restore_slot(slot: SeedSlot, st: dict[str, Any]) -> None:
+    """Make `slot` structurally what `st` describes (weights are loaded afterwards)."""
+    if (st["channels"], st["topology"]) != (slot.channels, slot.topology.value):
+        raise CheckpointError(
+            f"slot {slot.name!r}: checkpoint has {st['channels']} channels on {st['topology']}, "
+            f"model has {slot.channels} on {slot.topology.value}")
+    slot._clear()
+    lc = slot.lifecycle
+    lc.stage, lc.ticks_in_stage, lc.last_tick = (
+        Stage[st["stage"]], st["ticks_in_stage"], st["last_tick"])
+    if st["spec"] is not None:
+        spec = SeedSpec.from_dict(st["spec"])
+        seed, blend = slot.build(spec)
+        slot.spec = spec
+        if st["phage"] is not None:
+            slot.phage = _apply_phage_state(Phage(seed, blend, slot.name), st["phage"])
+        else:
+            if st["seed_units"] is not None and seed.units != st["seed_units"]:
+                seed.remove_units(torch.arange(st["seed_units"]))
+            slot.seed, slot.blend = seed, blend
+    slot.schedule = AlphaSchedule.from_dict(st["schedule"])
+    target, tempo, curve = st["pending"]
+    slot.pending = (target, tempo, AlphaCurve[curve])
+    if st["gate"] is not None:
+        passed, reasons, metrics = st["gate"]
+        slot.last_gate = GateReport(passed, tuple(reasons), metrics)
+    slot.seed_id, slot.contribution, slot.contribution_tick = (
+        st["seed_id"], st["contribution"], st["contribution_tick"])
+    slot._refresh()
+
+
+# -- model files ---------------------------------------------------------------------------------
+
+def model_metadata(model: nn.Module) -> dict[str, Any]:
+    in_slots = {id(s.phage) for s in slots_of(model).values()}
+    host_phages = {path: _phage_state(m) for path, m in model.named_modules()
+                   if isinstance(m, Phage) and id(m) not in in_slots}
+    return {"format": FORMAT, "version": VERSION,
+            "slots": {name: slot_state(s) for name, s in slots_of(model).items()},
+            "host_phages": host_phages}
+
+
+def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write `model` (host, slots, seeds, phages) to a safetensors file."""
+    meta = model_metadata(model)
+    if extra:
+        meta["extra"] = extra
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"esper": json.dumps(meta)})
+
+
+def read_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of an Esper model file, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            raw = (f.metadata() or {}).get("esper")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {e}") \
+            from None
+    if raw is None:
+        raise CheckpointError(f"checkpoint {path} has no Esper metadata (not an Esper model file)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} is format {meta.get('format')} "
+                              f"v{meta.get('version')}; expected {FORMAT} v{VERSION}")
+    return meta, tensors
+
+
+def load_model(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load a file written by `save_model` into a freshly built `model`; returns the metadata."""
+    device = next(iter(model.state_dict().values())).device
+    meta, tensors = read_checkpoint(path, device)
+    slots = slots_of(model)
+    unknown = sorted(set(meta["slots"]) - set(slots))
+    missing = sorted(set(slots) - set(meta["slots"]))
+    if unknown or missing:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: slots only in the "
+                              f"file {unknown}, slots only in the model {missing}")
+    for p, st in meta["host_phages"].items():
+        _apply_phage_state(wrap_in_phage(model, p), st)
+    for name, st in meta["slots"].items():
+        restore_slot(slots[name], st)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+                              f"{' '.join(x.strip() for x in first[:3])}") from None
+    return meta

@@ -1,0 +1,195 @@
+"""Reference hosts with named SeedSlots, and slot insertion into any user module.
+
+Slots sit at structurally meaningful points: after each residual block (CNN, MLP), after the
+attention and after the MLP sub-block of each transformer layer. Host residual blocks are
+`Residual` modules whose branch has lysable units, so a phage can wrap host infrastructure too
+(`wrap_in_phage`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from esper.contracts import LifecycleConfig, Topology
+from esper.kasmina.blueprints import CausalSelfAttention, HiddenUnits
+from esper.kasmina.layers import pointwise, prenorm, spatial
+from esper.kasmina.phage import Phage
+from esper.kasmina.slot import GateConfig, SeedSlot
+
+
+class Residual(nn.Module):
+    """y = x + branch(x)."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch(x)
+
+
+def _branch(c: int, topology: Topology, width: int, first: str) -> HiddenUnits:
+    """norm → conv3×3 or linear (C→W) → GELU → mask → linear (W→C)."""
+    make = spatial if first == "spatial" else pointwise
+    return HiddenUnits([prenorm(c, topology), make(c, width, topology)], width,
+                       pointwise(width, c, topology), topology)
+
+
+class CNNHost(nn.Module):
+    """A small residual CNN: stem → [block → slot → pool]×depth → global pool → linear.
+
+    `width=2` is the "impaired" host: its 2-channel bottleneck leaves room to grow.
+    """
+
+    def __init__(self, width: int = 8, depth: int = 3, in_channels: int = 1,
+                 num_classes: int = 10, image_size: int = 8, **slot_kw: object) -> None:
+        super().__init__()
+        if width < 1 or depth < 1:
+            raise ValueError(f"CNNHost needs width >= 1 and depth >= 1, got {width}, {depth}")
+        self.width, self.depth = width, depth
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.GELU())
+        self.blocks = nn.ModuleList(
+            Residual(_branch(width, Topology.CNN, 2 * width, "spatial")) for _ in range(depth))
+        self.slots = nn.ModuleDict(
+            {f"b{i}": SeedSlot(width, Topology.CNN, f"slots.b{i}", **slot_kw)  # type: ignore[arg-type]
+             for i in range(depth)})
+        size, pools = image_size, []
+        for _ in range(depth):  # halve the map after each block while it is larger than 2×2
+            pools.append(nn.AvgPool2d(2) if size > 2 else nn.Identity())
+            size = size // 2 if size > 2 else size
+        self.pools = nn.ModuleList(pools)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block, slot, pool in zip(self.blocks, self.slots.values(), self.pools, strict=True):
+            x = pool(slot(block(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class MLPHost(nn.Module):
+    """Vectors: flatten → linear → [residual MLP block → slot]×depth → linear."""
+
+    def __init__(self, in_features: int = 64, width: int = 32, depth: int = 2,
+                 num_classes: int = 10, **slot_kw: object) -> None:
+        super().__init__()
+        self.inp = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.GELU())
+        self.blocks = nn.ModuleList(
+            Residual(_branch(width, Topology.VEC, 2 * width, "point")) for _ in range(depth))
+        self.slots = nn.ModuleDict(
+            {f"b{i}": SeedSlot(width, Topology.VEC, f"slots.b{i}", **slot_kw)  # type: ignore[arg-type]
+             for i in range(depth)})
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block, slot in zip(self.blocks, self.slots.values(), strict=True):
+            x = slot(block(x))
+        return self.head(x)
+
+
+class TransformerHost(nn.Module):
+    """A small causal character-level transformer (pre-norm, learned positions)."""
+
+    def __init__(self, vocab_size: int = 256, d_model: int = 64, n_layers: int = 2,
+                 n_heads: int = 4, max_len: int = 64, **slot_kw: object) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
+        self.max_len = max_len
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(max_len, d_model)
+        layers, slots = [], {}
+        for i in range(n_layers):
+            layers += [Residual(CausalSelfAttention(d_model, n_heads, d_model // n_heads)),
+                       Residual(_branch(d_model, Topology.SEQ, 4 * d_model, "point"))]
+            for part in ("attn", "mlp"):
+                slots[f"l{i}_{part}"] = SeedSlot(d_model, Topology.SEQ, f"slots.l{i}_{part}",
+                                                 **slot_kw)  # type: ignore[arg-type]
+        self.layers = nn.ModuleList(layers)
+        self.slots = nn.ModuleDict(slots)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds max_len {self.max_len}")
+        x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))  # (B, T, C)
+        for layer, slot in zip(self.layers, self.slots.values(), strict=True):
+            x = slot(layer(x))
+        return self.head(self.norm(x))  # (B, T, vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# Slots in any module
+# ---------------------------------------------------------------------------------------------
+
+def slots_of(model: nn.Module) -> dict[str, SeedSlot]:
+    """Every SeedSlot in `model`, by module path (names unnamed slots after their path)."""
+    found = {}
+    for path, module in model.named_modules():
+        if isinstance(module, SeedSlot):
+            if module.name == "slot":
+                module.name = path
+            found[module.name] = module
+    return found
+
+
+def _topology_of(t: torch.Tensor) -> tuple[Topology, int]:
+    if t.dim() == 4:
+        return Topology.CNN, t.shape[1]
+    if t.dim() == 3:
+        return Topology.SEQ, t.shape[2]
+    if t.dim() == 2:
+        return Topology.VEC, t.shape[1]
+    raise ValueError(f"cannot place a slot on a {t.dim()}-d output (need 2, 3 or 4 dims)")
+
+
+def insert_slots(model: nn.Module, points: Sequence[str], example_input: torch.Tensor, *,
+                 lifecycle: LifecycleConfig | None = None,
+                 gate: GateConfig | None = None) -> dict[str, SeedSlot]:
+    """Put a SeedSlot on the output of each named submodule of a user's model.
+
+    The slot becomes a child `<point>_slot` of the point's parent and is applied by a forward
+    hook, so the user's own state-dict keys do not change. Channels and topology are read off
+    one forward pass of `example_input`.
+    """
+    modules = dict(model.named_modules())
+    missing = [p for p in points if p not in modules or not p]
+    if missing:
+        raise KeyError(f"no submodule named {missing}; some valid points: "
+                       f"{[n for n in modules if n][:12]}")
+    shapes: dict[str, torch.Tensor] = {}
+    handles = [modules[p].register_forward_hook(
+        lambda m, i, o, p=p: shapes.__setitem__(p, o)) for p in points]
+    with torch.no_grad():
+        model(example_input)
+    for h in handles:
+        h.remove()
+    slots = {}
+    for p in points:
+        topology, channels = _topology_of(shapes[p])
+        parent_path, _, child = p.rpartition(".")
+        parent = modules[parent_path] if parent_path else model
+        slot = SeedSlot(channels, topology, p, lifecycle=lifecycle, gate=gate)
+        slot.to(shapes[p].device)
+        parent.add_module(f"{child}_slot", slot)
+        modules[p].register_forward_hook(lambda m, i, o, s=slot: s(o))
+        slots[p] = slot
+    return slots
+
+
+def wrap_in_phage(model: nn.Module, path: str) -> Phage:
+    """Replace the host's `Residual` block at `path` with a Phage of the same function."""
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    block = parent.get_submodule(child)
+    if not isinstance(block, Residual):
+        raise TypeError(f"{path!r} is a {type(block).__name__}, not a Residual host block")
+    phage = Phage(block.branch, name=path)
+    parent._modules[child] = phage  # works for ModuleList indices and attributes alike
+    return phage

@@ -1,0 +1,154 @@
+"""Phage: the light wrapper for committed seeds and host infrastructure (paper §9.2–9.3, §9.7).
+
+y = h + [sedation] · δ(h, m(h)). No α: a phage runs at effective α = 1. Emrakul gates it with a
+sedation mask, over the wrapped module's hidden units (channels, heads, LoRA ranks) or over the
+whole module, and the governor reclaims fully sedated units with `physical_lysis`, which deletes
+their weights so parameters and FLOPs really drop while the function stays the sedated one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from esper.kasmina.blend import Blend
+from esper.kasmina.lysis import UnitMask
+
+Target = int | Sequence[int] | Literal["module"]
+
+SEDATE = 0.0
+"""Mask value of a sedated target; WEAKEN uses a factor in (0, 1)."""
+
+
+class LysisError(ValueError):
+    """A sedation or lysis request the phage cannot honour."""
+
+
+@dataclass
+class PhageROI:
+    """Return on investment: filled by the engine (contribution) and Simic (rent)."""
+
+    contribution: float | None = None
+    rent: float | None = None
+
+    @property
+    def roi(self) -> float | None:
+        if self.contribution is None or self.rent is None:
+            return None
+        return self.contribution - self.rent
+
+
+class Phage(nn.Module):
+    """Wraps `module` (a committed seed, or a host residual branch) as y = h + δ(h, module(h))."""
+
+    def __init__(self, module: nn.Module, blend: Blend | None = None, name: str = "phage") -> None:
+        super().__init__()
+        self.name = name
+        self.module: nn.Module | None = module
+        self.blend = blend
+        self.register_buffer("sedation", torch.ones(()))
+        self.module_sedated = False
+        self.roi = PhageROI()
+        self.fade: tuple[int, int] | None = None  # (ticks elapsed, ticks total) of schedule_prune
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.module is None:  # the whole module was lysed
+            return h
+        s = self.module(h)
+        d = s if self.blend is None else self.blend.delta(h, s, h)
+        if self.module_sedated:
+            d = d * self.sedation
+        return h + d
+
+    # -- inventory -------------------------------------------------------------------------
+    @property
+    def units(self) -> int:
+        mask = _mask_of(self.module)
+        return 0 if mask is None else mask.units
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def unit_mask_values(self) -> list[float]:
+        mask = _mask_of(self.module)
+        return [] if mask is None else mask.mask.tolist()
+
+    # -- sedation (Emrakul; soft and reversible) -------------------------------------------
+    def apply_sedation_mask(self, target: Target, value: float = SEDATE) -> None:
+        """SEDATE (value 0) or WEAKEN (0 < value < 1) a set of units or the whole module."""
+        if not 0.0 <= value <= 1.0:
+            raise LysisError(f"phage {self.name!r}: sedation value must lie in [0, 1], got {value}")
+        if target == "module":
+            self.sedation.fill_(value)
+            self.module_sedated = value != 1.0
+            return
+        self._lysable().unit_mask.set(self._units(target), value)
+
+    def lift(self, target: Target) -> None:
+        """Lift the sedation of `target` (the "wake up" interrupt)."""
+        self.apply_sedation_mask(target, 1.0)
+
+    # -- lysis (governor, at a safe boundary) ----------------------------------------------
+    def physical_lysis(self, target: Target) -> int:
+        """Delete fully sedated `target`; returns the number of parameters removed."""
+        before = self.param_count()
+        if target == "module":
+            if not self.module_sedated or float(self.sedation) != 0.0:
+                raise LysisError(f"phage {self.name!r}: sedate the module fully before lysis")
+            self.module, self.blend, self.module_sedated = None, None, False
+            return before
+        m = self._lysable()
+        units = self._units(target)
+        mask = m.unit_mask.mask
+        live = [u for u in units if float(mask[u]) != 0.0]
+        if live:
+            raise LysisError(f"phage {self.name!r}: units {live} are not fully sedated; "
+                             "only sedated units can be lysed")
+        gone = set(units)
+        keep = torch.tensor([u for u in range(m.unit_mask.units) if u not in gone],
+                            dtype=torch.long, device=mask.device)
+        m.remove_units(keep)
+        return before - self.param_count()
+
+    # -- controlled fade (§9.2 schedule_prune) ---------------------------------------------
+    def schedule_prune(self, ticks: int) -> None:
+        """Fade the whole module out linearly over `ticks` ticks (0: at once)."""
+        self.fade = (0, ticks)
+        self.apply_sedation_mask("module", 0.0 if ticks == 0 else 1.0)
+
+    def tick(self) -> bool:
+        """Advance a scheduled fade; True once the module is fully faded (or none is scheduled)."""
+        if self.fade is None:
+            return True
+        done, total = self.fade
+        done = min(done + 1, total)
+        self.fade = (done, total)
+        self.apply_sedation_mask("module", 1.0 - done / total if total else 0.0)
+        return done >= total
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _lysable(self) -> nn.Module:
+        m = self.module
+        if _mask_of(m) is None:
+            kind = "nothing (lysed)" if m is None else type(m).__name__
+            raise LysisError(f"phage {self.name!r} wraps {kind}, which has no sedatable units; "
+                             "target 'module' instead")
+        return m
+
+    def _units(self, target: int | Sequence[int]) -> list[int]:
+        units = [target] if isinstance(target, int) else list(target)
+        n = self._lysable().unit_mask.units
+        bad = [u for u in units if not 0 <= u < n]
+        if bad:
+            raise LysisError(f"phage {self.name!r}: units {bad} out of range 0..{n - 1}")
+        return units
+
+
+def _mask_of(module: nn.Module | None) -> UnitMask | None:
+    """The module's unit mask, if it has sedatable units."""
+    return getattr(module, "unit_mask", None)

@@ -1,0 +1,371 @@
+"""SeedSlot: a pre-allocated insertion point that can grow a seed (paper §3, §2.4).
+
+Forward semantics, by stage (y = h + c(α)·δ(h, s), see blend.py):
+
+| stage                              | forward                                  | seed input |
+|------------------------------------|------------------------------------------|------------|
+| DORMANT, GERMINATED, EMBARGOED, RESETTING | `h` itself (same object, no op)   | –          |
+| TRAINING                           | h + (δ − δ.detach())  (== h bit for bit) | h.detach() |
+| BLENDING, HOLDING, PRUNED (fading) | h + c(α)·δ                               | h.detach() |
+| COMMITTED                          | the Phage: h + δ, α folded into the seed | h          |
+
+Isolation ends at commit: from then on the host upstream learns through the seed path too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from esper.contracts import (
+    Actor,
+    AlphaCurve,
+    IllegalTransition,
+    Lifecycle,
+    LifecycleConfig,
+    Op,
+    SeedSpec,
+    SlotTelemetry,
+    Stage,
+    Style,
+    Topology,
+)
+from esper.contracts.lifecycle import check
+from esper.kasmina.alpha import AlphaSchedule
+from esper.kasmina.blend import Blend
+from esper.kasmina.blueprints import SeedModule, build_seed
+from esper.kasmina.phage import Phage, Target
+
+_IDENTITY, _TRAINING, _BLENDING, _PHAGE = range(4)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Thresholds of the G2 maturity gate (TRAINING → BLENDING), paper §3.2."""
+
+    min_training_ticks: int = 1
+    """Ticks a seed must spend in TRAINING before it may blend."""
+    vanishing_grad: float = 1e-8
+    """Seed gradient RMS at or below this is 'vanishing'."""
+    exploding_grad: float = 1e2
+    """Seed gradient RMS at or above this is 'exploding'."""
+    min_grad_ratio: float = 1e-3
+    """Lowest acceptable seed/host gradient-RMS ratio."""
+    max_grad_ratio: float = 1e3
+    """Highest acceptable seed/host gradient-RMS ratio."""
+    probe_alpha: float = 0.1
+    """α of the small test blend used by the activation probe."""
+    max_probe_shift: float = 0.5
+    """Largest acceptable RMS(y − h)/RMS(h) under the test blend."""
+    probe_samples: int = 32
+    """How many samples of the slot input the probe keeps."""
+
+
+@dataclass(frozen=True)
+class GateReport:
+    passed: bool
+    reasons: tuple[str, ...]
+    """Why it failed (empty when passed)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.passed else "failed: " + "; ".join(self.reasons)
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in self.metrics.items())
+        return f"G2 {verdict} ({shown})"
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _rms(t: torch.Tensor) -> torch.Tensor:
+    return t.float().pow(2).mean().sqrt()
+
+
+class SeedSlot(nn.Module):
+    """An identity until a seed is germinated into it. Place it anywhere in a forward pass."""
+
+    def __init__(
+        self,
+        channels: int,
+        topology: Topology | str = Topology.CNN,
+        name: str | None = None,
+        *,
+        lifecycle: LifecycleConfig | None = None,
+        gate: GateConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.channels, self.topology = channels, Topology(topology)
+        self.lifecycle = Lifecycle(name or "slot", lifecycle or LifecycleConfig())
+        self.gate_config = gate or GateConfig()
+        self.seed: SeedModule | None = None
+        self.blend: Blend | None = None
+        self.phage: Phage | None = None
+        self.spec: SeedSpec | None = None
+        self.schedule = AlphaSchedule()
+        self.pending = (1.0, 5, AlphaCurve.LINEAR)  # α target, tempo ticks, curve of the 1st ramp
+        self.last_gate: GateReport | None = None
+        self.contribution: float | None = None
+        self.contribution_tick: int | None = None
+        self.seed_id: str | None = None
+        self.register_buffer("coef", torch.zeros(()), persistent=False)
+        self._grad: torch.Tensor | None = None  # Σ seed‖g‖², Σ host RMS², steps (this tick)
+        self._probe: torch.Tensor | None = None
+        self._mode = _IDENTITY
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.lifecycle.slot
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.lifecycle.slot = value
+
+    @property
+    def stage(self) -> Stage:
+        return self.lifecycle.stage
+
+    @property
+    def alpha(self) -> float:
+        return self.schedule.value
+
+    def extra_repr(self) -> str:
+        bp = self.spec.blueprint.name if self.spec else "-"
+        return (f"{self.name!r}, channels={self.channels}, topology={self.topology.value}, "
+                f"stage={self.stage.name}, blueprint={bp}, alpha={self.alpha:.3f}")
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        mode = self._mode
+        if mode == _IDENTITY:
+            return h
+        if mode == _PHAGE:
+            return self.phage(h)
+        x = h.detach()  # isolation: the seed path sends nothing back into the host before commit
+        s = self.seed(x)
+        if mode == _TRAINING:
+            if self._probe is None:
+                self._probe = x[: self.gate_config.probe_samples].clone()
+            d = self.blend.delta(x, s, x)
+            return h + (d - d.detach())  # straight-through: forward h, backward as if α = 1
+        return h + self.coef * self.blend.delta(h, s, x)
+
+    # -- lifecycle operations ------------------------------------------------------------------
+    def germinate(self, spec: SeedSpec, *, actor: Actor = Actor.TAMIYO,
+                  alpha_target: float = 1.0, tempo_ticks: int = 5,
+                  alpha_curve: AlphaCurve = AlphaCurve.LINEAR, seed_id: str | None = None) -> None:
+        """Instantiate `spec` here (DORMANT → GERMINATED). The first ramp is fixed now."""
+        self._check(actor, Op.GERMINATE)
+        seed, blend = self.build(spec)
+        self._sanity_check(seed)
+        self.seed, self.blend, self.spec = seed, blend, spec
+        self.pending = (alpha_target, tempo_ticks, alpha_curve)
+        self.seed_id = seed_id
+        self.lifecycle.apply(actor, Op.GERMINATE)
+        self._refresh()
+
+    def build(self, spec: SeedSpec) -> tuple[SeedModule, Blend]:
+        """A fresh seed module and its blend operator for this slot, on the slot's device."""
+        seed = build_seed(spec, self.topology, self.channels)
+        blend = Blend(spec.style, self.channels, self.topology, learned=_has_params(seed))
+        return seed.to(self.coef.device), blend.to(self.coef.device)
+
+    def advance(self, *, actor: Actor = Actor.TAMIYO) -> Stage:
+        """GERMINATED → TRAINING; TRAINING → BLENDING (G2 must have passed); BLENDING → HOLDING
+        (the α ramp must be finished)."""
+        self._check(actor, Op.ADVANCE)
+        if self.stage is Stage.TRAINING:
+            report = self.last_gate
+            if report is None or not report.passed:
+                why = "G2 gate not evaluated" if report is None else str(report)
+                raise IllegalTransition(self.name, self.stage, actor, Op.ADVANCE, why)
+            target, tempo, curve = self.pending
+            self.schedule = AlphaSchedule(0.0, target, tempo, curve, delay=self.spec.warmup_ticks)
+        elif self.stage is Stage.BLENDING and not self.schedule.done:
+            why = f"α ramp not finished ({self.schedule.ticks_left} ticks left)"
+            raise IllegalTransition(self.name, self.stage, actor, Op.ADVANCE, why)
+        self.lifecycle.apply(actor, Op.ADVANCE)
+        self._refresh()
+        return self.stage
+
+    def set_alpha_target(self, target: float, ticks: int, curve: AlphaCurve = AlphaCurve.LINEAR,
+                         *, actor: Actor = Actor.TAMIYO) -> None:
+        """Start a new ramp from the current α (continuous) to `target`."""
+        self._check(actor, Op.SET_ALPHA_TARGET)
+        self.schedule = self.schedule.retarget(target, ticks, curve)
+        self.lifecycle.apply(actor, Op.SET_ALPHA_TARGET)
+        self._refresh()
+
+    def fossilize(self, *, actor: Actor = Actor.TAMIYO) -> Phage:
+        """HOLDING → COMMITTED: fold α into the seed and rewrap it as a Phage (custody to
+        Emrakul). The α machinery leaves the forward path; isolation ends."""
+        self._check(actor, Op.FOSSILIZE)
+        seed, blend = self.seed, self.blend
+        seed.scale_output_(blend.coefficient(self.alpha))
+        self.seed = self.blend = None
+        self.phage = Phage(seed, blend if blend.style in (Style.VALVE, Style.GATE) else None,
+                           name=self.name)
+        self.lifecycle.apply(actor, Op.FOSSILIZE)
+        self._refresh()
+        return self.phage
+
+    def prune(self, *, actor: Actor = Actor.TAMIYO, fade_ticks: int | None = None) -> None:
+        """Begin removal: α fades to 0 over `fade_ticks` (default from config), then the seed is
+        dropped and the slot goes PRUNED → EMBARGOED → RESETTING → DORMANT on the clock."""
+        op = {Actor.TAMIYO: Op.PRUNE, Actor.EMRAKUL: Op.LYSE}.get(actor, Op.EMERGENCY_PRUNE)
+        self._check(actor, op)
+        fade = self.lifecycle.config.prune_fade_ticks if fade_ticks is None else fade_ticks
+        if actor is Actor.TOLARIA or (self.phage is None and self.alpha == 0.0):
+            fade = 0  # emergencies do not wait, and a seed at α = 0 has nothing to fade
+        if self.phage is not None:
+            self.phage.schedule_prune(fade)
+        else:
+            self.schedule = self.schedule.retarget(0.0, fade, AlphaCurve.LINEAR)
+        self.lifecycle.apply(actor, op)
+        self._refresh()
+
+    def sedate(self, target: Target, value: float = 0.0, *, actor: Actor = Actor.EMRAKUL) -> None:
+        """Emrakul's soft gating of a committed phage (SEDATE = 0, WEAKEN = a factor)."""
+        self._check(actor, Op.SEDATE)
+        self.phage.apply_sedation_mask(target, value)
+
+    def lift(self, target: Target, *, actor: Actor = Actor.EMRAKUL) -> None:
+        self._check(actor, Op.LIFT)
+        self.phage.lift(target)
+
+    def tick(self, t: int) -> Stage:
+        """The engine's clock, once per control tick: advance α, then the lifecycle."""
+        if self.stage in (Stage.BLENDING, Stage.HOLDING, Stage.PRUNED):
+            self.schedule = self.schedule.step()
+        fade_done = self.phage.tick() if self.phage is not None else self.schedule.done
+        stage = self.lifecycle.tick(t, fade_done=fade_done)
+        if stage in (Stage.EMBARGOED, Stage.RESETTING, Stage.DORMANT) and self._holds_module():
+            self._clear()
+        self._grad = self._probe = None
+        self._refresh()
+        return stage
+
+    # -- G2 maturity gate ----------------------------------------------------------------------
+    def evaluate_gate(self) -> GateReport:
+        """Gradient health plus a bounded activation probe under a small test blend (§3.2)."""
+        cfg, reasons = self.gate_config, []
+        if self.stage is not Stage.TRAINING:
+            self.last_gate = GateReport(False, (f"stage is {self.stage.name}, not TRAINING",))
+            return self.last_gate
+        seed_rms, host_rms, ratio = self._gradient_health()
+        metrics = {"seed_grad_rms": seed_rms, "host_grad_rms": host_rms, "grad_ratio": ratio}
+        if self.lifecycle.ticks_in_stage < cfg.min_training_ticks:
+            reasons.append(f"only {self.lifecycle.ticks_in_stage} of {cfg.min_training_ticks} "
+                           "training ticks")
+        if not _has_params(self.seed):
+            pass  # nothing to train (NOOP): only the probe applies
+        elif self._grad is None:
+            reasons.append("no gradients observed")
+        elif not seed_rms > cfg.vanishing_grad:
+            reasons.append(f"vanishing seed gradient (rms {seed_rms:.2e})")
+        elif not seed_rms < cfg.exploding_grad:
+            reasons.append(f"exploding seed gradient (rms {seed_rms:.2e})")
+        elif not cfg.min_grad_ratio <= ratio <= cfg.max_grad_ratio:
+            reasons.append(f"seed/host gradient ratio {ratio:.2e} outside "
+                           f"[{cfg.min_grad_ratio:g}, {cfg.max_grad_ratio:g}]")
+        shift = self._probe_shift()
+        if shift is None:
+            reasons.append("no activation probe captured")
+        else:
+            metrics["probe_shift"] = shift
+            if not shift <= cfg.max_probe_shift:
+                reasons.append(f"test blend at α={cfg.probe_alpha} shifts activations by "
+                               f"{shift:.3g} > {cfg.max_probe_shift}")
+        self.last_gate = GateReport(not reasons, tuple(reasons), metrics)
+        return self.last_gate
+
+    @torch.no_grad()
+    def _probe_shift(self) -> float | None:
+        if self._probe is None:
+            return None
+        x = self._probe
+        c = self.blend.coefficient(self.gate_config.probe_alpha)
+        y = x + c * self.blend.delta(x, self.seed(x), x)
+        return float(_rms(y - x) / _rms(x).clamp_min(1e-12))
+
+    # -- gradient telemetry --------------------------------------------------------------------
+    def observe_gradients(self, host_grad_rms: torch.Tensor) -> None:
+        """Accumulate this step's seed and host gradient statistics (no host sync)."""
+        if self.stage not in (Stage.TRAINING, Stage.BLENDING, Stage.HOLDING):
+            return
+        params = [*self.seed.parameters(), *self.blend.parameters()]
+        grads = [p.grad.float() for p in params if p.grad is not None]
+        host = host_grad_rms.float()
+        seed_sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else host * 0
+        step = torch.stack([seed_sq, host.pow(2), torch.ones_like(host)])
+        self._grad = step if self._grad is None else self._grad + step
+
+    def _gradient_health(self) -> tuple[float, float, float]:
+        if self._grad is None:
+            return 0.0, 0.0, 0.0
+        seed_sq, host_sq, steps = self._grad.tolist()
+        n = max(1, self.seed_param_count())
+        seed_rms = (seed_sq / steps / n) ** 0.5
+        host_rms = (host_sq / steps) ** 0.5
+        return seed_rms, host_rms, seed_rms / host_rms if host_rms > 0 else float("inf")
+
+    # -- telemetry -----------------------------------------------------------------------------
+    def seed_param_count(self) -> int:
+        mods = [m for m in (self.seed, self.blend, self.phage) if m is not None]
+        return sum(p.numel() for m in mods for p in m.parameters())
+
+    def telemetry(self) -> SlotTelemetry:
+        seed_rms, host_rms, ratio = self._gradient_health()
+        return SlotTelemetry(
+            name=self.name, stage=self.stage, ticks_in_stage=self.lifecycle.ticks_in_stage,
+            alpha=1.0 if self.phage is not None else self.alpha,
+            alpha_target=self.schedule.target, alpha_curve=self.schedule.curve,
+            alpha_ticks_left=self.schedule.ticks_left, seed_grad_norm=seed_rms,
+            host_grad_norm=host_rms, grad_ratio=ratio, param_count=self.seed_param_count(),
+            spec=self.spec, contribution=self.contribution,
+            contribution_tick=self.contribution_tick,
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check(self, actor: Actor, op: Op) -> None:
+        check(self.name, self.stage, actor, op)
+
+    def _holds_module(self) -> bool:
+        return self.seed is not None or self.phage is not None
+
+    def _clear(self) -> None:
+        self.seed = self.blend = self.phage = None
+        self.spec = self.last_gate = self.seed_id = None
+        self.contribution = self.contribution_tick = None
+        self.schedule = AlphaSchedule()
+
+    def _refresh(self) -> None:
+        """Recompute the forward mode and the blend coefficient after any change."""
+        stage = self.stage
+        if stage is Stage.COMMITTED or (stage is Stage.PRUNED and self.phage is not None):
+            self._mode = _PHAGE
+        elif stage is Stage.TRAINING:
+            self._mode = _TRAINING
+        elif self.seed is not None and stage in (Stage.BLENDING, Stage.HOLDING, Stage.PRUNED):
+            self._mode = _BLENDING
+            self.coef.fill_(self.blend.coefficient(self.alpha))
+        else:
+            self._mode = _IDENTITY
+        if stage is Stage.PRUNED and self._mode == _BLENDING and self.schedule.done:
+            self._mode = _IDENTITY  # faded out (or removed at once): the seed no longer runs
+
+    @torch.no_grad()
+    def _sanity_check(self, seed: nn.Module) -> None:
+        """GERMINATED means 'instantiated and sane': shape preserved, finite output."""
+        c = self.channels
+        shape = {Topology.CNN: (2, c, 4, 4), Topology.SEQ: (2, 4, c), Topology.VEC: (2, c)}
+        # A private generator: germinating must not move the run's RNG stream.
+        x = torch.randn(shape[self.topology], generator=torch.Generator().manual_seed(0))
+        x = x.to(self.coef.device)
+        y = seed(x)
+        if y.shape != x.shape or not torch.isfinite(y).all():
+            raise RuntimeError(f"slot {self.name!r}: seed {type(seed).__name__} failed its "
+                               f"sanity check (shape {tuple(y.shape)} for input {tuple(x.shape)})")

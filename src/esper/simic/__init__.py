@@ -1,0 +1,43 @@
+"""Simic, the economy: rent, churn, reward and credit."""
+
+from esper.simic.economy import (
+    HIGH_RENT,
+    LOW_RENT,
+    NO_CHURN,
+    STRUCTURAL_OPS,
+    ChurnBreakdown,
+    ChurnMeter,
+    Economy,
+    EconomyConfig,
+    Ledger,
+    RewardBreakdown,
+    RunTotals,
+    SeedAccount,
+    SlotEconomics,
+    rent_alpha,
+    reward,
+    slot_rent,
+    task_reward,
+    tick_rent,
+)
+
+__all__ = [
+    "HIGH_RENT",
+    "LOW_RENT",
+    "NO_CHURN",
+    "STRUCTURAL_OPS",
+    "ChurnBreakdown",
+    "ChurnMeter",
+    "Economy",
+    "EconomyConfig",
+    "Ledger",
+    "RewardBreakdown",
+    "RunTotals",
+    "SeedAccount",
+    "SlotEconomics",
+    "rent_alpha",
+    "reward",
+    "slot_rent",
+    "task_reward",
+    "tick_rent",
+]

@@ -1,0 +1,1 @@
+"""Tolaria, the engine: growth environments, governor, determinism, tasks."""
