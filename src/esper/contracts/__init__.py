@@ -27,7 +27,7 @@ from esper.contracts.lifecycle import (
     Stage,
     is_legal,
 )
-from esper.contracts.seeds import SeedSpec, SlotTelemetry
+from esper.contracts.seeds import Observation, SeedSpec, SlotTelemetry
 
 __all__ = [
     "AUTHORITY",
@@ -47,6 +47,7 @@ __all__ = [
     "Lifecycle",
     "LifecycleConfig",
     "LifecycleError",
+    "Observation",
     "Op",
     "SeedSpec",
     "SlotTelemetry",

@@ -171,16 +171,20 @@ class Lifecycle:
             self.stage, self.ticks_in_stage = new, 0
         return new
 
-    def tick(self, t: int, *, fade_done: bool = True) -> Stage:
-        """Advance the clock for tick `t`; move PRUNED/EMBARGOED/RESETTING on when due.
-
-        `fade_done` tells whether a pruned seed has finished fading (the slot owns the α).
-        """
+    def check_tick(self, t: int) -> None:
+        """Raise DoubleTick unless `t` is a new tick (callers check before moving anything)."""
         if self.last_tick is not None and t <= self.last_tick:
             raise DoubleTick(
                 f"slot {self.slot!r}: tick {t} after tick {self.last_tick}; "
                 "the lifecycle clock must advance exactly once per tick"
             )
+
+    def tick(self, t: int, *, fade_done: bool = True) -> Stage:
+        """Advance the clock for tick `t`; move PRUNED/EMBARGOED/RESETTING on when due.
+
+        `fade_done` tells whether a pruned seed has finished fading (the slot owns the α).
+        """
+        self.check_tick(t)
         self.last_tick = t
         self.ticks_in_stage += 1
         due = {

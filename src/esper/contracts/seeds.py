@@ -78,6 +78,34 @@ class SlotTelemetry:
     param_count: int
     spec: SeedSpec | None
     contribution: float | None = None
-    """The seed's α=0 ablation contribution to the validation metric; filled by the engine."""
+    """The seed's α=0 ablation contribution to the validation metric (positive: it helps);
+    filled by the engine."""
     contribution_tick: int | None = None
+    gate_passed: bool | None = None
+    """The last G2 verdict (None: not evaluated since the seed entered TRAINING)."""
+    rent: float = 0.0
+    """Rent this slot paid last tick, in reward units (filled by the engine)."""
+    seed_id: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a growth policy sees of one environment at one tick (global part + slots)."""
+
+    tick: int
+    max_ticks: int
+    metric: float
+    """Validation metric now (accuracy, or bits per char for text)."""
+    higher_is_better: bool
+    val_loss: float
+    train_loss: float
+    history: tuple[float, ...]
+    """Validation metric at each past tick, oldest first (this tick last)."""
+    host_params: int
+    seed_params: int
+    rent_paid: float
+    """Rent paid so far in this run (reward units)."""
+    slots: tuple[SlotTelemetry, ...]
+    legal_blueprints: tuple[tuple[Blueprint, ...], ...]
+    """Blueprints each slot's topology supports, in slot order."""

@@ -13,7 +13,14 @@ from esper.kasmina.blueprints import (
     parse_blueprint,
     supported_topologies,
 )
-from esper.kasmina.checkpoint import CheckpointError, load_model, read_checkpoint, save_model
+from esper.kasmina.checkpoint import (
+    CheckpointError,
+    apply_model_state,
+    load_model,
+    model_state,
+    read_checkpoint,
+    save_model,
+)
 from esper.kasmina.hosts import (
     CNNHost,
     MLPHost,
@@ -47,6 +54,7 @@ __all__ = [
     "SeedSlot",
     "TransformerHost",
     "UnitMask",
+    "apply_model_state",
     "blueprint_cost",
     "blueprints_for",
     "build_seed",
@@ -54,6 +62,7 @@ __all__ = [
     "host_grad_rms",
     "insert_slots",
     "load_model",
+    "model_state",
     "module_cost",
     "observe_gradients",
     "parse_blueprint",

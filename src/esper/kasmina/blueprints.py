@@ -309,10 +309,12 @@ class Cost:
     attention; elementwise ops are not counted)."""
 
 
-def module_cost(module: nn.Module, sample_shape: tuple[int, ...]) -> Cost:
-    """Parameters and FLOPs for one sample of shape `sample_shape` (no batch dim)."""
+def module_cost(module: nn.Module, sample_shape: tuple[int, ...],
+                dtype: torch.dtype = torch.float32) -> Cost:
+    """Parameters and FLOPs for one sample of shape `sample_shape` (no batch dim); `dtype`
+    int64 for token models."""
     p = next(iter(module.parameters()), None)
-    x = torch.zeros((1, *sample_shape), device=p.device if p is not None else "cpu")
+    x = torch.zeros((1, *sample_shape), dtype=dtype, device=p.device if p is not None else "cpu")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         module(x)

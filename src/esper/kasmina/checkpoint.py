@@ -149,20 +149,37 @@ def load_model(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load a file written by `save_model` into a freshly built `model`; returns the metadata."""
     device = next(iter(model.state_dict().values())).device
     meta, tensors = read_checkpoint(path, device)
+    apply_model_state(model, meta, tensors, source=f"checkpoint {path}")
+    return meta
+
+
+def model_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, cloned tensors): an in-memory snapshot, the same content as a model file."""
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model_metadata(model), tensors
+
+
+def apply_model_state(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      source: str = "snapshot") -> None:
+    """Rebuild `model`'s slots and phages as `meta` describes, then load `tensors`."""
     slots = slots_of(model)
     unknown = sorted(set(meta["slots"]) - set(slots))
     missing = sorted(set(slots) - set(meta["slots"]))
     if unknown or missing:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: slots only in the "
+        raise CheckpointError(f"{source} does not fit this model: slots only in the "
                               f"file {unknown}, slots only in the model {missing}")
     for p, st in meta["host_phages"].items():
-        _apply_phage_state(wrap_in_phage(model, p), st)
+        current = model.get_submodule(p)
+        phage = current if isinstance(current, Phage) else wrap_in_phage(model, p)
+        if phage.units < st["units"]:
+            raise CheckpointError(f"{source}: host phage {p!r} has {phage.units} units left, "
+                                  f"cannot restore {st['units']} (lysis is irreversible)")
+        _apply_phage_state(phage, st)
     for name, st in meta["slots"].items():
         restore_slot(slots[name], st)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+        raise CheckpointError(f"{source} does not fit this model: "
                               f"{' '.join(x.strip() for x in first[:3])}") from None
-    return meta

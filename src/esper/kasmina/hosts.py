@@ -149,14 +149,34 @@ def _topology_of(t: torch.Tensor) -> tuple[Topology, int]:
     raise ValueError(f"cannot place a slot on a {t.dim()}-d output (need 2, 3 or 4 dims)")
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _slot_home(modules: dict[str, nn.Module], point: str) -> nn.Module:
+    """A module that can own the slot of `point` without its forward ever calling the slot."""
+    parent = point.rpartition(".")[0]
+    ancestors = [parent, point]
+    while parent:
+        parent = parent.rpartition(".")[0]
+        ancestors.append(parent)
+    inside = list(modules[point].modules())
+    for m in [*(modules[a] for a in ancestors), *inside]:
+        if not isinstance(m, _CONTAINERS):
+            return m
+    raise ValueError(f"cannot hold a slot for {point!r}: it, its ancestors and its layers are all "
+                     "containers (nn.Sequential/ModuleList/ModuleDict)")
+
+
 def insert_slots(model: nn.Module, points: Sequence[str], example_input: torch.Tensor, *,
                  lifecycle: LifecycleConfig | None = None,
                  gate: GateConfig | None = None) -> dict[str, SeedSlot]:
     """Put a SeedSlot on the output of each named submodule of a user's model.
 
-    The slot becomes a child `<point>_slot` of the point's parent and is applied by a forward
-    hook, so the user's own state-dict keys do not change. Channels and topology are read off
-    one forward pass of `example_input`.
+    The slot is applied by a forward hook on the point and stored as a child `<point>_slot`
+    (dots as underscores) of the point's parent, so the user's own state-dict keys do not change.
+    A container parent (nn.Sequential runs every child; a user's loop over an nn.ModuleList
+    would too) cannot hold it: then the point itself, a further ancestor or, last, a layer inside
+    the point does. Channels and topology are read off one forward pass of `example_input`.
     """
     modules = dict(model.named_modules())
     missing = [p for p in points if p not in modules or not p]
@@ -173,11 +193,9 @@ def insert_slots(model: nn.Module, points: Sequence[str], example_input: torch.T
     slots = {}
     for p in points:
         topology, channels = _topology_of(shapes[p])
-        parent_path, _, child = p.rpartition(".")
-        parent = modules[parent_path] if parent_path else model
         slot = SeedSlot(channels, topology, p, lifecycle=lifecycle, gate=gate)
         slot.to(shapes[p].device)
-        parent.add_module(f"{child}_slot", slot)
+        _slot_home(modules, p).add_module(f"{p.replace('.', '_')}_slot", slot)
         modules[p].register_forward_hook(lambda m, i, o, s=slot: s(o))
         slots[p] = slot
     return slots

@@ -53,16 +53,20 @@ class Phage(nn.Module):
         self.register_buffer("sedation", torch.ones(()))
         self.module_sedated = False
         self.roi = PhageROI()
-        self.fade: tuple[int, int] | None = None  # (ticks elapsed, ticks total) of schedule_prune
+        # (ticks elapsed, ticks total, starting sedation) of schedule_prune
+        self.fade: tuple[int, int, float] | None = None
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`scale`: optional per-sample (B,) multiplier on the contribution (fused ablation)."""
         if self.module is None:  # the whole module was lysed
             return h
         s = self.module(h)
         d = s if self.blend is None else self.blend.delta(h, s, h)
         if self.module_sedated:
             d = d * self.sedation
+        if scale is not None:
+            d = d * scale.view(-1, *([1] * (h.dim() - 1))).to(d.dtype)
         return h + d
 
     # -- inventory -------------------------------------------------------------------------
@@ -117,18 +121,20 @@ class Phage(nn.Module):
 
     # -- controlled fade (§9.2 schedule_prune) ---------------------------------------------
     def schedule_prune(self, ticks: int) -> None:
-        """Fade the whole module out linearly over `ticks` ticks (0: at once)."""
-        self.fade = (0, ticks)
-        self.apply_sedation_mask("module", 0.0 if ticks == 0 else 1.0)
+        """Fade the whole module out linearly over `ticks` ticks (0: at once), from its current
+        module sedation (a weakened module fades from there, so the output never jumps)."""
+        start = float(self.sedation) if self.module_sedated else 1.0
+        self.fade = (0, ticks, start)
+        self.apply_sedation_mask("module", 0.0 if ticks == 0 else start)
 
     def tick(self) -> bool:
         """Advance a scheduled fade; True once the module is fully faded (or none is scheduled)."""
         if self.fade is None:
             return True
-        done, total = self.fade
+        done, total, start = self.fade
         done = min(done + 1, total)
-        self.fade = (done, total)
-        self.apply_sedation_mask("module", 1.0 - done / total if total else 0.0)
+        self.fade = (done, total, start)
+        self.apply_sedation_mask("module", start * (1.0 - done / total) if total else 0.0)
         return done >= total
 
     # -- helpers ---------------------------------------------------------------------------

@@ -80,6 +80,11 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+def _per_sample(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ...) broadcastable against `like`."""
+    return m.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
 def _rms(t: torch.Tensor) -> torch.Tensor:
     return t.float().pow(2).mean().sqrt()
 
@@ -114,6 +119,7 @@ class SeedSlot(nn.Module):
         self._grad: torch.Tensor | None = None  # Σ seed‖g‖², Σ host RMS², steps (this tick)
         self._probe: torch.Tensor | None = None
         self._mode = _IDENTITY
+        self._ablation: torch.Tensor | None = None  # per-sample 0/1 multiplier, see `ablating`
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -143,7 +149,7 @@ class SeedSlot(nn.Module):
         if mode == _IDENTITY:
             return h
         if mode == _PHAGE:
-            return self.phage(h)
+            return self.phage(h, self._ablation)
         x = h.detach()  # isolation: the seed path sends nothing back into the host before commit
         s = self.seed(x)
         if mode == _TRAINING:
@@ -151,7 +157,18 @@ class SeedSlot(nn.Module):
                 self._probe = x[: self.gate_config.probe_samples].clone()
             d = self.blend.delta(x, s, x)
             return h + (d - d.detach())  # straight-through: forward h, backward as if α = 1
-        return h + self.coef * self.blend.delta(h, s, x)
+        coef = self.coef if self._ablation is None else self.coef * _per_sample(self._ablation, h)
+        return h + coef * self.blend.delta(h, s, x)
+
+    @property
+    def ablatable(self) -> bool:
+        """Does the seed change the forward output (so that ablating it means something)?"""
+        return self._mode in (_BLENDING, _PHAGE)
+
+    def set_ablation(self, multiplier: torch.Tensor | None) -> None:
+        """Scale this seed's contribution per sample (0 = α forced to 0 for that sample). The
+        engine uses it to evaluate every seed's α=0 ablation in one fused, replicated batch."""
+        self._ablation = multiplier
 
     # -- lifecycle operations ------------------------------------------------------------------
     def germinate(self, spec: SeedSpec, *, actor: Actor = Actor.TAMIYO,
@@ -238,6 +255,7 @@ class SeedSlot(nn.Module):
 
     def tick(self, t: int) -> Stage:
         """The engine's clock, once per control tick: advance α, then the lifecycle."""
+        self.lifecycle.check_tick(t)  # a repeated tick must not move α or a fade either
         if self.stage in (Stage.BLENDING, Stage.HOLDING, Stage.PRUNED):
             self.schedule = self.schedule.step()
         fade_done = self.phage.tick() if self.phage is not None else self.schedule.done
@@ -327,6 +345,8 @@ class SeedSlot(nn.Module):
             host_grad_norm=host_rms, grad_ratio=ratio, param_count=self.seed_param_count(),
             spec=self.spec, contribution=self.contribution,
             contribution_tick=self.contribution_tick,
+            gate_passed=None if self.last_gate is None else self.last_gate.passed,
+            seed_id=self.seed_id,
         )
 
     # -- internals -----------------------------------------------------------------------------

@@ -434,6 +434,8 @@ class Economy:
         self.cfg = cfg or EconomyConfig()
         self.churn = ChurnMeter(self.cfg)
         self.ledger = Ledger(self.cfg)
+        self.last_rents: dict[str, float] = {}
+        """Each slot's weighted rent (W_rent·C_rent) at the last step: what policies observe."""
 
     def step(
         self,
@@ -451,15 +453,18 @@ class Economy:
         churn = self.churn.observe(tick, ops, alphas)
         r = reward(prev_metric, metric, rents, churn, self.cfg)
         self.ledger.record(tick, slots, rents, churn, r)
+        self.last_rents = {k: self.cfg.w_rent * v for k, v in rents.items()}
         return r
 
     def state_dict(self) -> dict[str, Any]:
-        return {"churn": self.churn.state_dict(), "ledger": self.ledger.state_dict()}
+        return {"churn": self.churn.state_dict(), "ledger": self.ledger.state_dict(),
+                "last_rents": dict(self.last_rents)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        _check_keys("Economy", state, {"churn", "ledger"})
+        _check_keys("Economy", state, {"churn", "ledger", "last_rents"})
         self.churn.load_state_dict(state["churn"])
         self.ledger.load_state_dict(state["ledger"])
+        self.last_rents = dict(state["last_rents"])
 
 
 # ---------------------------------------------------------------------------------------------

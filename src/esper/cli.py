@@ -1,0 +1,166 @@
+"""The command line: `esper grow`, `esper runs`, `esper show RUN`.
+
+Flags override the config file, which overrides `GrowConfig`'s defaults; each default is defined
+once, in the config dataclasses. Known failures print one line and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from esper.config import ConfigError, GrowConfig, load_config, override
+from esper.kasmina import BlueprintError, CheckpointError
+from esper.recorder import RecorderError, RunStore, list_runs
+from esper.run import GrowResult, GrowthRun, resume_run, start_run
+from esper.tamiyo.policies import POLICIES
+from esper.tolaria.data import TASK_NAMES, TaskError
+from esper.tolaria.governor import GovernorError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Esper: grow neural networks while they train.")
+console = Console()
+KNOWN_ERRORS = (ConfigError, TaskError, RecorderError, CheckpointError, BlueprintError,
+                GovernorError, ValueError, OSError)
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(f"[red]esper: error:[/red] {message}",
+                                               highlight=False)
+    raise typer.Exit(2)
+
+
+def _config(config: Path | None, **flags: object) -> GrowConfig:
+    cfg = load_config(config) if config is not None else GrowConfig()
+    cfg = override(cfg, **flags)
+    if cfg.task not in TASK_NAMES:
+        raise ConfigError(f"unknown task {cfg.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+    if cfg.policy not in POLICIES:
+        raise ConfigError(f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}")
+    return cfg
+
+
+@app.command()
+def grow(
+    task: Annotated[str | None, typer.Option(help="digits, text or cifar10")] = None,
+    policy: Annotated[str | None, typer.Option(help="heuristic, random or none")] = None,
+    ticks: Annotated[int | None, typer.Option(help="control ticks")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for every RNG")] = None,
+    w_rent: Annotated[float | None, typer.Option(help="rent weight W_rent")] = None,
+    w_churn: Annotated[float | None, typer.Option(help="churn weight W_churn")] = None,
+    host_width: Annotated[int | None, typer.Option(help="host channels (2: impaired)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    out: Annotated[str | None, typer.Option(help="directory for run directories")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="CIFAR-10 folder")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    resume: Annotated[Path | None, typer.Option(help="resume this run directory")] = None,
+) -> None:
+    """Grow a network on a task; record every decision; print a summary."""
+    try:
+        if resume is not None:
+            run = resume_run(resume)
+        else:
+            cfg = _config(config, task=task, policy=policy, ticks=ticks, seed=seed,
+                          device=device, out=out, data_dir=data_dir,
+                          **{"economy.w_rent": w_rent, "economy.w_churn": w_churn,
+                             "host.width": host_width})
+            run = start_run(cfg)
+        result = _run_with_progress(run)
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; resume with: esper grow --resume {run.run_dir}")
+        raise typer.Exit(130) from None
+    _print_summary(result)
+
+
+def _run_with_progress(run: GrowthRun) -> GrowResult:
+    cfg = run.cfg
+    columns = (TextColumn("[bold]growing[/bold] {task.description}"), BarColumn(),
+               MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True,
+                  disable=not sys.stderr.isatty() and not sys.stdout.isatty()) as bar:
+        job = bar.add_task(f"{cfg.task} ({cfg.policy})", total=cfg.ticks,
+                           completed=run.start_tick, status="")
+
+        def update(t: int, m: dict[str, float]) -> None:
+            bar.update(job, completed=t + 1,
+                       status=f"metric {m['metric']:.4f}  seed params {int(m['seed_params'])}")
+
+        return run.run(progress=update)
+
+
+def _print_summary(r: GrowResult) -> None:
+    table = Table(title=f"Esper run {r.run_dir}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    count = lambda xs: ", ".join(f"{k}×{v}" for k, v in Counter(xs).items()) or "none"  # noqa: E731
+    rows = [
+        (f"{r.metric_name}, host at first tick", f"{r.start_metric:.4f}"),
+        (f"{r.metric_name}, grown model at end", f"{r.final_metric:.4f}"),
+        ("parameters", f"{r.params_start:,} → {r.params_end:,} "
+                       f"(+{r.params_end - r.params_start:,})"),
+        ("FLOPs per sample", f"{r.flops_start:,} → {r.flops_end:,} "
+                             f"({r.flops_end - r.flops_start:+,})"),
+        ("germinated", count(r.germinated)),
+        ("committed", count(r.committed)),
+        ("pruned", count(r.pruned)),
+        ("rent paid / churn paid", f"{r.rent_paid:.4f} / {r.churn_paid:.4f}"),
+        ("governor rollbacks", str(r.rollbacks)),
+        ("wall time", f"{r.wall_time:.1f} s"),
+        ("weights sha256", r.weights_hash[:16]),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+@app.command()
+def runs(root: Annotated[Path, typer.Option(help="where run directories live")] = Path("runs")
+         ) -> None:
+    """List recorded runs."""
+    found = list_runs(root)
+    if not found:
+        console.print(f"no runs under {root}")
+        return
+    table = Table("run", "created", "task", "policy", "last tick", "note")
+    for r in found:
+        table.add_row(r.id, str(r.created_at or ""), str(r.task or ""), str(r.policy or ""),
+                      "" if r.last_tick is None else str(r.last_tick), r.problem or "")
+    console.print(table)
+
+
+@app.command()
+def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """A run's summary and its decision timeline."""
+    try:
+        store = RunStore.open(run_dir)
+    except RecorderError as e:
+        _fail(str(e))
+    with store:
+        cfg = store.manifest()["config"]
+        metrics = store.metrics()
+        console.print(f"[bold]{run_dir}[/bold]  task={cfg['task']} policy={cfg['policy']} "
+                      f"seed={cfg['seed']} ticks={len(metrics)}/{cfg['ticks']}")
+        if metrics:
+            first, last = metrics[0][1], metrics[-1][1]
+            console.print(f"metric {first['metric']:.4f} (tick 0) → {last['metric']:.4f} "
+                          f"(tick {metrics[-1][0]}); seed params {int(last['seed_params'])}")
+        table = Table("tick", "slot", "event", "detail")
+        for e in store.events():
+            if e.kind == "decision":
+                continue
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(e.payload.items()) if v is not None)
+            table.add_row(str(e.tick), e.slot or "", e.kind, detail)
+        console.print(table)
+
+
+def main() -> None:
+    app()

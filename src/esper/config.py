@@ -1,0 +1,133 @@
+"""One typed config per job. `GrowConfig` is the whole of `esper grow`; every default lives here.
+
+Config files are TOML whose tables mirror the nested dataclasses (`[env]`, `[economy]`,
+`[governor]`, `[heuristic]`, `[lifecycle]`, `[host]`); an unknown key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from esper.contracts import LifecycleConfig
+from esper.simic import EconomyConfig
+from esper.tamiyo.policies import HeuristicConfig
+from esper.tolaria.environment import EnvConfig
+from esper.tolaria.governor import GovernorConfig
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """The reference host built for a built-in task."""
+
+    kind: str = "auto"
+    """cnn, mlp or transformer; auto: cnn for images, transformer for text."""
+    width: int = 2
+    """Channels of the CNN (2 is the impaired host), hidden width of the MLP, d_model of the
+    transformer (auto-raised to 64 for text when left at 2)."""
+    depth: int = 3
+    """Residual blocks (CNN, MLP) or layers (transformer)."""
+
+
+@dataclass(frozen=True)
+class GrowConfig:
+    """Everything one growth run needs."""
+
+    task: str = "digits"
+    """digits, text or cifar10."""
+    policy: str = "heuristic"
+    """heuristic, random or none."""
+    ticks: int = 40
+    """Control ticks in the run."""
+    seed: int = 0
+    """Seeds the host init, data order, policy and every RNG."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, cuda:N."""
+    out: str = "runs"
+    """Directory under which run directories are created."""
+    data_dir: str | None = None
+    """Folder holding CIFAR-10 files (cifar10 only)."""
+    checkpoint_every: int = 5
+    """Write a resumable checkpoint every this many ticks (and at the end)."""
+    host: HostConfig = field(default_factory=HostConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    economy: EconomyConfig = field(default_factory=EconomyConfig)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
+    heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+
+    def __post_init__(self) -> None:
+        if self.ticks < 1:
+            raise ConfigError(f"ticks must be >= 1, got {self.ticks}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass `cls` from `data`, strictly: unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        table = f" in [{where}]" if where else ""
+        raise ConfigError(f"unknown config key {key!r}; valid keys{table}: "
+                          f"{', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        sub = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {sub!r} must be a table")
+            kwargs[name] = _build(hint, value, sub)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config{' [' + where + ']' if where else ''}: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> GrowConfig:
+    return _build(GrowConfig, data, "")
+
+
+def load_config(path: str | Path) -> GrowConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def override(cfg: GrowConfig, **changes: Any) -> GrowConfig:
+    """`cfg` with the non-None top-level `changes` applied (dotted keys reach into tables)."""
+    data = config_to_dict(cfg)
+    for key, value in changes.items():
+        if value is None:
+            continue
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config_from_dict(data)
+

@@ -1,0 +1,299 @@
+"""One growth environment: a host with slots, its optimizer, its data, one control tick at a time.
+
+The engine drives (paper §4.1): `train_tick` trains for one tick, `evaluate` measures the model and
+every blended seed's α=0 ablation in one fused pass, `observe` builds what a policy sees,
+`execute` performs a validated action, and `advance_clock` moves every slot's lifecycle clock
+exactly once. The environment knows no policy and no reward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esper.contracts import (
+    Actor,
+    FactoredAction,
+    Observation,
+    Op,
+    SeedSpec,
+    Stage,
+)
+from esper.kasmina import (
+    SeedSlot,
+    apply_model_state,
+    blueprints_for,
+    model_state,
+    observe_gradients,
+    slots_of,
+)
+from esper.tolaria.data import Batches, TaskData
+from esper.tolaria.determinism import rng_state, set_rng_state
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """How one environment trains and evaluates."""
+
+    lr: float = 3e-3
+    """Host learning rate (Adam); a seed's is lr × its blueprint's lr_multiplier."""
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    batches_per_tick: int = 0
+    """Batches per control tick; 0 means one epoch."""
+    eval_samples: int = 4096
+    """At most this many validation samples are evaluated each tick (the first ones)."""
+    eval_batch_size: int = 1024
+    prune_fade_ticks: int = 0
+    """Ticks a pruned seed's α takes to fade out."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "batch_size", "eval_samples", "eval_batch_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"env.{name} must be > 0, got {getattr(self, name)}")
+        if self.batches_per_tick < 0 or self.prune_fade_ticks < 0 or self.weight_decay < 0:
+            raise ValueError("env.batches_per_tick, prune_fade_ticks, weight_decay must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float
+    """Mean training loss over the tick (NaN/Inf when training blew up)."""
+    steps: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metric: float
+    loss: float
+    contributions: dict[str, float] = field(default_factory=dict)
+    """Slot name -> metric improvement the seed brings (metric with it − metric at α=0, sign
+    flipped for lower-is-better metrics so that positive always means 'helps')."""
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification (B, K) or next-token prediction (B, T, V)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+class GrowthEnv:
+    """A host model with SeedSlots, trained on a task, one control tick at a time."""
+
+    def __init__(self, model: nn.Module, task: TaskData, cfg: EnvConfig, *,
+                 device: torch.device, seed: int) -> None:
+        self.model = model.to(device)
+        self.task, self.cfg, self.device = task, cfg, device
+        self.slots: dict[str, SeedSlot] = dict(sorted(slots_of(model).items()))
+        if not self.slots:
+            raise ValueError("the model has no SeedSlot: nothing can grow (see insert_slots)")
+        self.batches = Batches(task.train_x, task.train_y, cfg.batch_size, generator_seed=seed)
+        n = min(cfg.eval_samples, len(task.val_x))
+        self.val_x, self.val_y = task.val_x[:n], task.val_y[:n]
+        self.history: list[float] = []
+        self.seeds_germinated = 0
+        self.optimizer: torch.optim.Optimizer = self._make_optimizer()
+
+    # ---------------------------------------------------------------------------------------
+    # Training
+    # ---------------------------------------------------------------------------------------
+    def train_tick(self) -> TrainStats:
+        n = self.cfg.batches_per_tick or len(self.batches)
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for xb, yb in self.batches.take(n):
+            loss = _loss(self.model(xb), yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            observe_gradients(self.model)
+            self.optimizer.step()
+            total += loss.detach()
+        return TrainStats(float(total) / n, n)  # one host sync per tick
+
+    # ---------------------------------------------------------------------------------------
+    # Evaluation, with every blended seed's α=0 ablation in the same pass
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Evaluation:
+        """Replicate the validation batch K+1 times; replica i > 0 runs with seed i at α=0."""
+        self.model.eval()
+        active = [s for s in self.slots.values() if s.ablatable]
+        reps = len(active) + 1
+        sums = torch.zeros(reps, 2, device=self.device)  # per replica: Σ loss, Σ correct
+        count = 0
+        for start in range(0, len(self.val_x), self.cfg.eval_batch_size):
+            x = self.val_x[start:start + self.cfg.eval_batch_size]
+            y = self.val_y[start:start + self.cfg.eval_batch_size]
+            n = len(x)
+            for i, slot in enumerate(active, start=1):
+                m = torch.ones(reps * n, device=self.device)
+                m[i * n:(i + 1) * n] = 0.0
+                slot.set_ablation(m)
+            try:
+                logits = self.model(torch.cat([x] * reps))
+            finally:
+                for slot in active:
+                    slot.set_ablation(None)
+            logits = logits.view(reps, n, *logits.shape[1:])
+            for r in range(reps):
+                sums[r, 0] += _loss(logits[r], y) * y.numel()
+                sums[r, 1] += (logits[r].argmax(-1) == y).sum()
+            count += y.numel()
+        loss, correct = (sums / count).T.tolist()
+        metrics = [self._metric(lo, c) for lo, c in zip(loss, correct, strict=True)]
+        sign = 1.0 if self.task.higher_is_better else -1.0
+        contributions = {s.name: sign * (metrics[0] - metrics[i])
+                         for i, s in enumerate(active, start=1)}
+        return Evaluation(metrics[0], loss[0], contributions)
+
+    def _metric(self, loss: float, accuracy: float) -> float:
+        if self.task.metric == "accuracy":
+            return accuracy
+        if self.task.metric == "bits_per_char":
+            return loss / math.log(2)
+        raise ValueError(f"unknown metric {self.task.metric!r}")
+
+    # ---------------------------------------------------------------------------------------
+    # What the policy sees
+    # ---------------------------------------------------------------------------------------
+    def host_params(self) -> int:
+        in_slots = {id(p) for s in self.slots.values() for p in s.parameters()}
+        return sum(p.numel() for p in self.model.parameters() if id(p) not in in_slots)
+
+    def observe(self, tick: int, max_ticks: int, ev: Evaluation, train: TrainStats,
+                rents: dict[str, float], rent_paid: float) -> Observation:
+        slots = []
+        for name, slot in self.slots.items():
+            slots.append(replace(slot.telemetry(), rent=rents.get(name, 0.0)))
+        return Observation(
+            tick=tick, max_ticks=max_ticks, metric=ev.metric,
+            higher_is_better=self.task.higher_is_better, val_loss=ev.loss,
+            train_loss=train.loss, history=tuple(self.history),
+            host_params=self.host_params(),
+            seed_params=sum(s.param_count for s in slots), rent_paid=rent_paid,
+            slots=tuple(slots),
+            legal_blueprints=tuple(blueprints_for(s.topology) for s in self.slots.values()),
+        )
+
+    def record_evaluation(self, ev: Evaluation, tick: int) -> None:
+        """Remember the metric and hand each seed its ablation contribution."""
+        self.history.append(ev.metric)
+        for name, value in ev.contributions.items():
+            self.slots[name].contribution, self.slots[name].contribution_tick = value, tick
+
+    def evaluate_gates(self) -> None:
+        for slot in self.slots.values():
+            if slot.stage is Stage.TRAINING:
+                slot.evaluate_gate()
+
+    # ---------------------------------------------------------------------------------------
+    # Acting
+    # ---------------------------------------------------------------------------------------
+    def slot_at(self, index: int) -> SeedSlot:
+        names = list(self.slots)
+        if not 0 <= index < len(names):
+            raise IndexError(f"slot index {index} out of range 0..{len(names) - 1}")
+        return self.slots[names[index]]
+
+    def execute(self, action: FactoredAction, actor: Actor = Actor.TAMIYO,
+                spec: SeedSpec | None = None) -> list[tuple[str, Op]]:
+        """Perform `action`; raises IllegalTransition (state unchanged) if it is not legal.
+        Returns the (slot, op) pairs done, for churn accounting."""
+        op = action.op
+        if op is Op.WAIT:
+            return []
+        slot = self.slot_at(action.slot)
+        if op is Op.GERMINATE:
+            spec = spec or SeedSpec(action.blueprint, action.style)
+            self.seeds_germinated += 1
+            slot.germinate(spec, actor=actor, alpha_target=action.alpha_target.alpha,
+                           tempo_ticks=action.tempo.ticks, alpha_curve=action.alpha_curve,
+                           seed_id=f"seed{self.seeds_germinated}")
+        elif op is Op.ADVANCE:
+            slot.advance(actor=actor)
+        elif op is Op.SET_ALPHA_TARGET:
+            slot.set_alpha_target(action.alpha_target.alpha, action.alpha_speed.ticks,
+                                  action.alpha_curve, actor=actor)
+        elif op is Op.PRUNE or op is Op.EMERGENCY_PRUNE:
+            slot.prune(actor=actor, fade_ticks=self.cfg.prune_fade_ticks)
+        elif op is Op.FOSSILIZE:
+            slot.fossilize(actor=actor)
+        else:
+            raise ValueError(f"op {op.name} is not executed by the growth environment")
+        self.sync_optimizer()
+        return [(slot.name, op)]
+
+    def advance_clock(self, tick: int) -> None:
+        for slot in self.slots.values():
+            slot.tick(tick)
+        self.sync_optimizer()
+
+    # ---------------------------------------------------------------------------------------
+    # Optimizer: one group for the host (committed phages included), one per live seed
+    # ---------------------------------------------------------------------------------------
+    def _param_layout(self) -> list[tuple[str, list[nn.Parameter], float]]:
+        in_slots = {id(p) for s in self.slots.values() for p in s.parameters()}
+        host = [p for p in self.model.parameters() if id(p) not in in_slots]
+        groups = []
+        for name, slot in self.slots.items():
+            if slot.phage is not None:
+                host += list(slot.phage.parameters())  # commit moves the seed to the host
+            elif slot.seed is not None:
+                params = [*slot.seed.parameters(), *slot.blend.parameters()]
+                if params:
+                    groups.append((name, params, self.cfg.lr * slot.spec.lr_multiplier))
+        return [("host", host, self.cfg.lr), *groups]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = [{"params": ps, "lr": lr, "name": name} for name, ps, lr in self._param_layout()]
+        return torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def sync_optimizer(self) -> None:
+        """Rebuild the parameter groups from the model; keep the state of surviving params only,
+        so a pruned seed leaves no tensor behind and a committed one keeps its moments."""
+        old = self.optimizer.state
+        self.optimizer = self._make_optimizer()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p in old:
+                    self.optimizer.state[p] = old[p]
+
+    # ---------------------------------------------------------------------------------------
+    # State: snapshots (governor) and checkpoints (resume)
+    # ---------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON-able metadata, tensors): model, optimizer, data order, RNGs, history."""
+        meta, tensors = model_state(self.model)
+        out = {f"model.{k}": v for k, v in tensors.items()}
+        opt = self.optimizer.state_dict()
+        for idx, st in opt["state"].items():
+            for key, value in st.items():
+                out[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().clone()
+        batches = self.batches.state_dict()
+        out["batches.generator"] = batches.pop("generator_state")
+        out.update({f"rng.{k}": v for k, v in rng_state().items()})
+        info = {"model": meta, "optim_groups": opt["param_groups"], "batches": batches,
+                "history": self.history, "seeds_germinated": self.seeds_germinated}
+        return json.loads(json.dumps(info)), out
+
+    def load_state_dict(self, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        apply_model_state(self.model, info["model"], model)
+        self.optimizer = self._make_optimizer()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        self.optimizer.load_state_dict({"state": state, "param_groups": info["optim_groups"]})
+        self.batches.load_state_dict({**info["batches"],
+                                      "generator_state": tensors["batches.generator"]})
+        set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
+        self.history = list(info["history"])
+        self.seeds_germinated = info["seeds_germinated"]
+

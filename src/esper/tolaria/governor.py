@@ -1,0 +1,121 @@
+"""The governor (paper §9.5): catastrophic-failure detection and rollback.
+
+After each tick's training it checks for non-finite loss or parameters, a loss that diverged from
+its rolling baseline, or one that exploded past an absolute ceiling. On a trigger the engine rolls
+back to the last known-good snapshot — model, optimizer moments (an earlier implementation kept
+stale momentum across rollbacks), data order, RNG state — force-prunes the offending seed and
+goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.kasmina import SeedSlot
+
+
+@dataclass(frozen=True)
+class GovernorConfig:
+    """Thresholds of the safety governor."""
+
+    divergence_factor: float = 3.0
+    """Loss above this multiple of the rolling median (after `warmup_ticks`) is divergence."""
+    explosion_loss: float = 1e3
+    """Loss above this absolute value is an explosion."""
+    window: int = 5
+    """Ticks in the rolling loss baseline."""
+    warmup_ticks: int = 3
+    """Ticks before divergence is judged (early losses fall fast)."""
+    max_rollbacks: int = 3
+    """Consecutive rollbacks for one tick before the run is abandoned."""
+
+    def __post_init__(self) -> None:
+        if self.divergence_factor <= 1 or self.explosion_loss <= 0 or self.window < 1:
+            raise ValueError("governor: divergence_factor must be > 1, explosion_loss > 0, "
+                             "window >= 1")
+
+
+class GovernorError(RuntimeError):
+    """Training kept failing after rollbacks: the run cannot go on."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kind: str
+    """'nan', 'divergence' or 'explosion'."""
+    detail: str
+    offender: str | None
+    """The slot whose seed is blamed (None: the host itself)."""
+
+
+def _nonfinite_slot(slots: dict[str, SeedSlot]) -> str | None:
+    for name, slot in slots.items():
+        if any(not torch.isfinite(p).all() for p in slot.parameters()):
+            return name
+    return None
+
+
+def _youngest_seed(slots: dict[str, SeedSlot]) -> str | None:
+    """The most recently germinated live seed (the usual suspect when the host blows up)."""
+    live = [(int(s.seed_id[4:]), n) for n, s in slots.items()
+            if s.seed_id and (s.seed is not None or s.phage is not None)]
+    return max(live)[1] if live else None
+
+
+class Governor:
+    """Watches the training loss; keeps the last known-good snapshot for rollback."""
+
+    def __init__(self, cfg: GovernorConfig) -> None:
+        self.cfg = cfg
+        self.losses: deque[float] = deque(maxlen=cfg.window)
+        self.snapshot: tuple[int, Any] | None = None
+        self.rollbacks = 0
+        self.ticks_seen = 0
+
+    def check(self, loss: float, model: nn.Module, slots: dict[str, SeedSlot]) -> Verdict | None:
+        bad_params = any(not torch.isfinite(p).all() for p in model.parameters())
+        if not math.isfinite(loss) or bad_params:
+            where = "parameters" if bad_params else "loss"
+            return Verdict("nan", f"non-finite {where} (loss {loss})",
+                           _nonfinite_slot(slots) or _youngest_seed(slots))
+        if loss > self.cfg.explosion_loss:
+            return Verdict("explosion", f"loss {loss:.4g} > {self.cfg.explosion_loss:g}",
+                           _youngest_seed(slots))
+        if self.ticks_seen >= self.cfg.warmup_ticks and self.losses:
+            base = sorted(self.losses)[len(self.losses) // 2]
+            if loss > self.cfg.divergence_factor * base:
+                return Verdict("divergence", f"loss {loss:.4g} > {self.cfg.divergence_factor:g}"
+                               f" × rolling median {base:.4g}", _youngest_seed(slots))
+        return None
+
+    def accept(self, loss: float) -> None:
+        """A healthy tick: extend the baseline."""
+        self.losses.append(loss)
+        self.ticks_seen += 1
+        self.rollbacks = 0
+
+    def keep(self, tick: int, state: Any) -> None:
+        """Remember `state` (taken at the end of `tick`) as the last known good."""
+        self.snapshot = (tick, state)
+
+    def rollback(self) -> tuple[int, Any]:
+        if self.snapshot is None:
+            raise GovernorError("training failed before any known-good snapshot existed")
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.max_rollbacks:
+            raise GovernorError(f"training failed {self.rollbacks - 1} times in a row after "
+                                "rollback; giving up")
+        return self.snapshot
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "ticks_seen": self.ticks_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = deque(state["losses"], maxlen=self.cfg.window)
+        self.ticks_seen = state["ticks_seen"]
