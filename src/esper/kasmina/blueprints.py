@@ -104,7 +104,16 @@ class HiddenUnits(SeedModule):
         self.out = out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.units:
+            return self.bias_only(x)
         return self.out(self.unit_mask(self.act(self.body(x))))
+
+    def bias_only(self, x: torch.Tensor) -> torch.Tensor:
+        """Every unit lysed: only the output bias is left, at every position (a conv cannot
+        run with 0 output channels, so the body is skipped)."""
+        shape = [1] * x.dim()
+        shape[self.unit_mask.dim] = -1
+        return conv_of(self.out).bias.view(shape).expand_as(x)
 
     def remove_units(self, keep: torch.Tensor) -> None:
         keep_out(conv_of(self.body[-1]), keep)
@@ -123,6 +132,8 @@ class Depthwise(HiddenUnits):
         self.lysed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.units:
+            return self.bias_only(x)
         if self.lysed:  # removed filters take their input channels with them
             x = x.index_select(self.dim % x.dim(), self.in_index)
         return super().forward(x)
@@ -144,6 +155,8 @@ class GatedMLP(HiddenUnits):
         self.up = pointwise(channels, width, topology)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.units:
+            return self.bias_only(x)
         n = self.body[0](x)
         return self.out(self.unit_mask(self.act(self.body[1](n)) * self.up(n)))
 

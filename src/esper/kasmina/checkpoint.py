@@ -138,7 +138,12 @@ def read_checkpoint(
             from None
     if raw is None:
         raise CheckpointError(f"checkpoint {path} has no Esper metadata (not an Esper model file)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} has unreadable Esper metadata: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} has Esper metadata that is not an object")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} is format {meta.get('format')} "
                               f"v{meta.get('version')}; expected {FORMAT} v{VERSION}")

@@ -339,7 +339,7 @@ class SeedSlot(nn.Module):
         seed_rms, host_rms, ratio = self._gradient_health()
         return SlotTelemetry(
             name=self.name, stage=self.stage, ticks_in_stage=self.lifecycle.ticks_in_stage,
-            alpha=1.0 if self.phage is not None else self.alpha,
+            alpha=self._phage_alpha() if self.phage is not None else self.alpha,
             alpha_target=self.schedule.target, alpha_curve=self.schedule.curve,
             alpha_ticks_left=self.schedule.ticks_left, seed_grad_norm=seed_rms,
             host_grad_norm=host_rms, grad_ratio=ratio, param_count=self.seed_param_count(),
@@ -348,6 +348,10 @@ class SeedSlot(nn.Module):
             gate_passed=None if self.last_gate is None else self.last_gate.passed,
             seed_id=self.seed_id,
         )
+
+    def _phage_alpha(self) -> float:
+        """A phage runs at α = 1, or at its module-level sedation while it fades out."""
+        return float(self.phage.sedation) if self.phage.module_sedated else 1.0
 
     # -- internals -----------------------------------------------------------------------------
     def _check(self, actor: Actor, op: Op) -> None:
