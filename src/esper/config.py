@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ class ConfigError(ValueError):
     """A config file or value that cannot be used."""
 
 
+HOST_KINDS = ("auto", "cnn", "mlp", "transformer")
+
+
 @dataclass(frozen=True)
 class HostConfig:
     """The reference host built for a built-in task."""
@@ -35,6 +39,14 @@ class HostConfig:
     transformer (auto-raised to 64 for text when left at 2)."""
     depth: int = 3
     """Residual blocks (CNN, MLP) or layers (transformer)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in HOST_KINDS:
+            raise ConfigError(f"host.kind must be one of {', '.join(HOST_KINDS)}, "
+                              f"got {self.kind!r}")
+        if self.width < 1 or self.depth < 1:
+            raise ConfigError(f"host.width and host.depth must be >= 1, got {self.width}, "
+                              f"{self.depth}")
 
 
 @dataclass(frozen=True)
@@ -89,14 +101,43 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {sub!r} must be a table")
             kwargs[name] = _build(hint, value, sub)
-        elif typing.get_origin(hint) is tuple and isinstance(value, list):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(value, hint, sub)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid config{' [' + where + ']' if where else ''}: {e}") from None
+
+
+_SCALARS: dict[type, Any] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
+
+
+def _typed(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked against the field's type (int, float, bool, str, X | None, tuple[X, ...]);
+    ints are accepted for floats (TOML writes `lr = 1`). Other hints pass through."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            return value
+        hint, args = rest[0], typing.get_args(rest[0])
+    if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return tuple(_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    check = _SCALARS.get(hint)
+    if check is None:
+        return value
+    if not check(value):
+        raise ConfigError(f"config key {key!r} must be {hint.__name__}, got {value!r}")
+    return float(value) if hint is float else value
 
 
 def config_from_dict(data: dict[str, Any]) -> GrowConfig:
@@ -126,7 +167,10 @@ def override(cfg: GrowConfig, **changes: Any) -> GrowConfig:
             continue
         *path, last = key.split(".")
         node = data
-        for part in path:
+        for i, part in enumerate(path):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config table {'.'.join(path[:i + 1])!r} in "
+                                  f"override {key!r}")
             node = node[part]
         node[last] = value
     return config_from_dict(data)

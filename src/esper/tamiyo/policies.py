@@ -133,6 +133,18 @@ class HeuristicConfig:
                                  "ATTENTION", "MLP", "DEPTHWISE", "LORA_LARGE", "NORM")
     """Blueprints tried in this order (those a slot's topology lacks are skipped)."""
 
+    def __post_init__(self) -> None:
+        for name in ("warmup_ticks", "plateau_patience", "max_training_ticks", "hold_ticks",
+                     "avoid_pruned_ticks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"heuristic.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_live_seeds < 1 or self.plateau_delta < 0:
+            raise ValueError("heuristic.max_live_seeds must be >= 1 and plateau_delta >= 0")
+        unknown = [b for b in self.rotation if b not in Blueprint.__members__]
+        if not self.rotation or unknown:
+            raise ValueError(f"heuristic.rotation must name blueprints, got {unknown or 'none'};"
+                             f" valid: {', '.join(Blueprint.__members__)}")
+
 
 class HeuristicPolicy:
     name = "heuristic"

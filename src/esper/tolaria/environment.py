@@ -289,7 +289,9 @@ class GrowthEnv:
         for k, v in tensors.items():
             if k.startswith("optim."):
                 _, idx, key = k.split(".", 2)
-                state.setdefault(int(idx), {})[key] = v
+                # A copy: Adam updates its moments in place, and `tensors` may be a governor
+                # snapshot that a second rollback of the same tick must find unchanged.
+                state.setdefault(int(idx), {})[key] = v.clone()
         self.optimizer.load_state_dict({"state": state, "param_groups": info["optim_groups"]})
         self.batches.load_state_dict({**info["batches"],
                                       "generator_state": tensors["batches.generator"]})

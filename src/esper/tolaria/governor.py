@@ -36,9 +36,10 @@ class GovernorConfig:
     """Consecutive rollbacks for one tick before the run is abandoned."""
 
     def __post_init__(self) -> None:
-        if self.divergence_factor <= 1 or self.explosion_loss <= 0 or self.window < 1:
+        if (self.divergence_factor <= 1 or self.explosion_loss <= 0 or self.window < 1
+                or self.warmup_ticks < 0 or self.max_rollbacks < 0):
             raise ValueError("governor: divergence_factor must be > 1, explosion_loss > 0, "
-                             "window >= 1")
+                             "window >= 1, warmup_ticks and max_rollbacks >= 0")
 
 
 class GovernorError(RuntimeError):
