@@ -26,7 +26,9 @@ from esper.tolaria.governor import GovernorError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Esper: grow neural networks while they train.")
-console = Console()
+def _out() -> Console:
+    return Console()  # made per call, so the terminal width is read when printing
+
 KNOWN_ERRORS = (ConfigError, TaskError, RecorderError, CheckpointError, BlueprintError,
                 GovernorError, ValueError, OSError)
 
@@ -76,7 +78,7 @@ def grow(
     except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
-        console.print(f"interrupted; resume with: esper grow --resume {run.run_dir}")
+        _out().print(f"interrupted; resume with: esper grow --resume {run.run_dir}")
         raise typer.Exit(130) from None
     _print_summary(result)
 
@@ -85,7 +87,7 @@ def _run_with_progress(run: GrowthRun) -> GrowResult:
     cfg = run.cfg
     columns = (TextColumn("[bold]growing[/bold] {task.description}"), BarColumn(),
                MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True,
+    with Progress(*columns, console=_out(), transient=True,
                   disable=not sys.stderr.isatty() and not sys.stdout.isatty()) as bar:
         job = bar.add_task(f"{cfg.task} ({cfg.policy})", total=cfg.ticks,
                            completed=run.start_tick, status="")
@@ -119,7 +121,7 @@ def _print_summary(r: GrowResult) -> None:
     ]
     for k, v in rows:
         table.add_row(k, v)
-    console.print(table)
+    _out().print(table)
 
 
 @app.command()
@@ -128,13 +130,13 @@ def runs(root: Annotated[Path, typer.Option(help="where run directories live")] 
     """List recorded runs."""
     found = list_runs(root)
     if not found:
-        console.print(f"no runs under {root}")
+        _out().print(f"no runs under {root}")
         return
     table = Table("run", "created", "task", "policy", "last tick", "note")
     for r in found:
         table.add_row(r.id, str(r.created_at or ""), str(r.task or ""), str(r.policy or ""),
                       "" if r.last_tick is None else str(r.last_tick), r.problem or "")
-    console.print(table)
+    _out().print(table)
 
 
 @app.command()
@@ -147,11 +149,11 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
     with store:
         cfg = store.manifest()["config"]
         metrics = store.metrics()
-        console.print(f"[bold]{run_dir}[/bold]  task={cfg['task']} policy={cfg['policy']} "
+        _out().print(f"[bold]{run_dir}[/bold]  task={cfg['task']} policy={cfg['policy']} "
                       f"seed={cfg['seed']} ticks={len(metrics)}/{cfg['ticks']}")
         if metrics:
             first, last = metrics[0][1], metrics[-1][1]
-            console.print(f"metric {first['metric']:.4f} (tick 0) → {last['metric']:.4f} "
+            _out().print(f"metric {first['metric']:.4f} (tick 0) → {last['metric']:.4f} "
                           f"(tick {metrics[-1][0]}); seed params {int(last['seed_params'])}")
         table = Table("tick", "slot", "event", "detail")
         for e in store.events():
@@ -159,7 +161,7 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
                 continue
             detail = ", ".join(f"{k}={v}" for k, v in sorted(e.payload.items()) if v is not None)
             table.add_row(str(e.tick), e.slot or "", e.kind, detail)
-        console.print(table)
+        _out().print(table)
 
 
 def main() -> None:

@@ -1,0 +1,102 @@
+"""The command line: bad input gives one line, a non-zero exit, no traceback, and loses nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from esper.cli import app
+from esper.recorder import RunStore
+
+runner = CliRunner()
+TINY = """
+ticks = 3
+checkpoint_every = 1
+[env]
+batches_per_tick = 2
+"""
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, list(args), env={"COLUMNS": "250"})
+
+
+def _assert_clean_failure(result, *words: str) -> None:
+    assert result.exit_code != 0
+    out = result.output
+    assert "Traceback" not in out
+    assert len([line for line in out.strip().splitlines() if line.strip()]) == 1, out
+    for w in words:
+        assert w in out, out
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY)
+    return p
+
+
+def test_grow_runs_and_prints_summary(tmp_path: Path, tiny_config: Path) -> None:
+    r = _invoke("grow", "--config", str(tiny_config), "--out", str(tmp_path / "runs"))
+    assert r.exit_code == 0, r.output
+    assert "accuracy, grown model at end" in r.output
+    [run] = list((tmp_path / "runs").iterdir())
+    with RunStore.open(run) as store:
+        assert store.last_complete_tick() == 2
+    listed = _invoke("runs", "--root", str(tmp_path / "runs"))
+    assert run.name in listed.output
+    shown = _invoke("show", str(run))
+    assert shown.exit_code == 0 and "task=digits" in shown.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--task", "mnist"], ["unknown task", "digits"]),
+    (["--policy", "clever"], ["unknown policy", "heuristic"]),
+    (["--task", "cifar10", "--data-dir", "/nonexistent/cifar"], ["cifar"]),
+    (["--ticks", "0"], ["ticks"]),
+])
+def test_bad_flags(tmp_path: Path, args: list[str], words: list[str]) -> None:
+    _assert_clean_failure(_invoke("grow", "--out", str(tmp_path), *args), *words)
+
+
+def test_unknown_blueprint_in_config(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[heuristic]\nrotation = ["CONV_GIANT"]\n')
+    _assert_clean_failure(_invoke("grow", "--config", str(p)), "CONV_GIANT", "CONV_LIGHT")
+
+
+def test_unknown_config_key(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[economy]\nw_rnet = 0.1\n")
+    _assert_clean_failure(_invoke("grow", "--config", str(p)), "economy.w_rnet")
+
+
+def test_unwritable_run_dir(tmp_path: Path, tiny_config: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    _assert_clean_failure(_invoke("grow", "--config", str(tiny_config), "--out", str(blocker)))
+
+
+def test_corrupt_checkpoint_on_resume_loses_nothing(tmp_path: Path, tiny_config: Path) -> None:
+    assert _invoke("grow", "--config", str(tiny_config), "--out", str(tmp_path)).exit_code == 0
+    [run] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    with RunStore.open(run) as store:
+        before = store.event_log_hash()
+        ckpt = run / store.checkpoints()[-1].path
+    ckpt.write_bytes(b"garbage" + ckpt.read_bytes()[7:])
+    _assert_clean_failure(_invoke("grow", "--resume", str(run)), "checkpoint")
+    with RunStore.open(run) as store:  # nothing recorded was lost
+        assert store.event_log_hash() == before
+        assert store.last_complete_tick() == 2
+
+
+def test_resume_of_something_that_is_not_a_run(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    _assert_clean_failure(_invoke("grow", "--resume", str(tmp_path / "empty")))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "run.sqlite").write_bytes(b"not a database at all" * 10)
+    _assert_clean_failure(_invoke("grow", "--resume", str(tmp_path / "bad")), "run.sqlite")
+    _assert_clean_failure(_invoke("show", str(tmp_path / "empty")))
