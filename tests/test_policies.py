@@ -191,7 +191,7 @@ def test_heuristic_avoids_a_recently_pruned_blueprint_on_that_slot() -> None:
 
 def test_heuristic_waits_for_a_plateau_and_for_room() -> None:
     policy = HeuristicPolicy(HeuristicConfig(warmup_ticks=0, plateau_patience=2,
-                                             plateau_delta=0.01))
+                                             plateau_delta=0.01, max_live_seeds=1))
     slots = [tele("s0"), tele("s1")]
     ops = [policy.act(observe(t, slots, metric=m)).action.op
            for t, m in enumerate([0.1, 0.2, 0.3, 0.305, 0.31])]

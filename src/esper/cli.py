@@ -121,6 +121,9 @@ def _print_summary(r: GrowResult) -> None:
     ]
     for k, v in rows:
         table.add_row(k, v)
+    for seed, acc in r.seed_accounts.items():
+        table.add_row(f"  {seed}", f"rent {acc['rent_paid']:.4f}, churn {acc['churn_paid']:.4f}, "
+                                   f"{int(acc['ticks_alive'])} ticks")
     _out().print(table)
 
 

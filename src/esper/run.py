@@ -95,6 +95,8 @@ class GrowResult:
     churn_paid: float = 0.0
     reward_total: float = 0.0
     rollbacks: int = 0
+    seed_accounts: dict[str, dict[str, float]] = field(default_factory=dict)
+    """seed_id -> rent_paid, churn_paid, ticks_alive (reward units)."""
     wall_time: float = 0.0
     weights_hash: str = ""
     event_log_hash: str = ""
@@ -205,6 +207,8 @@ class GrowthRun:
         metrics = {"train_loss": train.loss, "val_loss": ev.loss, "metric": ev.metric,
                    "reward": r.total, "reward_task": r.task, "rent": r.rent, "churn": r.churn,
                    "seed_params": obs_after.seed_params, "host_params": obs_after.host_params}
+        if t == self.cfg.ticks - 1:  # the run's books, per seed, as its last event
+            events.append(("seed_accounts", self._seed_accounts(), None))
         self._record(t, decision, obs, obs_after, r.total, metrics, events)
         return metrics
 
@@ -249,6 +253,11 @@ class GrowthRun:
         events.append((action.op.name.lower(), payload, slot.name))
         return ops
 
+    def _seed_accounts(self) -> dict[str, dict[str, float]]:
+        return {k: {"rent_paid": a.rent_paid, "churn_paid": a.churn_paid,
+                    "ticks_alive": a.ticks_alive}
+                for k, a in sorted(self.economy.ledger.per_seed().items())}
+
     def _slot_economics(self) -> list[SlotEconomics]:
         return [SlotEconomics(n, s.stage, min(1.0, max(0.0, s.telemetry().alpha)),
                               s.seed_param_count(), s.seed_id)
@@ -289,6 +298,7 @@ class GrowthRun:
             germinated=by["germinate"], committed=by["fossilize"], pruned=by["prune"],
             rent_paid=totals.rent, churn_paid=totals.churn, reward_total=totals.total,
             rollbacks=sum(e.kind == "governor_rollback" for e in events), wall_time=wall,
+            seed_accounts=self._seed_accounts(),
             weights_hash=weights_hash(self.env.model), event_log_hash=self.store.event_log_hash(),
         )
 

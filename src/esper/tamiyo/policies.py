@@ -114,13 +114,13 @@ class RandomPolicy:
 class HeuristicConfig:
     """The rule policy's knobs."""
 
-    warmup_ticks: int = 4
+    warmup_ticks: int = 3
     """Ticks the host trains alone before any growth (let it stabilise)."""
-    plateau_patience: int = 2
+    plateau_patience: int = 1
     """Ticks without a `plateau_delta` improvement of the best metric that make a plateau."""
     plateau_delta: float = 0.01
-    max_live_seeds: int = 1
-    """Seeds between GERMINATED and HOLDING at once."""
+    max_live_seeds: int = 3
+    """Seeds between GERMINATED and HOLDING at once (3: one per slot of the reference hosts)."""
     max_training_ticks: int = 6
     """A seed still failing G2 after this many TRAINING ticks is pruned."""
     hold_ticks: int = 1
