@@ -17,12 +17,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from esper.config import ConfigError, GrowConfig, load_config, override
+from esper.evaluate import HELD_OUT_SEEDS, evaluate
 from esper.kasmina import BlueprintError, CheckpointError
 from esper.recorder import RecorderError, RunStore, list_runs
 from esper.run import GrowResult, GrowthRun, resume_run, start_run
+from esper.tamiyo.learned import PolicyLoadError
 from esper.tamiyo.policies import POLICIES
 from esper.tolaria.data import TASK_NAMES, TaskError
 from esper.tolaria.governor import GovernorError
+from esper.train_policy import TrainPolicyConfig, train_policy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Esper: grow neural networks while they train.")
@@ -30,7 +33,7 @@ def _out() -> Console:
     return Console()  # made per call, so the terminal width is read when printing
 
 KNOWN_ERRORS = (ConfigError, TaskError, RecorderError, CheckpointError, BlueprintError,
-                GovernorError, ValueError, OSError)
+                GovernorError, PolicyLoadError, ValueError, OSError)
 
 
 def _fail(message: str) -> None:
@@ -44,8 +47,9 @@ def _config(config: Path | None, **flags: object) -> GrowConfig:
     cfg = override(cfg, **flags)
     if cfg.task not in TASK_NAMES:
         raise ConfigError(f"unknown task {cfg.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
-    if cfg.policy not in POLICIES:
-        raise ConfigError(f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}")
+    if cfg.policy not in POLICIES and not Path(cfg.policy).is_file():
+        raise ConfigError(f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}"
+                          ", or the path of a trained policy file")
     return cfg
 
 
@@ -165,6 +169,66 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
             detail = ", ".join(f"{k}={v}" for k, v in sorted(e.payload.items()) if v is not None)
             table.add_row(str(e.tick), e.slot or "", e.kind, detail)
         _out().print(table)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    policies: Annotated[list[str], typer.Argument(help="none, random, heuristic, policy files")],
+    seeds: Annotated[int, typer.Option(help="held-out seeds (1000, 1001, ...)")] = 10,
+    ticks: Annotated[int | None, typer.Option(help="control ticks per run")] = None,
+    task: Annotated[str | None, typer.Option()] = None,
+    host_width: Annotated[int | None, typer.Option()] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    out: Annotated[Path, typer.Option(help="where runs and the table go")] = Path("evaluation"),
+) -> None:
+    """Run policies on held-out seeds at matched ticks; print and save the paper's §7 table."""
+    try:
+        cfg = _config(config, task=task, ticks=ticks, **{"host.width": host_width})
+        for p in policies:
+            _config(None, policy=p)  # validates each name or file
+        chosen = list(HELD_OUT_SEEDS[:seeds]) if seeds <= len(HELD_OUT_SEEDS) \
+            else list(range(1000, 1000 + seeds))
+        rows = evaluate(policies, chosen, cfg, out, progress=lambda p, s, r: _out().print(
+            f"{Path(p).name:>12s} seed {s}: {r.metric_name} {r.final_metric:.4f}, "
+            f"reward {r.reward_total:+.3f}"))
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    _out().print((out / "evaluation.md").read_text())
+    _out().print(f"{len(rows)} policies × {len(chosen)} seeds; saved to {out}")
+
+
+@app.command("train-policy")
+def train_policy_cmd(
+    updates: Annotated[int | None, typer.Option(help="PPO updates")] = None,
+    envs: Annotated[int | None, typer.Option(help="environments in lockstep")] = None,
+    budget_minutes: Annotated[float | None, typer.Option(help="wall-clock budget")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    out: Annotated[str | None, typer.Option(help="policy and training-run directory")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the training in --out")] = False,
+) -> None:
+    """Phase 1: train a growth policy with PPO over vectorised digits environments."""
+    changes = {"updates": updates, "num_envs": envs, "budget_minutes": budget_minutes,
+               "seed": seed, "out": out}
+    cfg = TrainPolicyConfig(**{k: v for k, v in changes.items() if v is not None})
+    columns = (TextColumn("[bold]training[/bold]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=_out()) as bar:
+            job = bar.add_task("ppo", total=cfg.updates, status="")
+
+            def log(update: int, info: dict) -> None:
+                metric = info["final_metric_mean"]
+                bar.update(job, completed=update + 1, status=(
+                    f"return {info['return_mean']:+.3f}  kl {info['approx_kl']:.4f}  "
+                    f"ev {info['explained_variance']:.2f}  H(op) {info['entropy_op']:.2f}"
+                    + (f"  final acc {metric:.3f}" if metric is not None else "")))
+                for w in info["warnings"]:
+                    bar.console.print(f"[yellow]health:[/yellow] {w}")
+
+            path = train_policy(cfg, resume=resume, log=log)
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    _out().print(f"policy written to {path}")
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ from esper.contracts import Actor, FactoredAction, Op, Stage
 from esper.kasmina import CNNHost, MLPHost, TransformerHost, module_cost, slots_of
 from esper.recorder import DecisionRecord, RunStore, build_manifest
 from esper.simic import Economy, SlotEconomics
+from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.masks import illegal_reason
-from esper.tamiyo.policies import Decision, Policy, make_policy
+from esper.tamiyo.policies import POLICIES, Decision, Policy, make_policy
 from esper.tolaria.data import TaskData, load_task
 from esper.tolaria.determinism import pick_device, seed_everything
 from esper.tolaria.environment import GrowthEnv
@@ -57,6 +58,19 @@ def build_host(cfg: GrowConfig, task: TaskData) -> nn.Module:
         d = h.width if h.width >= 8 else 64
         return TransformerHost(task.num_outputs, d, h.depth, 4, task.train_x.shape[1], **slot_kw)
     raise ValueError(f"unknown host kind {kind!r}; valid: auto, cnn, mlp, transformer")
+
+
+def load_policy(cfg: GrowConfig, slot_names: list[str]) -> Policy:
+    """A built-in policy by name, or a trained one from a `.safetensors` file (deployed
+    deterministically: the most probable action)."""
+    if cfg.policy in POLICIES:
+        return make_policy(cfg.policy, cfg.seed, cfg.heuristic)
+    path = Path(cfg.policy)
+    if path.suffix == ".safetensors" or path.is_file():
+        return LearnedPolicy.load(path, expect_slots=slot_names, seed=cfg.seed,
+                                  deterministic=True)
+    raise ValueError(f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, "
+                     "or the path of a trained policy (.safetensors)")
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -114,7 +128,7 @@ class GrowthRun:
         self.cfg, self.task, self.run_dir, self.store = cfg, task, run_dir, store
         self.device = pick_device(cfg.device)
         self.env = GrowthEnv(model, task, cfg.env, device=self.device, seed=cfg.seed)
-        self.policy: Policy = make_policy(cfg.policy, cfg.seed, cfg.heuristic)
+        self.policy: Policy = load_policy(cfg, list(self.env.slots))
         econ = replace(cfg.economy, higher_is_better=task.higher_is_better)
         self.economy = Economy(econ)
         self.governor = Governor(cfg.governor)
@@ -242,7 +256,7 @@ class GrowthRun:
         action: FactoredAction = decision.action
         reason = illegal_reason(action, obs)
         if reason is not None:
-            events.append(("rejected_action", {"reason": reason, **_action_names(action)}, None))
+            events.append(("rejected_action", {"reason": reason, **action_names(action)}, None))
             return []
         if action.op is Op.WAIT:
             return []
@@ -266,9 +280,9 @@ class GrowthRun:
     def _record(self, t: int, decision: Decision, obs: Any, obs_after: Any, reward: float,
                 metrics: dict[str, float], events: list) -> None:
         rec = DecisionRecord(
-            env=0, tick=t, policy=self.policy.name, action=_action_names(decision.action),
-            slot_states=[_slot_state(s) for s in obs.slots], obs_before=_obs_vector(obs),
-            obs_after=_obs_vector(obs_after), mask=decision.mask, probs=decision.probs,
+            env=0, tick=t, policy=self.policy.name, action=action_names(decision.action),
+            slot_states=[slot_state(s) for s in obs.slots], obs_before=obs_vector(obs),
+            obs_after=obs_vector(obs_after), mask=decision.mask, probs=decision.probs,
             entropy=decision.entropy, value=decision.value, reward=reward,
             spec_versions=SPEC_VERSIONS,
         )
@@ -303,19 +317,19 @@ class GrowthRun:
         )
 
 
-def _action_names(a: FactoredAction) -> dict[str, str]:
+def action_names(a: FactoredAction) -> dict[str, str]:
     return {"op": a.op.name, "slot": str(a.slot), "blueprint": a.blueprint.name,
             "style": a.style.name, "tempo": a.tempo.name, "alpha_target": a.alpha_target.name,
             "alpha_speed": a.alpha_speed.name, "alpha_curve": a.alpha_curve.name}
 
 
-def _slot_state(s: Any) -> dict[str, Any]:
+def slot_state(s: Any) -> dict[str, Any]:
     return {"name": s.name, "stage": s.stage.name, "alpha": s.alpha,
             "blueprint": s.spec.blueprint.name if s.spec else None,
             "ticks_in_stage": s.ticks_in_stage, "contribution": s.contribution, "rent": s.rent}
 
 
-def _obs_vector(obs: Any) -> list[float]:
+def obs_vector(obs: Any) -> list[float]:
     """A flat numeric view of the observation (the learned policy defines its own features)."""
     v = [obs.tick / obs.max_ticks, obs.metric, obs.val_loss, obs.train_loss,
          float(obs.host_params), float(obs.seed_params), obs.rent_paid]

@@ -1,0 +1,113 @@
+"""`esper evaluate`: policies side by side on held-out seeds at matched ticks (paper §7 table).
+
+Every (policy, seed) pair is a full growth run with the same config but the policy. The table
+gives median / q25 of the task metric and of the final reward, parameters added, FLOPs delta, the
+blueprint distribution of committed seeds, rent and churn paid, and a paired bootstrap confidence
+interval on the difference to `heuristic` (same seeds, so the pairing removes host luck).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from esper.config import GrowConfig
+from esper.run import GrowResult, start_run
+
+HELD_OUT_SEEDS = tuple(range(1000, 1010))
+"""Seeds no training run uses (train-policy draws environment seeds below 1000)."""
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    policy: str
+    seeds: int
+    metric_median: float
+    metric_q25: float
+    reward_median: float
+    reward_q25: float
+    params_added_median: float
+    flops_delta_median: float
+    committed: dict[str, int]
+    rent_median: float
+    churn_median: float
+    reward_diff_vs_heuristic: tuple[float, float, float] | None
+    """Mean paired difference in final reward to `heuristic` and its 95% bootstrap CI."""
+
+
+def q25(xs: Sequence[float]) -> float:
+    return statistics.quantiles(xs, n=4, method="inclusive")[0] if len(xs) > 1 else xs[0]
+
+
+def bootstrap_ci(diffs: Sequence[float], *, resamples: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap of the mean of paired differences."""
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=n)) for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return statistics.fmean(diffs), lo, hi
+
+
+def _row(policy: str, results: list[GrowResult], base: list[GrowResult] | None) -> PolicyRow:
+    metric = [r.final_metric for r in results]
+    reward = [r.reward_total for r in results]
+    diff = None
+    if base is not None and policy != "heuristic":
+        diff = bootstrap_ci([a.reward_total - b.reward_total
+                             for a, b in zip(results, base, strict=True)])
+    return PolicyRow(
+        policy=policy, seeds=len(results),
+        metric_median=statistics.median(metric), metric_q25=q25(metric),
+        reward_median=statistics.median(reward), reward_q25=q25(reward),
+        params_added_median=statistics.median(r.params_end - r.params_start for r in results),
+        flops_delta_median=statistics.median(r.flops_end - r.flops_start for r in results),
+        committed=dict(Counter(b for r in results for b in r.committed)),
+        rent_median=statistics.median(r.rent_paid for r in results),
+        churn_median=statistics.median(r.churn_paid for r in results),
+        reward_diff_vs_heuristic=diff,
+    )
+
+
+def evaluate(policies: Sequence[str], seeds: Sequence[int], base: GrowConfig, out: Path,
+             progress: Callable[[str, int, GrowResult], None] | None = None) -> list[PolicyRow]:
+    """Run every policy on every seed; write `evaluation.json` and `evaluation.md` to `out`."""
+    results: dict[str, list[GrowResult]] = {p: [] for p in policies}
+    for seed in seeds:
+        for policy in policies:  # interleaved: drift on the machine hits every policy alike
+            cfg = replace(base, policy=policy, seed=seed)
+            name = Path(policy).stem if policy.endswith(".safetensors") else policy
+            r = start_run(cfg, run_dir=out / "runs" / f"{name}-s{seed}").run()
+            results[policy].append(r)
+            if progress is not None:
+                progress(policy, seed, r)
+    heuristic = results.get("heuristic")
+    rows = [_row(p, rs, heuristic) for p, rs in results.items()]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    (out / "evaluation.md").write_text(to_markdown(rows, base, seeds))
+    return rows
+
+
+def to_markdown(rows: Sequence[PolicyRow], cfg: GrowConfig, seeds: Sequence[int]) -> str:
+    head = (f"{cfg.task}, host width {cfg.host.width}, {cfg.ticks} ticks, seeds "
+            f"{seeds[0]}..{seeds[-1]} ({len(seeds)})\n\n"
+            "| policy | metric median / q25 | reward median / q25 | params added | "
+            "FLOPs delta | committed blueprints | rent | churn | Δreward vs heuristic "
+            "(95% CI) |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        diff = "—" if r.reward_diff_vs_heuristic is None else (
+            "{:+.3f} [{:+.3f}, {:+.3f}]".format(*r.reward_diff_vs_heuristic))
+        dist = ", ".join(f"{k}×{v}" for k, v in sorted(r.committed.items())) or "none"
+        lines.append(f"| {Path(r.policy).name} | {r.metric_median:.4f} / {r.metric_q25:.4f} | "
+                     f"{r.reward_median:.3f} / {r.reward_q25:.3f} | "
+                     f"{r.params_added_median:.0f} | {r.flops_delta_median:.0f} | {dist} | "
+                     f"{r.rent_median:.3f} | {r.churn_median:.3f} | {diff} |")
+    return head + "\n".join(lines) + "\n"

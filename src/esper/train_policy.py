@@ -1,0 +1,184 @@
+"""`esper train-policy`: Phase 1, PPO over vectorised growth environments (CleanRL-style).
+
+    config → vector envs → policy → [rollout (T ticks × K envs) → GAE → PPO update → log]×U
+
+Each environment draws its host seed, data order and host width from `widths` (held-out seeds
+≥ 1000 are never drawn), so the policy sees variety. Every decision of every episode goes to the
+flight recorder of the training run; the policy is checkpointed (weights-only, with its
+normalisers) after every update, together with the optimizer, so training resumes at an update
+boundary (environments restart their episodes from fresh specs on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from esper.config import config_to_dict
+from esper.contracts import LifecycleConfig, Observation
+from esper.kasmina import CNNHost
+from esper.recorder import DecisionRecord, RunStore, build_manifest
+from esper.run import SPEC_VERSIONS, action_names, obs_vector, slot_state
+from esper.simic import EconomyConfig
+from esper.tamiyo.learned import LearnedPolicy
+from esper.tamiyo.masks import illegal_reason
+from esper.tamiyo.ppo import HealthMonitor, PPOConfig, RolloutBuffer, compute_gae, ppo_update
+from esper.tolaria.data import load_task
+from esper.tolaria.determinism import seed_everything
+from esper.tolaria.environment import EnvConfig
+from esper.tolaria.vector import EnvSpec, VectorEnv, spec_stream
+
+
+@dataclass(frozen=True)
+class TrainPolicyConfig:
+    """Everything `esper train-policy` needs."""
+
+    task: str = "digits"
+    num_envs: int = 4
+    """K environments stepped in lockstep."""
+    episode_ticks: int = 25
+    """Control ticks per growth episode."""
+    num_steps: int = 25
+    """Ticks per rollout (per environment) between PPO updates."""
+    updates: int = 60
+    """PPO updates (the budget below may stop training earlier)."""
+    budget_minutes: float = 55.0
+    """Wall-clock budget; training stops after the update that crosses it."""
+    seed: int = 0
+    widths: tuple[int, ...] = (2, 3, 4)
+    """Host widths environments draw from (the impaired CNN and two slightly wider ones)."""
+    depth: int = 3
+    backend: str = "auto"
+    """Vector env backend: auto, inprocess, processes."""
+    hidden: int = 128
+    out: str = "policies/digits"
+    env: EnvConfig = field(default_factory=lambda: EnvConfig(batches_per_tick=8))
+    economy: EconomyConfig = field(default_factory=EconomyConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+def _host(in_channels: int, classes: int, size: int, depth: int, spec: EnvSpec) -> nn.Module:
+    return CNNHost(spec.width, depth, in_channels, classes, size, lifecycle=LifecycleConfig())
+
+
+def _record(store: RunStore, tick: int, obs: list[Observation], decisions: list[Any],
+            rewards: torch.Tensor, metrics: dict[str, float]) -> None:
+    with store.tick(tick) as tx:
+        tx.metrics(metrics)
+        for i, (o, d) in enumerate(zip(obs, decisions, strict=True)):
+            tx.decision(DecisionRecord(
+                env=i, tick=tick, policy="learned", action=action_names(d.action),
+                slot_states=[slot_state(s) for s in o.slots], obs_before=obs_vector(o),
+                obs_after=None, mask=d.mask, probs=d.probs, entropy=d.entropy, value=d.value,
+                reward=float(rewards[i]), spec_versions=SPEC_VERSIONS))
+
+
+def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
+                 log: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+    """Train; returns the path of the final policy file."""
+    out = Path(cfg.out)
+    seed_everything(cfg.seed, torch.device("cpu"))
+    task = load_task(cfg.task, seed=cfg.seed)
+    c, size = task.input_shape[0], task.input_shape[-1]
+    build = partial(_host, c, task.num_outputs, size, cfg.depth)
+    specs = spec_stream(seed=cfg.seed, widths=cfg.widths, seed_bound=1000)
+    slot_names = sorted(f"slots.b{i}" for i in range(cfg.depth))
+    policy = LearnedPolicy(slot_names, hidden=cfg.hidden, seed=cfg.seed)
+    policy.update_normalizers = True
+    optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.ppo.lr, eps=1e-5)
+    start = 0
+    if resume:
+        start = _load_training_state(out, policy, optimizer)
+        for _ in range(start * cfg.num_envs):  # later specs than those already used
+            next(specs)
+        store = RunStore.open(out / "run")
+        store.truncate_after(start * cfg.num_steps - 1)
+    else:
+        manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, "cpu")
+        store = RunStore.create(out / "run", manifest)
+    monitor = HealthMonitor()
+    t0 = time.perf_counter()
+    with VectorEnv(task, cfg.num_envs, specs, env_cfg=cfg.env, economy_cfg=cfg.economy,
+                   episode_ticks=cfg.episode_ticks, build_host=build,
+                   validator=illegal_reason, backend=cfg.backend) as venv, store:
+        obs = venv.step_train()
+        next_done = torch.zeros(cfg.num_envs)
+        finished: list[float] = []
+        for update in range(start, cfg.updates):
+            # -- rollout --------------------------------------------------------------------
+            buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))
+            for t in range(cfg.num_steps):
+                step = policy.step(obs)
+                result = venv.act([d.action for d in step.decisions])
+                buf.add(t, step.g, step.s, step.out, next_done)
+                buf.rewards[t] = result.rewards.float()
+                finished += [i.metric for i, d in zip(result.infos, result.dones, strict=True)
+                             if d]
+                _record(store, update * cfg.num_steps + t, obs, step.decisions,
+                        result.rewards, {"reward_mean": float(result.rewards.mean())})
+                next_done = result.dones.float()
+                obs = venv.step_train()
+            # -- GAE and update -------------------------------------------------------------
+            with torch.no_grad():
+                last_value = policy.value(obs)
+            adv, ret = compute_gae(buf.rewards, buf.values, buf.dones, last_value, next_done,
+                                   cfg.ppo.gamma, cfg.ppo.gae_lambda)
+            frac = 1.0 - update / cfg.updates if cfg.ppo.anneal_lr else 1.0
+            stats = ppo_update(policy.net, optimizer, buf, adv, ret, cfg.ppo, lr_frac=frac)
+            warnings = monitor.check(stats)
+            _save_training_state(out, policy, optimizer, update + 1)
+            info = {"update": update + 1, "approx_kl": stats.approx_kl,
+                    "clipfrac": stats.clipfrac, "explained_variance": stats.explained_variance,
+                    "entropy_op": stats.entropy.get("op", 0.0),
+                    "return_mean": float(buf.rewards.sum(0).mean()),
+                    "final_metric_mean": sum(finished) / len(finished) if finished else None,
+                    "op_distribution": stats.op_distribution, "warnings": warnings,
+                    "minutes": (time.perf_counter() - t0) / 60}
+            finished = []
+            if log is not None:
+                log(update, info)
+            if info["minutes"] > cfg.budget_minutes:
+                break
+    return out / "policy.safetensors"
+
+
+def _save_training_state(out: Path, policy: LearnedPolicy, optimizer: torch.optim.Optimizer,
+                         updates: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    policy.save(out / "policy.safetensors")
+    opt = optimizer.state_dict()
+    tensors = {f"{i}.{k}": torch.as_tensor(v).clone() for i, st in opt["state"].items()
+               for k, v in st.items()}
+    meta = {"updates": updates, "param_groups": opt["param_groups"],
+            "policy_state": policy.state_dict()}
+    tmp = out / "training.tmp"
+    save_file(tensors, str(tmp), metadata={"esper_training": json.dumps(meta)})
+    tmp.replace(out / "training.safetensors")
+
+
+def _load_training_state(out: Path, policy: LearnedPolicy,
+                         optimizer: torch.optim.Optimizer) -> int:
+    path = out / "training.safetensors"
+    if not path.is_file():
+        raise ValueError(f"nothing to resume in {out}: {path.name} is missing")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["esper_training"])
+    loaded = LearnedPolicy.load(out / "policy.safetensors", expect_slots=policy.slot_names)
+    policy.net.load_state_dict(loaded.net.state_dict())
+    policy.load_state_dict(meta["policy_state"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in load_file(str(path)).items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["updates"])

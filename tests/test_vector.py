@@ -1,0 +1,142 @@
+"""VectorEnv: K growth environments in lockstep, one policy call per tick, auto-reset, backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+
+from _engine_helpers import digits
+from esper.contracts import FactoredAction, Observation, Op
+from esper.kasmina import CNNHost
+from esper.tamiyo.masks import illegal_reason
+from esper.tamiyo.policies import RandomPolicy
+from esper.tolaria.environment import EnvConfig
+from esper.tolaria.vector import EnvSpec, StepResult, VectorEnv, sample_specs, spec_stream
+
+K = 3
+SPEC_SEED = 8  # its first three specs have widths 3, 4, 2 (checked below)
+ENV_CFG = EnvConfig(batches_per_tick=2, eval_samples=128)
+Policy = Callable[[Sequence[Observation]], list[FactoredAction]]
+
+
+def cnn_host(spec: EnvSpec) -> CNNHost:
+    """Module level: worker processes unpickle it by name."""
+    return CNNHost(spec.width, 2, 1, 10, 8)
+
+
+def make_venv(backend: str = "inprocess", episode_ticks: int = 3) -> VectorEnv:
+    return VectorEnv(digits(), K, spec_stream(seed=SPEC_SEED), env_cfg=ENV_CFG,
+                     episode_ticks=episode_ticks, build_host=cnn_host, validator=illegal_reason,
+                     backend=backend, workers=2)
+
+
+def random_policy(k: int = K) -> Policy:
+    policies = [RandomPolicy(i) for i in range(k)]
+    return lambda obs: [p.act(o).action for p, o in zip(policies, obs, strict=True)]
+
+
+def rollout(venv: VectorEnv, policy: Policy, ticks: int
+            ) -> tuple[list[list[Observation]], list[StepResult]]:
+    observations, results = [], []
+    with venv:
+        for _ in range(ticks):
+            obs = venv.step_train()
+            observations.append(obs)
+            results.append(venv.act(policy(obs)))
+    return observations, results
+
+
+def test_lockstep_ticks_one_policy_call_and_auto_reset() -> None:
+    calls: list[int] = []
+    inner = random_policy()
+
+    def policy(obs: Sequence[Observation]) -> list[FactoredAction]:
+        calls.append(len(obs))
+        return inner(obs)
+
+    venv = make_venv(episode_ticks=3)
+    first_specs = list(venv.specs)
+    observations, results = rollout(venv, policy, ticks=4)
+    assert calls == [K] * 4  # once per tick, with every environment's observation
+    assert [[o.tick for o in obs] for obs in observations] == [[0] * K, [1] * K, [2] * K, [0] * K]
+    assert [r.dones.tolist() for r in results] == [[False] * K] * 2 + [[True] * K, [False] * K]
+    assert all(r.rewards.shape == (K,) and r.rewards.dtype == torch.float64 for r in results)
+    # done: the info carries the finished episode's spec and final metric; then a fresh host
+    stream = spec_stream(seed=SPEC_SEED)
+    expected = [next(stream) for _ in range(2 * K)]
+    assert first_specs == expected[:K] and venv.specs == expected[K:]
+    for i in range(K):
+        assert results[2].infos[i].spec == first_specs[i]
+        assert results[2].infos[i].metric == observations[2][i].metric
+        assert results[3].infos[i].spec == venv.specs[i]
+        assert len(observations[3][i].history) == 1  # the new episode's first evaluation
+        assert observations[3][i].seed_params == 0
+
+
+def test_specs_differ_per_environment() -> None:
+    specs = sample_specs(K, seed=SPEC_SEED)
+    assert [s.width for s in specs] == [3, 4, 2]
+    assert len({s.host_seed for s in specs}) == K and len({s.data_seed for s in specs}) == K
+    assert sample_specs(K, seed=SPEC_SEED) == specs  # reproducible
+    obs = make_venv().step_train()
+    params = [o.host_params for o in obs]
+    assert params == [sum(p.numel() for p in cnn_host(s).parameters()) for s in specs]
+    assert len(set(params)) == K
+
+
+def test_illegal_actions_run_as_wait_and_are_reported() -> None:
+    # FOSSILIZE on a DORMANT slot and a slot index out of range: both illegal at tick 0.
+    illegal = [FactoredAction(op=Op.FOSSILIZE, slot=0), FactoredAction(op=Op.GERMINATE, slot=9),
+               FactoredAction(op=Op.WAIT)]
+    _, bad = rollout(make_venv(), lambda obs: list(illegal), ticks=2)
+    _, wait = rollout(make_venv(), lambda obs: [FactoredAction()] * K, ticks=2)
+    reasons = [i.rejected for i in bad[0].infos]
+    assert reasons[0] is not None and "FOSSILIZE" in reasons[0]
+    assert reasons[1] is not None and "out of range" in reasons[1]
+    assert reasons[2] is None
+    assert all(i.ops == () for r in bad for i in r.infos)
+    for b, w in zip(bad, wait, strict=True):
+        assert torch.equal(b.rewards, w.rewards)
+
+
+def test_reward_of_a_host_that_never_grows_is_its_metric_gain() -> None:
+    # Known answer: no seed, so no rent and no churn; R_task = Δaccuracy, 0 on the first tick.
+    observations, results = rollout(make_venv(episode_ticks=5),
+                                    lambda obs: [FactoredAction()] * K, ticks=3)
+    for i in range(K):
+        metrics = [obs[i].metric for obs in observations]
+        expected = [0.0, metrics[1] - metrics[0], metrics[2] - metrics[1]]
+        assert [r.rewards[i].item() for r in results] == pytest.approx(expected, abs=1e-12)
+
+
+def test_two_instances_replay_identically() -> None:
+    obs_a, res_a = rollout(make_venv(), random_policy(), ticks=4)
+    obs_b, res_b = rollout(make_venv(), random_policy(), ticks=4)
+    assert obs_a == obs_b
+    assert all(torch.equal(a.rewards, b.rewards) for a, b in zip(res_a, res_b, strict=True))
+    assert [a.infos for a in res_a] == [b.infos for b in res_b]
+    assert any(i.ops for r in res_a for i in r.infos), "the random policy should have grown"
+
+
+def test_process_backend_matches_in_process() -> None:
+    # Each env owns its RNG stream and data order, so which process runs it does not matter.
+    obs_a, res_a = rollout(make_venv("inprocess"), random_policy(), ticks=4)
+    venv = make_venv("processes")
+    assert venv.backend == "processes"
+    obs_b, res_b = rollout(venv, random_policy(), ticks=4)
+    assert obs_a == obs_b
+    assert all(torch.equal(a.rewards, b.rewards) for a, b in zip(res_a, res_b, strict=True))
+    assert [a.infos for a in res_a] == [b.infos for b in res_b]
+
+
+def test_tick_order_is_enforced() -> None:
+    venv = make_venv()
+    with pytest.raises(RuntimeError, match="before step_train"):
+        venv.act([FactoredAction()] * K)
+    venv.step_train()
+    with pytest.raises(RuntimeError, match="twice"):
+        venv.step_train()
+    with pytest.raises(ValueError, match="expected 3 actions"):
+        venv.act([FactoredAction()])
