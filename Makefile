@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 # The CPU build of PyTorch; override e.g. TORCH_SPEC="torch" for a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench lint clean policy
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q -n 2
+
+# The policy shipped in src/esper/tamiyo/trained/digits.safetensors (see bench/RESULTS.md).
+policy: $(VENV)/.installed
+	$(VENV)/bin/esper train-policy --updates 150 --budget-minutes 35 --out policies/digits
+	cp policies/digits/policy.safetensors src/esper/tamiyo/trained/digits.safetensors
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench

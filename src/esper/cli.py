@@ -47,7 +47,7 @@ def _config(config: Path | None, **flags: object) -> GrowConfig:
     cfg = override(cfg, **flags)
     if cfg.task not in TASK_NAMES:
         raise ConfigError(f"unknown task {cfg.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
-    if cfg.policy not in POLICIES and not Path(cfg.policy).is_file():
+    if cfg.policy not in (*POLICIES, "learned") and not Path(cfg.policy).is_file():
         raise ConfigError(f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}"
                           ", or the path of a trained policy file")
     return cfg
@@ -56,7 +56,8 @@ def _config(config: Path | None, **flags: object) -> GrowConfig:
 @app.command()
 def grow(
     task: Annotated[str | None, typer.Option(help="digits, text or cifar10")] = None,
-    policy: Annotated[str | None, typer.Option(help="heuristic, random or none")] = None,
+    policy: Annotated[str | None, typer.Option(
+        help="heuristic, random, none, learned (the shipped PPO policy) or a policy file")] = None,
     ticks: Annotated[int | None, typer.Option(help="control ticks")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for every RNG")] = None,
     w_rent: Annotated[float | None, typer.Option(help="rent weight W_rent")] = None,

@@ -56,7 +56,7 @@ class GrowConfig:
     task: str = "digits"
     """digits, text or cifar10."""
     policy: str = "heuristic"
-    """heuristic, random or none."""
+    """heuristic, random, none, learned (the shipped PPO policy), or a trained policy file."""
     ticks: int = 40
     """Control ticks in the run."""
     seed: int = 0

@@ -37,6 +37,8 @@ from esper.tolaria.governor import Governor
 SPEC_VERSIONS = {"obs": "obs-v1", "reward": "simic-v1", "blueprints": "kasmina-13-v1",
                  "actions": "factored-8-v1"}
 Callback = Callable[[int, GrowthEnv], None]
+SHIPPED_POLICY = Path(__file__).parent / "tamiyo" / "trained" / "digits.safetensors"
+"""The PPO policy trained on digits (`make policy`); `--policy learned` deploys it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,11 +67,11 @@ def load_policy(cfg: GrowConfig, slot_names: list[str]) -> Policy:
     deterministically: the most probable action)."""
     if cfg.policy in POLICIES:
         return make_policy(cfg.policy, cfg.seed, cfg.heuristic)
-    path = Path(cfg.policy)
+    path = SHIPPED_POLICY if cfg.policy == "learned" else Path(cfg.policy)
     if path.suffix == ".safetensors" or path.is_file():
         return LearnedPolicy.load(path, expect_slots=slot_names, seed=cfg.seed,
                                   deterministic=True)
-    raise ValueError(f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, "
+    raise ValueError(f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, learned, "
                      "or the path of a trained policy (.safetensors)")
 
 
