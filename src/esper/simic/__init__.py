@@ -41,3 +41,25 @@ __all__ = [
     "task_reward",
     "tick_rent",
 ]
+
+# Credit (paper §5.3). The retrain audit lives in `esper.simic.audit`: it drives `esper.run`,
+# which imports this package, so it is not re-exported here.
+from esper.simic.shapley import (
+    CountingValue,
+    Credit,
+    banzhaf,
+    exact_shapley,
+    interaction_index,
+    leave_one_out,
+    permutation_shapley,
+)
+
+__all__ += [
+    "CountingValue",
+    "Credit",
+    "banzhaf",
+    "exact_shapley",
+    "interaction_index",
+    "leave_one_out",
+    "permutation_shapley",
+]
