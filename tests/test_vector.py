@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from _engine_helpers import digits
-from esper.contracts import FactoredAction, Observation, Op
-from esper.kasmina import CNNHost
+from esper.contracts import FactoredAction, LifecycleConfig, Observation, Op
+from esper.kasmina import CNNHost, slots_of
 from esper.tamiyo.masks import illegal_reason
 from esper.tamiyo.policies import RandomPolicy
 from esper.tolaria.environment import EnvConfig
@@ -84,6 +84,15 @@ def test_specs_differ_per_environment() -> None:
     params = [o.host_params for o in obs]
     assert params == [sum(p.numel() for p in cnn_host(s).parameters()) for s in specs]
     assert len(set(params)) == K
+
+
+def test_lifecycle_config_reaches_every_slot() -> None:
+    lifecycle = LifecycleConfig(embargo_ticks=7, reset_ticks=2)
+    venv = VectorEnv(digits(), K, spec_stream(seed=SPEC_SEED), env_cfg=ENV_CFG,
+                     lifecycle_cfg=lifecycle, episode_ticks=2, build_host=cnn_host,
+                     validator=illegal_reason, backend="inprocess")
+    for runner in venv._envs.runners:
+        assert all(s.lifecycle.config == lifecycle for s in slots_of(runner.env.model).values())
 
 
 def test_illegal_actions_run_as_wait_and_are_reported() -> None:

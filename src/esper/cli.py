@@ -223,6 +223,10 @@ def train_policy_cmd(
                     f"return {info['return_mean']:+.3f}  kl {info['approx_kl']:.4f}  "
                     f"ev {info['explained_variance']:.2f}  H(op) {info['entropy_op']:.2f}"
                     + (f"  final acc {metric:.3f}" if metric is not None else "")))
+                if "heldout_metric" in info:
+                    bar.console.print(f"update {info['update']}: held-out return "
+                                      f"{info['heldout_return']:+.3f}, final metric "
+                                      f"{info['heldout_metric']:.4f}")
                 for w in info["warnings"]:
                     bar.console.print(f"[yellow]health:[/yellow] {w}")
 

@@ -36,7 +36,7 @@ from esper.tamiyo.ppo import HealthMonitor, PPOConfig, RolloutBuffer, compute_ga
 from esper.tolaria.data import load_task
 from esper.tolaria.determinism import seed_everything
 from esper.tolaria.environment import EnvConfig
-from esper.tolaria.vector import EnvSpec, VectorEnv, spec_stream
+from esper.tolaria.vector import EnvSpec, VectorEnv, sample_specs, spec_stream
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,11 @@ class TrainPolicyConfig:
     backend: str = "auto"
     """Vector env backend: auto, inprocess, processes."""
     hidden: int = 128
+    eval_every: int = 10
+    """Evaluate the deterministic policy on held-out environments every this many updates
+    (and after the last); 0 turns it off."""
+    eval_envs: int = 2
+    """Held-out environments (host and data seeds ≥ 1000, never drawn in training)."""
     out: str = "policies/digits"
     env: EnvConfig = field(default_factory=lambda: EnvConfig(batches_per_tick=8))
     economy: EconomyConfig = field(default_factory=EconomyConfig)
@@ -81,6 +86,32 @@ def _record(store: RunStore, tick: int, obs: list[Observation], decisions: list[
                 slot_states=[slot_state(s) for s in o.slots], obs_before=obs_vector(o),
                 obs_after=None, mask=d.mask, probs=d.probs, entropy=d.entropy, value=d.value,
                 reward=float(rewards[i]), spec_versions=SPEC_VERSIONS))
+
+
+def _held_out(cfg: TrainPolicyConfig, task: Any, build: Callable[[EnvSpec], nn.Module],
+              policy: LearnedPolicy) -> dict[str, float]:
+    """One episode per held-out environment with the policy's most probable actions."""
+    specs = [EnvSpec(1000 + s.host_seed, 1000 + s.data_seed, s.width)
+             for s in sample_specs(cfg.eval_envs, seed=cfg.seed + 1, widths=cfg.widths,
+                                   seed_bound=1000)]
+    saved = policy.deterministic, policy.update_normalizers
+    policy.deterministic, policy.update_normalizers = True, False
+    returns, metrics = torch.zeros(cfg.eval_envs), []
+    try:
+        with VectorEnv(task, cfg.eval_envs, iter(specs * 2), env_cfg=cfg.env,
+                       economy_cfg=cfg.economy, episode_ticks=cfg.episode_ticks,
+                       build_host=build, validator=illegal_reason,
+                       backend="inprocess") as venv:
+            for _ in range(cfg.episode_ticks):
+                obs = venv.step_train()
+                result = venv.act([d.action for d in policy.act_batch(obs)])
+                returns += result.rewards.float()
+                metrics += [i.metric for i, d in zip(result.infos, result.dones, strict=True)
+                            if d]
+    finally:
+        policy.deterministic, policy.update_normalizers = saved
+    return {"heldout_return": float(returns.mean()),
+            "heldout_metric": sum(metrics) / len(metrics)}
 
 
 def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
@@ -145,6 +176,9 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
                     "op_distribution": stats.op_distribution, "warnings": warnings,
                     "minutes": (time.perf_counter() - t0) / 60}
             finished = []
+            last = update + 1 == cfg.updates or info["minutes"] > cfg.budget_minutes
+            if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or last):
+                info.update(_held_out(cfg, task, build, policy))
             if log is not None:
                 log(update, info)
             if info["minutes"] > cfg.budget_minutes:

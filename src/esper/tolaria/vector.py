@@ -21,7 +21,9 @@ On CPU the hosts are small and a tick is mostly Python and per-op dispatch, so w
 are the way to use several cores (numbers: bench/RESULTS.md, "Vectorised environments"). On CUDA
 the environments run in-process: kernel launches are asynchronous, so one env's Python overlaps
 the GPU work already queued (up to the two host syncs of a tick, the training loss and the
-metrics), and K processes would each need their own CUDA context for little gain.
+metrics), and K processes would each need their own CUDA context for little gain. In-process on
+CPU, prefer torch.set_num_threads(1): these ops are too small to gain from intra-op threads, and
+on a busy machine OpenMP threads waiting for a preempted sibling make a tick many times slower.
 """
 
 from __future__ import annotations
