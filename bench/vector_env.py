@@ -1,0 +1,207 @@
+"""Environment ticks per second of a VectorEnv of K growth environments against K single-environment
+runs done one after another (same specs, same RandomPolicy seeds, same economy, same ticks).
+
+    .venv/bin/python bench/vector_env.py [--device cpu|cuda] [--ks 1 4 8 16] [--ticks 6]
+                                         [--repeats 3] [--threads 1] [--workers 2]
+
+Host: digits CNN (depth 3) of width 2, `batches_per_tick` 4 of 64 samples, full validation set
+with its α=0 ablations every tick; episodes longer than the timed ticks, so no reset is timed.
+Only ticks are timed (train + evaluate + observe, the policy, act), after one untimed warm-up
+tick per environment on both sides; building the hosts and starting the workers is not timed
+and is reported apart ("start s"). Backends:
+
+- `inprocess`  the K environments one after another in this process
+- `processes`  `--workers` worker processes (one torch thread each), K/workers envs each
+
+The sequential baseline and the in-process backend run under torch.set_num_threads(--threads);
+`--threads 0` keeps torch's default (one per core), which is no faster on an idle machine and
+many times slower on a busy one (OpenMP barriers wait on preempted threads; see RESULTS.md).
+"same" says whether the vector's rewards equal the sequential runs' bit for bit. Median over
+`--repeats`, variants interleaved within each repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from esper.contracts import FactoredAction, Op
+from esper.kasmina import CNNHost
+from esper.simic import Economy, EconomyConfig, SlotEconomics
+from esper.tamiyo.masks import illegal_reason
+from esper.tamiyo.policies import RandomPolicy
+from esper.tolaria.data import TaskData, load_task
+from esper.tolaria.environment import EnvConfig, GrowthEnv
+from esper.tolaria.vector import EnvSpec, VectorEnv, sample_specs
+
+ENV_CFG = EnvConfig(batches_per_tick=4)
+SPEC_SEED = 0
+
+
+def cnn_host(spec: EnvSpec) -> CNNHost:
+    """Module level, so that worker processes can unpickle it."""
+    return CNNHost(spec.width, 3, 1, 10, 8)
+
+
+@contextmanager
+def threads(n: int | None):
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline: one environment at a time, its N ticks, as GrowthRun.step orders them
+# ---------------------------------------------------------------------------------------------
+
+def sequential(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.device
+               ) -> tuple[float, list[list[float]]]:
+    """Seconds spent in ticks, and each environment's rewards."""
+    elapsed, rewards = 0.0, []
+    for i, spec in enumerate(specs):
+        torch.manual_seed(spec.host_seed)
+        env = GrowthEnv(cnn_host(spec), task, ENV_CFG, device=device, seed=spec.data_seed)
+        economy = Economy(replace(EconomyConfig(), higher_is_better=task.higher_is_better))
+        policy, mine = RandomPolicy(i), []
+        t0 = 0.0
+        for t in range(ticks + 1):
+            if t == 1:  # the first tick warms up (lazy kernels, allocator): untimed
+                t0 = time.perf_counter()
+            train = env.train_tick()
+            ev = env.evaluate()
+            env.record_evaluation(ev, t)
+            env.evaluate_gates()
+            obs = env.observe(t, ticks + 2, ev, train, economy.last_rents,
+                              economy.ledger.totals().rent)
+            action = policy.act(obs).action
+            if illegal_reason(action, obs) is not None:
+                action = FactoredAction(op=Op.WAIT)
+            ops = env.execute(action)
+            env.advance_clock(t)
+            slots = [SlotEconomics(n, s.stage, min(1.0, max(0.0, s.telemetry().alpha)),
+                                   s.seed_param_count(), s.seed_id) for n, s in env.slots.items()]
+            prev = env.history[-2] if len(env.history) > 1 else None
+            mine.append(economy.step(t, slots, ops, env.host_params(), prev, ev.metric).total)
+        elapsed += time.perf_counter() - t0
+        rewards.append(mine)
+    return elapsed, rewards
+
+
+# ---------------------------------------------------------------------------------------------
+# The vector: one policy call (a list comprehension over K RandomPolicies) per tick
+# ---------------------------------------------------------------------------------------------
+
+def vector(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.device,
+           backend: str, workers: int) -> tuple[float, float, list[list[float]]]:
+    """Seconds to start, seconds spent in ticks, and each environment's rewards."""
+    t0 = time.perf_counter()
+    venv = VectorEnv(task, len(specs), specs, env_cfg=ENV_CFG, episode_ticks=ticks + 2,
+                     device=device, build_host=cnn_host, validator=illegal_reason,
+                     backend=backend, workers=workers)
+    policies = [RandomPolicy(i) for i in range(len(specs))]
+    rewards = []
+    try:
+        t1 = 0.0
+        for t in range(ticks + 1):
+            if t == 1:  # the first tick warms up, as in `sequential`: untimed
+                t1 = time.perf_counter()
+            obs = venv.step_train()
+            result = venv.act([p.act(o).action for p, o in zip(policies, obs, strict=True)])
+            rewards.append(result.rewards.tolist())
+        t2 = time.perf_counter()
+    finally:
+        venv.close()
+    return t1 - t0, t2 - t1, [list(r) for r in zip(*rewards, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"{cpu}, {cores} cores usable{gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} default threads; Python {platform.python_version()}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--ticks", type=int, default=6, help="timed ticks per environment")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="0: torch's default")
+    p.add_argument("--backends", nargs="+", default=["inprocess", "processes"])
+    args = p.parse_args()
+    device = torch.device(args.device)
+    backends = [b for b in args.backends if device.type == "cpu" or b != "processes"]
+    task = load_task("digits", seed=0, device=device)
+    console = Console(width=150)
+    console.print(f"[bold]{machine(device)}[/]\n$ {' '.join(sys.argv)}\n"
+                  f"load average before: {os.getloadavg()}")
+    runs: dict[tuple[int, str], list[tuple[float, float, list]]] = {}
+    t_all = time.perf_counter()
+    with threads(args.threads or None):  # warm-up
+        sequential(task, sample_specs(1, seed=SPEC_SEED, widths=(2,)), 2, device)
+    for _ in range(args.repeats):
+        for k in args.ks:
+            specs = sample_specs(k, seed=SPEC_SEED, widths=(2,))
+            with threads(args.threads or None):
+                secs, rewards = sequential(task, specs, args.ticks, device)
+                runs.setdefault((k, "seq"), []).append((0.0, secs, rewards))
+                for b in backends:
+                    start, secs, rewards = vector(task, specs, args.ticks, device, b,
+                                                  args.workers)
+                    runs.setdefault((k, b), []).append((start, secs, rewards))
+    console.print(table(runs, args, backends))
+    console.print(f"load average after: {os.getloadavg()}; whole benchmark "
+                  f"{time.perf_counter() - t_all:.0f} s")
+
+
+def table(runs: dict, args: argparse.Namespace, backends: list[str]) -> Table:
+    def rate(k: int, name: str) -> float:
+        return statistics.median(k * args.ticks / secs for _, secs, _ in runs[(k, name)])
+
+    t = Table(title=f"environment ticks/s, digits CNN width 2, {ENV_CFG.batches_per_tick} "
+                    f"batches/tick, {args.ticks} ticks per env, {args.threads or 'default'} "
+                    f"torch threads in-process, median of {args.repeats}")
+    for col in ("K", "backend", "start s", "vector ticks/s", "seq ticks/s", "speed-up",
+                "min–max ticks/s", "same"):
+        t.add_column(col, justify="right")
+    for k in args.ks:
+        seq = rate(k, "seq")
+        reference = runs[(k, "seq")][0][2]
+        for b in backends:
+            v = rate(k, b)
+            rates = [k * args.ticks / secs for _, secs, _ in runs[(k, b)]]
+            start = statistics.median(s for s, _, _ in runs[(k, b)])
+            same = all(r == reference for _, _, r in runs[(k, b)])
+            t.add_row(str(k), b, f"{start:.1f}", f"{v:.1f}", f"{seq:.1f}", f"{v / seq:.2f}×",
+                      f"{min(rates):.1f}–{max(rates):.1f}", "yes" if same else "no")
+    return t
+
+
+if __name__ == "__main__":
+    main()
