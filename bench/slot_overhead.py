@@ -63,6 +63,13 @@ class Args:
         metadata={"help": "grow the seed in every slot or in b0 only", "choices": ("all", "b0")},
     )
     shapes: str = field(default="digits,cifar", metadata={"help": "comma-separated shapes"})
+    only: str = field(
+        default="",
+        metadata={
+            "help": "time only the variants whose name contains one of these comma-"
+            "separated words (e.g. dormant, LORA), besides slot-free"
+        },
+    )
 
 
 def parse_args() -> Args:
@@ -169,7 +176,9 @@ def variants(shape: Shape, args: Args, x: torch.Tensor, y: torch.Tensor) -> dict
     for bp in BLUEPRINTS:
         for stage in STAGES:
             models[f"{bp.name} {stage.name}"] = grown(host, bp, stage, args.seeds_in, x, y)
-    return models
+    words = [w.lower() for w in args.only.split(",") if w]
+    keep = [n for n in models if n == BASELINE or not words or any(w in n.lower() for w in words)]
+    return {n: models[n] for n in keep}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +344,8 @@ def main() -> None:
         f"{identity_s * 1e6:.2f} µs"
     )
     for name, times in results.items():
+        if "dormant" not in times:
+            continue
         ratios = next(r for v, *_, r in rows(times) if v == "dormant")
         dormant = statistics.median(ratios)
         verdict = "met" if dormant <= 1.01 else "NOT met"

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from esper.config import GrowConfig, config_to_dict, override
 from esper.contracts import Blueprint, FactoredAction, Op, Stage
 from esper.contracts.lifecycle import IllegalTransition
@@ -240,8 +242,6 @@ def _attempt(fn: ValueFn, protocol: AuditProtocol, candidates: Sequence[Candidat
 
 
 def _worker_init() -> None:
-    import torch
-
     torch.set_num_threads(1)  # one core per job: the pool is sized to the cores
 
 
