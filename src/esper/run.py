@@ -23,7 +23,7 @@ from torch import nn
 
 from esper.config import GrowConfig, config_from_dict, config_to_dict
 from esper.contracts import Actor, FactoredAction, Op, Stage
-from esper.kasmina import CNNHost, MLPHost, TransformerHost, module_cost, slots_of
+from esper.kasmina import CNNHost, MLPHost, TransformerHost, module_cost
 from esper.recorder import DecisionRecord, RunStore, build_manifest
 from esper.simic import Economy, SlotEconomics
 from esper.tamiyo.learned import LearnedPolicy
@@ -382,6 +382,3 @@ def resume_run(run_dir: Path, callbacks: Iterable[Callback] = ()) -> GrowthRun:
     run.resume()
     return run
 
-
-def slots_summary(model: nn.Module) -> dict[str, str]:
-    return {n: s.stage.name for n, s in slots_of(model).items()}
