@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from esper.cli import app
 from esper.recorder import RunStore
+from esper.simic.audit import candidates_from_run
 
 runner = CliRunner()
 TINY = """
@@ -100,3 +101,19 @@ def test_resume_of_something_that_is_not_a_run(tmp_path: Path) -> None:
     (tmp_path / "bad" / "run.sqlite").write_bytes(b"not a database at all" * 10)
     _assert_clean_failure(_invoke("grow", "--resume", str(tmp_path / "bad")), "run.sqlite")
     _assert_clean_failure(_invoke("show", str(tmp_path / "empty")))
+
+
+def test_audit_a_recorded_run(tmp_path: Path) -> None:
+    cfg = tmp_path / "grow.toml"
+    cfg.write_text("ticks = 4\ncheckpoint_every = 4\n[env]\nbatches_per_tick = 2\n"
+                   "[heuristic]\nwarmup_ticks = 0\nplateau_patience = 0\nmax_live_seeds = 2\n")
+    assert _invoke("grow", "--config", str(cfg), "--out", str(tmp_path / "runs")).exit_code == 0
+    [run] = list((tmp_path / "runs").iterdir())
+    too_short = _invoke("audit", str(run), "--budget", "1")
+    _assert_clean_failure(too_short, "budget")
+    r = _invoke("audit", str(run), "--budget", "4", "--metric", "val_loss", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    n = len(candidates_from_run(run))
+    assert n >= 1 and "φ (Shapley)" in r.output and f"{2**n} retrained" in r.output
+    again = _invoke("audit", str(run), "--budget", "4", "--metric", "val_loss", "--workers", "1")
+    assert "0 retrained" in again.output  # every subset came from the audit cache

@@ -16,11 +16,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from esper.config import ConfigError, GrowConfig, load_config, override
+from esper.config import ConfigError, GrowConfig, config_from_dict, load_config, override
 from esper.evaluate import HELD_OUT_SEEDS, evaluate
 from esper.kasmina import BlueprintError, CheckpointError
 from esper.recorder import RecorderError, RunStore, list_runs
 from esper.run import GrowResult, GrowthRun, resume_run, start_run
+from esper.simic.audit import Audit, AuditProtocol, candidates_from_run
 from esper.tamiyo.learned import PolicyLoadError
 from esper.tamiyo.policies import POLICIES
 from esper.tolaria.data import TASK_NAMES, TaskError
@@ -234,6 +235,48 @@ def train_policy_cmd(
     except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     _out().print(f"policy written to {path}")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a recorded run whose seeds to audit")],
+    repeats: Annotated[int, typer.Option(help="R: retrains per subset")] = 1,
+    budget: Annotated[int, typer.Option(help="ticks of training per retrain")] = 10,
+    metric: Annotated[str, typer.Option(help="metric, val_loss or train_loss")] = "metric",
+    workers: Annotated[int | None, typer.Option(help="processes (default: the cores)")] = None,
+) -> None:
+    """Exact Shapley credit of a run's germinated seeds (≤ 3) by full retrain of every subset."""
+    try:
+        with RunStore.open(run_dir) as store:
+            cfg = config_from_dict(store.manifest()["config"])
+        candidates = candidates_from_run(run_dir)
+        if not candidates:
+            raise ValueError(f"run {run_dir} germinated no seed: nothing to audit")
+        last = max(c.germinate_tick for c in candidates)
+        if budget <= last:
+            raise ValueError(f"--budget {budget} must exceed the last germination tick ({last}),"
+                             " so that every seed can be trained in")
+        protocol = AuditProtocol(task=cfg.task, config=cfg, ticks=budget, metric=metric,
+                                 repeats=repeats, base_seed=cfg.seed)
+        jobs = 2 ** len(candidates) * repeats
+        with _out().status(f"auditing {len(candidates)} seeds: {jobs} retrains "
+                           f"of {budget} ticks (cached ones are reused)"):
+            result = Audit(run_dir / "audit").run(protocol, candidates, workers=workers)
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    table = Table("seed", "φ (Shapley)", "95% CI", "Banzhaf",
+                  title=f"audit of {run_dir} ({metric}, R={len(result.repeats_used)}, "
+                        f"{result.retrains} retrained, {result.cached} cached)")
+    for key in result.candidates:
+        lo, hi = result.phi_ci95[key]
+        ci = f"[{lo:+.4f}, {hi:+.4f}]" if lo == lo else "n/a (needs R ≥ 2)"  # NaN when R = 1
+        table.add_row(key, f"{result.phi[key]:+.4f}", ci, f"{result.banzhaf[key]:+.4f}")
+    _out().print(table)
+    for (a, b), x in result.interactions.items():
+        _out().print(f"interaction {a} × {b}: {x:+.4f}")
+    for f in result.failures:
+        _out().print(f"[red]failed[/red] subset {list(f.subset)} repeat {f.repeat} after "
+                     f"{f.attempts} attempts: {f.error.splitlines()[0]}")
 
 
 def main() -> None:
