@@ -25,7 +25,7 @@ from esper.config import GrowConfig, config_from_dict, config_to_dict
 from esper.contracts import Actor, FactoredAction, Op, Stage
 from esper.kasmina import CNNHost, MLPHost, TransformerHost, module_cost
 from esper.recorder import DecisionRecord, RunStore, build_manifest
-from esper.simic import Economy, SlotEconomics
+from esper.simic import Economy
 from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.masks import illegal_reason
 from esper.tamiyo.policies import POLICIES, Decision, Policy, make_policy
@@ -215,7 +215,7 @@ class GrowthRun:
         env.advance_clock(t)
         events += [("lifecycle", {"stage": s.stage.name, "from": before[n].name}, n)
                    for n, s in env.slots.items() if s.stage is not before[n]]
-        r = self.economy.step(t, self._slot_economics(), ops, env.host_params(),
+        r = self.economy.step(t, env.slot_economics(), ops, env.host_params(),
                               env.history[-2] if len(env.history) > 1 else None, ev.metric)
         obs_after = env.observe(t, self.cfg.ticks, ev, train, self.economy.last_rents,
                                 self.economy.ledger.totals().rent)
@@ -273,11 +273,6 @@ class GrowthRun:
         return {k: {"rent_paid": a.rent_paid, "churn_paid": a.churn_paid,
                     "ticks_alive": a.ticks_alive}
                 for k, a in sorted(self.economy.ledger.per_seed().items())}
-
-    def _slot_economics(self) -> list[SlotEconomics]:
-        return [SlotEconomics(n, s.stage, min(1.0, max(0.0, s.telemetry().alpha)),
-                              s.seed_param_count(), s.seed_id)
-                for n, s in self.env.slots.items()]
 
     def _record(self, t: int, decision: Decision, obs: Any, obs_after: Any, reward: float,
                 metrics: dict[str, float], events: list) -> None:

@@ -339,7 +339,7 @@ class SeedSlot(nn.Module):
         seed_rms, host_rms, ratio = self._gradient_health()
         return SlotTelemetry(
             name=self.name, stage=self.stage, ticks_in_stage=self.lifecycle.ticks_in_stage,
-            alpha=self._phage_alpha() if self.phage is not None else self.alpha,
+            alpha=self.effective_alpha,
             alpha_target=self.schedule.target, alpha_curve=self.schedule.curve,
             alpha_ticks_left=self.schedule.ticks_left, seed_grad_norm=seed_rms,
             host_grad_norm=host_rms, grad_ratio=ratio, param_count=self.seed_param_count(),
@@ -349,8 +349,12 @@ class SeedSlot(nn.Module):
             seed_id=self.seed_id,
         )
 
-    def _phage_alpha(self) -> float:
-        """A phage runs at α = 1, or at its module-level sedation while it fades out."""
+    @property
+    def effective_alpha(self) -> float:
+        """α as the host feels it: the schedule's α; a phage runs at 1, or at its module-level
+        sedation while it fades out."""
+        if self.phage is None:
+            return self.alpha
         return float(self.phage.sedation) if self.phage.module_sedated else 1.0
 
     # -- internals -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from esper.kasmina import (
     observe_gradients,
     slots_of,
 )
+from esper.simic import SlotEconomics
 from esper.tolaria.data import Batches, TaskData
 from esper.tolaria.determinism import rng_state, set_rng_state
 
@@ -110,7 +111,7 @@ class GrowthEnv:
             loss = _loss(self.model(xb), yb)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            observe_gradients(self.model)
+            observe_gradients(self.model, self.slots.values())
             self.optimizer.step()
             total += loss.detach()
         return TrainStats(float(total) / n, n)  # one host sync per tick
@@ -179,6 +180,11 @@ class GrowthEnv:
             slots=tuple(slots),
             legal_blueprints=tuple(blueprints_for(s.topology) for s in self.slots.values()),
         )
+
+    def slot_economics(self) -> list[SlotEconomics]:
+        """Each slot as Simic prices it (after this tick's action)."""
+        return [SlotEconomics(n, s.stage, min(1.0, max(0.0, s.effective_alpha)),
+                              s.seed_param_count(), s.seed_id) for n, s in self.slots.items()]
 
     def record_evaluation(self, ev: Evaluation, tick: int) -> None:
         """Remember the metric and hand each seed its ablation contribution."""

@@ -43,7 +43,7 @@ from torch import nn
 
 from esper.contracts import FactoredAction, Lifecycle, LifecycleConfig, Observation, Op
 from esper.kasmina import slots_of
-from esper.simic.economy import Economy, EconomyConfig, RewardBreakdown, SlotEconomics
+from esper.simic.economy import Economy, EconomyConfig, RewardBreakdown
 from esper.tolaria.data import TaskData
 from esper.tolaria.environment import EnvConfig, Evaluation, GrowthEnv
 
@@ -183,10 +183,8 @@ class _Runner:
         with self.own_rng():  # germination initialises the seed's weights
             ops = env.execute(action)
         env.advance_clock(t)
-        slots = [SlotEconomics(n, s.stage, min(1.0, max(0.0, s.telemetry().alpha)),
-                               s.seed_param_count(), s.seed_id) for n, s in env.slots.items()]
         prev = env.history[-2] if len(env.history) > 1 else None
-        r = self.economy.step(t, slots, ops, env.host_params(), prev, ev.metric)
+        r = self.economy.step(t, env.slot_economics(), ops, env.host_params(), prev, ev.metric)
         self.t, self.ev = t + 1, None
         return ev.metric, r, tuple(ops), self.t == self.setup.episode_ticks
 
