@@ -22,6 +22,7 @@ from esper.simic import (
     Ledger,
     RewardBreakdown,
     SlotEconomics,
+    level_reward,
     reward,
     slot_rent,
     task_reward,
@@ -131,13 +132,13 @@ def test_bad_alpha_and_p_seed_rejected() -> None:
         SlotEconomics("s", Stage.BLENDING, -0.1, 500)
 
 
-def test_default_weight_prices_a_tenth_of_the_host_at_half_a_point() -> None:
-    # 10% of the host at α = 1: 0.05 · log(1 + 0.0039 + 0.1) ≈ 0.00494 per tick.
+def test_default_weight_prices_a_tenth_of_the_host_at_a_tenth_of_a_point() -> None:
+    # 10% of the host at α = 1: 0.01 · log(1 + 0.0039 + 0.1) ≈ 0.000988 per tick.
     rent = reward(None, 0.0, {"s": slot_rent(1.0, 1000, P_HOST, CFG)}, _no_churn(), CFG).rent
-    assert rent == pytest.approx(0.05 * math.log(1.1039), rel=1e-12)
-    assert rent == pytest.approx(0.0049424682, rel=1e-7)
-    # Doubling the host: 0.05 · log(2.0039) ≈ 0.0348.
-    assert CFG.w_rent * slot_rent(1.0, P_HOST, P_HOST, CFG) == pytest.approx(0.0347547641)
+    assert rent == pytest.approx(0.01 * math.log(1.1039), rel=1e-12)
+    assert rent == pytest.approx(0.00098849364, rel=1e-7)
+    # Doubling the host: 0.01 · log(2.0039) ≈ 0.00695.
+    assert CFG.w_rent * slot_rent(1.0, P_HOST, P_HOST, CFG) == pytest.approx(0.00695095282)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,8 +270,38 @@ def test_task_reward_sign_for_loss() -> None:
     assert task_reward(2.0, 1.5, higher_is_better=False, scale=1.0) == pytest.approx(0.5)
     assert task_reward(2.0, 1.5, higher_is_better=False, scale=0.1) == pytest.approx(0.05)
     assert task_reward(1.5, 2.0, higher_is_better=False, scale=1.0) == pytest.approx(-0.5)
-    cfg = EconomyConfig(higher_is_better=False)
+    cfg = EconomyConfig(higher_is_better=False, task_reward="delta")
     assert reward(2.0, 1.5, {}, _no_churn(), cfg).task == pytest.approx(0.5)
+
+
+def test_level_reward_is_the_metric_per_tick() -> None:
+    # The default: the metric itself, whatever the previous one was; a loss counts negatively.
+    assert CFG.task_reward == "level"
+    assert reward(None, 0.83, {}, _no_churn(), CFG).task == pytest.approx(0.83)
+    assert reward(0.95, 0.83, {}, _no_churn(), CFG).task == pytest.approx(0.83)
+    lossy = EconomyConfig(higher_is_better=False, task_scale=0.5)
+    assert reward(2.0, 1.5, {}, _no_churn(), lossy).task == pytest.approx(-0.75)
+    assert level_reward(0.5, True, 2.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="finite"):
+        level_reward(math.inf, True, 1.0)
+
+
+def test_level_return_is_area_under_the_curve_minus_costs() -> None:
+    # Σ_t R_total over a run = Σ_t metric_t − W_rent·Σ C_rent − W_churn·Σ C_churn, which a
+    # delta reward would telescope to (last − first metric) instead.
+    metrics, rent = [0.2, 0.5, 0.7, 0.75], {"a": 0.3}
+    level = sum(reward(p, m, rent, _no_churn(), CFG).total
+                for p, m in zip([None, *metrics[:-1]], metrics, strict=True))
+    delta_cfg = EconomyConfig(task_reward="delta")
+    delta = sum(reward(p, m, rent, _no_churn(), delta_cfg).total
+                for p, m in zip([None, *metrics[:-1]], metrics, strict=True))
+    assert level == pytest.approx(2.15 - 4 * 0.01 * 0.3)
+    assert delta == pytest.approx(0.55 - 4 * 0.01 * 0.3)
+
+
+def test_unknown_task_reward_is_rejected() -> None:
+    with pytest.raises(ValueError, match="task_reward"):
+        EconomyConfig(task_reward="auc")
 
 
 def test_task_reward_rejects_nan() -> None:
@@ -289,16 +320,19 @@ def test_reward_matches_hand_computation() -> None:
     churn = ChurnBreakdown(edits=2, reversals=0, flips=1, total=3.0)
     got = reward(0.80, 0.83, rents, churn, CFG)
     c_rent = math.log(1.0289) + math.log(1.0039)  # ≈ 0.0323827
-    assert got.task == pytest.approx(0.03)
-    assert got.rent == pytest.approx(0.05 * c_rent, rel=1e-12)
-    assert got.rent == pytest.approx(0.0016191343, rel=1e-7)
+    assert got.task == pytest.approx(0.83)
+    assert got.rent == pytest.approx(0.01 * c_rent, rel=1e-12)
+    assert got.rent == pytest.approx(0.00032382686, rel=1e-7)
     assert got.churn == pytest.approx(0.01 * 3)
-    assert got.total == pytest.approx(0.03 - 0.0016191343 - 0.03, rel=1e-7)
+    assert got.total == pytest.approx(0.83 - 0.00032382686 - 0.03, rel=1e-7)
+    delta = reward(0.80, 0.83, rents, churn, EconomyConfig(task_reward="delta"))
+    assert delta.task == pytest.approx(0.03)
+    assert delta.total == pytest.approx(0.03 - 0.00032382686 - 0.03, rel=1e-7)
 
 
-def test_first_tick_has_no_task_reward() -> None:
-    got = reward(None, 0.9, {"a": 0.1}, _no_churn(), CFG)
-    assert got == RewardBreakdown(task=0.0, rent=0.05 * 0.1, churn=0.0, total=-0.05 * 0.1)
+def test_first_tick_has_no_delta_task_reward() -> None:
+    got = reward(None, 0.9, {"a": 0.1}, _no_churn(), EconomyConfig(task_reward="delta"))
+    assert got == RewardBreakdown(task=0.0, rent=0.01 * 0.1, churn=0.0, total=-0.01 * 0.1)
 
 
 def test_no_churn_preset_ignores_churn() -> None:
@@ -374,16 +408,16 @@ def test_ledger_per_seed_matches_hand_computation() -> None:
     seeds = econ.ledger.per_seed()
     # s1: base rent at ticks 0, 1 (GERMINATED, TRAINING), α 0.5 at ticks 2, 3; one edit.
     s1 = seeds["s1"]
-    assert s1.rent_paid == pytest.approx(0.05 * (2 * L0039 + 2 * L0289), rel=1e-12)
+    assert s1.rent_paid == pytest.approx(0.01 * (2 * L0039 + 2 * L0289), rel=1e-12)
     assert s1.churn_paid == pytest.approx(0.01 * 1)
     assert s1.ticks_alive == 4
     # s2: base rent at tick 2; pruned at α 0 at tick 3 (no rent); edit + (edit + flip) = 3.
     s2 = seeds["s2"]
-    assert s2.rent_paid == pytest.approx(0.05 * L0039, rel=1e-12)
+    assert s2.rent_paid == pytest.approx(0.01 * L0039, rel=1e-12)
     assert (s2.churn_paid, s2.ticks_alive) == (pytest.approx(0.03), 1)
     totals = econ.ledger.totals()
     assert totals.ticks == 4
-    assert totals.task == pytest.approx(0.0 + 0.02 + 0.01 - 0.02)
+    assert totals.task == pytest.approx(0.50 + 0.52 + 0.53 + 0.51)  # level: Σ metric
     assert totals.churn == pytest.approx(0.04)
 
 

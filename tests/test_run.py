@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -215,7 +214,7 @@ def test_reward_is_task_minus_rent_minus_churn(tmp_path: Path) -> None:
         flips = sum(1 for s in edits if s in last_edit and t - last_edit[s] <= ECON.churn_window)
         last_edit.update({s: t for s in edits})
         assert m["churn"] == pytest.approx(ECON.w_churn * (len(edits) + flips), abs=1e-12)
-        task = 0.0 if t == 0 else m["metric"] - metrics[t - 1]["metric"]
+        task = m["metric"]  # the default `level` task reward
         assert m["reward_task"] == pytest.approx(task, abs=1e-12)
         assert m["reward"] == pytest.approx(task - m["rent"] - m["churn"], abs=1e-12)
     assert sum(m["churn"] > 0 for m in metrics) >= 2  # a germinate and a fossilize at least
@@ -232,8 +231,8 @@ def test_text_task_runs_and_rewards_a_falling_bits_per_char(tmp_path: Path) -> N
     assert result.metric_name == "bits_per_char"
     metrics = _metrics(run)
     assert all(math.isfinite(v) for m in metrics for v in m.values())
-    for prev, m in itertools.pairwise(metrics):  # lower is better
-        assert m["reward_task"] == pytest.approx(prev["metric"] - m["metric"], abs=1e-9)
+    for m in metrics:  # lower is better: the level reward is −bits per char
+        assert m["reward_task"] == pytest.approx(-m["metric"], abs=1e-9)
     assert metrics[-1]["metric"] < metrics[0]["metric"]  # it learns at all
     assert result.germinated and finite_params(run.env.model)
     assert "text" in run.store.manifest()["task"]

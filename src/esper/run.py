@@ -34,7 +34,7 @@ from esper.tolaria.determinism import pick_device, seed_everything
 from esper.tolaria.environment import GrowthEnv
 from esper.tolaria.governor import Governor
 
-SPEC_VERSIONS = {"obs": "obs-v1", "reward": "simic-v1", "blueprints": "kasmina-13-v1",
+SPEC_VERSIONS = {"obs": "obs-v1", "reward": "simic-v2", "blueprints": "kasmina-13-v1",
                  "actions": "factored-8-v1"}
 Callback = Callable[[int, GrowthEnv], None]
 SHIPPED_POLICY = Path(__file__).parent / "tamiyo" / "trained" / "digits.safetensors"

@@ -5,6 +5,7 @@ from esper.simic.economy import (
     LOW_RENT,
     NO_CHURN,
     STRUCTURAL_OPS,
+    TASK_REWARDS,
     ChurnBreakdown,
     ChurnMeter,
     Economy,
@@ -14,6 +15,7 @@ from esper.simic.economy import (
     RunTotals,
     SeedAccount,
     SlotEconomics,
+    level_reward,
     rent_alpha,
     reward,
     slot_rent,
@@ -26,6 +28,7 @@ __all__ = [
     "LOW_RENT",
     "NO_CHURN",
     "STRUCTURAL_OPS",
+    "TASK_REWARDS",
     "ChurnBreakdown",
     "ChurnMeter",
     "Economy",
@@ -35,6 +38,7 @@ __all__ = [
     "RunTotals",
     "SeedAccount",
     "SlotEconomics",
+    "level_reward",
     "rent_alpha",
     "reward",
     "slot_rent",
@@ -43,7 +47,16 @@ __all__ = [
 ]
 
 # Credit (paper §5.3). The retrain audit lives in `esper.simic.audit`: it drives `esper.run`,
-# which imports this package, so it is not re-exported here.
+# which imports this package, so it is not re-exported here; nor are the cheaper estimators
+# priced against it (`esper.simic.estimators`), which build on the audit. The critics of audit
+# credit (paper §5.4, `critic.py`) need numpy and safetensors only, so the policy may use them.
+from esper.simic.critic import (
+    Critic,
+    CriticLoadError,
+    load_critic,
+    observation_features,
+    spearman,
+)
 from esper.simic.shapley import (
     CountingValue,
     Credit,
@@ -57,9 +70,14 @@ from esper.simic.shapley import (
 __all__ += [
     "CountingValue",
     "Credit",
+    "Critic",
+    "CriticLoadError",
     "banzhaf",
     "exact_shapley",
     "interaction_index",
     "leave_one_out",
+    "load_critic",
+    "observation_features",
     "permutation_shapley",
+    "spearman",
 ]

@@ -23,11 +23,21 @@ Churn, per tick t (paper §5.1 names its three parts; the counts are ours)::
 A slot's α history starts afresh when it leaves the α map (dormant or emptied) and when it is
 edited: the edit is already charged, so the fade after a prune is not charged again as a reversal.
 
-Reward, per tick::
+Reward, per tick (paper §5.1 leaves R_task open; two documented variants)::
 
-    R_task  = task_scale · (metric − prev_metric)     (higher_is_better, e.g. accuracy)
-            = task_scale · (prev_metric − metric)     (lower is better, e.g. loss)
+    level (default):  R_task = task_scale · metric            (higher_is_better, e.g. accuracy)
+                             = −task_scale · metric           (lower is better, e.g. loss)
+    delta:            R_task = task_scale · (metric − prev_metric)   (sign as above; 0 at tick 0)
     R_total = R_task − W_rent·Σ_slots C_rent − W_churn·C_churn
+
+Why `level` is the default: rent is charged every tick a seed lives, so the task term must be in
+the same units — metric per tick. With `level`, an episode's return is the area under the metric
+curve (anytime performance) minus the rent and churn paid, and a seed pays for itself exactly
+when it lifts the metric by more than its rent on the ticks it lives. With `delta` the task term
+telescopes to (final − first metric), counted once, while rent is summed over every tick: on
+digits (40 one-epoch ticks, width-2 host, 4 seeds) the heuristic's seeds raised final accuracy by
+0.003–0.14 while paying 0.25 (W_rent 0.01) to 1.3 (W_rent 0.05) of rent, so under `delta` no
+growth paid and PPO correctly learned never to grow (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -55,13 +65,14 @@ class EconomyConfig:
     """Cap on one slot's C_rent (paper §5.1), before W_rent. 1.0 engages only once
     (base + α·P_seed) > (e − 1)·P_host ≈ 1.72·P_host, so it bounds pathological seeds without
     flattening the price of ordinary ones."""
-    w_rent: float = 0.05
-    """W_rent. A seed of 10% of the host at α = 1 costs 0.05·log(1.1039) ≈ 0.0049 per tick, about
-    half an accuracy point; one that doubles the host costs 0.05·log(2.0039) ≈ 0.035."""
+    w_rent: float = 0.01
+    """W_rent, in metric units per tick (with the `level` task reward). A seed of 10% of the host
+    at α = 1 costs 0.01·log(1.1039) ≈ 0.001 per tick: it must lift accuracy by 0.1 points on
+    every tick it lives; one that doubles the host costs 0.01·log(2.0039) ≈ 0.007, 0.7 points."""
     w_churn: float = 0.01
-    """W_churn. One structural edit costs 0.01, one accuracy point (two ticks of a 10% seed's
-    rent); a germinate then a prune inside the window costs 0.01 + 0.02 = 0.03, six ticks of that
-    rent, so cycling a seed to dodge rent does not pay."""
+    """W_churn. One structural edit costs 0.01: one accuracy point for one tick, ten ticks of a
+    10% seed's rent; a germinate then a prune inside the window costs 0.01 + 0.02 = 0.03, so
+    cycling a seed to dodge rent does not pay."""
     w_edit: float = 1.0
     """Churn units per structural edit."""
     w_reversal: float = 1.0
@@ -75,8 +86,12 @@ class EconomyConfig:
     from germination to FOSSILIZE within 5 ticks."""
     reversal_tolerance: float = 1e-9
     """|Δα| below this is no movement: it neither counts nor sets a direction."""
+    task_reward: str = "level"
+    """"level": R_task = ±task_scale·metric every tick; "delta": ±task_scale·(metric − previous
+    metric). See the module docstring for why level is the default."""
     task_scale: float = 1.0
-    """R_task per unit of metric improvement: a Δaccuracy of 0.01 gives a reward of 0.01."""
+    """R_task per unit of metric: with `level`, 0.8 accuracy gives 0.8 per tick; with `delta`, a
+    Δaccuracy of 0.01 gives 0.01."""
     higher_is_better: bool = True
     """True for accuracy-like metrics, False for losses (a falling loss is a positive reward)."""
 
@@ -85,12 +100,16 @@ class EconomyConfig:
             _check_number(name, getattr(self, name), lower=0.0, strict=False)
         _check_number("max_rent", self.max_rent, lower=0.0, strict=True, allow_inf=True)
         _check_number("task_scale", self.task_scale, lower=0.0, strict=True)
+        if self.task_reward not in TASK_REWARDS:
+            raise ValueError(f"EconomyConfig.task_reward must be one of {', '.join(TASK_REWARDS)}, "
+                             f"got {self.task_reward!r}")
         if not isinstance(self.churn_window, int) or self.churn_window < 1:
             raise ValueError(
                 f"EconomyConfig.churn_window must be an int >= 1, got {self.churn_window!r}"
             )
 
 
+TASK_REWARDS = ("level", "delta")
 _WEIGHTS = ("w_rent", "w_churn", "w_edit", "w_reversal", "w_flip")
 
 
@@ -106,8 +125,8 @@ def _check_number(
 
 
 # Ablations of paper §7 as small diffs from the defaults: rent ×1/5 and ×5, churn off.
-LOW_RENT = EconomyConfig(w_rent=0.01)
-HIGH_RENT = EconomyConfig(w_rent=0.25)
+LOW_RENT = EconomyConfig(w_rent=0.002)
+HIGH_RENT = EconomyConfig(w_rent=0.05)
 NO_CHURN = EconomyConfig(w_churn=0.0)
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +323,18 @@ class RewardBreakdown:
 
 
 def task_reward(prev_metric: float, metric: float, higher_is_better: bool, scale: float) -> float:
-    """R_task: scale × the metric's improvement, positive whenever the metric got better."""
+    """The `delta` R_task: scale × the metric's improvement, positive whenever it got better."""
     if not (math.isfinite(prev_metric) and math.isfinite(metric)):
         raise ValueError(f"metrics must be finite, got prev={prev_metric}, now={metric}")
     delta = metric - prev_metric if higher_is_better else prev_metric - metric
     return scale * delta
+
+
+def level_reward(metric: float, higher_is_better: bool, scale: float) -> float:
+    """The `level` R_task: scale × the metric, negated when lower is better (a loss)."""
+    if not math.isfinite(metric):
+        raise ValueError(f"metric must be finite, got {metric}")
+    return scale * (metric if higher_is_better else -metric)
 
 
 def reward(
@@ -320,10 +346,12 @@ def reward(
 ) -> RewardBreakdown:
     """R_total = R_task − W_rent·C_rent − W_churn·C_churn (paper §5.1).
 
-    `prev_metric` is None on the first tick, which has no improvement to reward.
+    `prev_metric` is None on the first tick, which (under `delta`) has no improvement to reward.
     """
     task = 0.0
-    if prev_metric is not None:
+    if cfg.task_reward == "level":
+        task = level_reward(metric, cfg.higher_is_better, cfg.task_scale)
+    elif prev_metric is not None:
         task = task_reward(prev_metric, metric, cfg.higher_is_better, cfg.task_scale)
     rent = cfg.w_rent * math.fsum(rents.values())  # fsum: independent of slot order
     churn_cost = cfg.w_churn * churn.total
