@@ -3,6 +3,7 @@ runs done one after another (same specs, same RandomPolicy seeds, same economy, 
 
     .venv/bin/python bench/vector_env.py [--device cpu|cuda] [--ks 1 4 8 16] [--ticks 6]
                                          [--repeats 3] [--threads 1] [--workers 2]
+                                         [--backends inprocess processes] [--overlap both]
 
 Host: digits CNN (depth 3) of width 2, `batches_per_tick` 4 of 64 samples, full validation set
 with its α=0 ablations every tick; episodes longer than the timed ticks, so no reset is timed.
@@ -11,13 +12,21 @@ tick per environment on both sides; building the hosts and starting the workers 
 and is reported apart ("start s"). Backends:
 
 - `inprocess`  the K environments one after another in this process
-- `processes`  `--workers` worker processes (one torch thread each), K/workers envs each
+- `processes`  `--workers` worker processes (one torch thread each), K/workers envs each (CPU only)
+
+On CUDA the in-process backend runs twice per K, as `inprocess overlap` (every environment's
+train tick and evaluation launched on its own stream, one read-back for all) and `inprocess
+serial` (`VectorEnv(overlap=False)`: each environment read back before the next is launched);
+`--overlap on|off` keeps one of them. `--ks` defaults to 1 16 64 there, 1 4 8 16 on CPU, where
+`--overlap` changes nothing. torch's pool has 32 streams per device and the GPU runs at most
+CUDA_DEVICE_MAX_CONNECTIONS (default 8) of them truly side by side; the value in effect is
+printed with the machine.
 
 The sequential baseline and the in-process backend run under torch.set_num_threads(--threads);
 `--threads 0` keeps torch's default (one per core), which is no faster on an idle machine and
 many times slower on a busy one (OpenMP barriers wait on preempted threads; see RESULTS.md).
-"same" says whether the vector's rewards equal the sequential runs' bit for bit. Median over
-`--repeats`, variants interleaved within each repeat.
+"same" says whether the vector's rewards equal the sequential runs' bit for bit (if not, the
+largest difference). Median over `--repeats`, variants interleaved within each repeat.
 """
 
 from __future__ import annotations
@@ -51,6 +60,12 @@ SPEC_SEED = 0
 def cnn_host(spec: EnvSpec) -> CNNHost:
     """Module level, so that worker processes can unpickle it."""
     return CNNHost(spec.width, 3, 1, 10, 8)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer read afterwards includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextmanager
@@ -96,6 +111,7 @@ def sequential(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.d
                                    s.seed_param_count(), s.seed_id) for n, s in env.slots.items()]
             prev = env.history[-2] if len(env.history) > 1 else None
             mine.append(economy.step(t, slots, ops, env.host_params(), prev, ev.metric).total)
+        sync(device)
         elapsed += time.perf_counter() - t0
         rewards.append(mine)
     return elapsed, rewards
@@ -106,12 +122,14 @@ def sequential(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.d
 # ---------------------------------------------------------------------------------------------
 
 def vector(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.device,
-           backend: str, workers: int) -> tuple[float, float, list[list[float]]]:
+           backend: str, workers: int, overlap: bool = True
+           ) -> tuple[float, float, list[list[float]]]:
     """Seconds to start, seconds spent in ticks, and each environment's rewards."""
     t0 = time.perf_counter()
     venv = VectorEnv(task, len(specs), specs, env_cfg=ENV_CFG, episode_ticks=ticks + 2,
                      device=device, build_host=cnn_host, validator=illegal_reason,
-                     backend=backend, workers=workers)
+                     backend=backend, workers=workers, overlap=overlap)
+    sync(device)
     policies = [RandomPolicy(i) for i in range(len(specs))]
     rewards = []
     try:
@@ -122,6 +140,7 @@ def vector(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.devic
             obs = venv.step_train()
             result = venv.act([p.act(o).action for p, o in zip(policies, obs, strict=True)])
             rewards.append(result.rewards.tolist())
+        sync(device)
         t2 = time.perf_counter()
     finally:
         venv.close()
@@ -140,7 +159,11 @@ def machine(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    gpu = ""
+    if device.type == "cuda":
+        connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "unset (8)")
+        gpu = (f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, "
+               f"CUDA_DEVICE_MAX_CONNECTIONS {connections})")
     return (f"{cpu}, {cores} cores usable{gpu}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} default threads; Python {platform.python_version()}")
 
@@ -148,15 +171,23 @@ def machine(device: torch.device) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--ks", type=int, nargs="+", default=None,
+                   help="default: 1 4 8 16 on CPU, 1 16 64 on CUDA")
     p.add_argument("--ticks", type=int, default=6, help="timed ticks per environment")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="0: torch's default")
     p.add_argument("--backends", nargs="+", default=["inprocess", "processes"])
+    p.add_argument("--overlap", choices=["both", "on", "off"], default="both",
+                   help="CUDA, in-process: time overlapped environments, serial ones, or both")
+    p.add_argument("--progress", action="store_true",
+                   help="print each run as it ends (the table comes at the end)")
     args = p.parse_args()
     device = torch.device(args.device)
-    backends = [b for b in args.backends if device.type == "cpu" or b != "processes"]
+    if args.ks is None:
+        args.ks = [1, 16, 64] if device.type == "cuda" else [1, 4, 8, 16]
+    variants = variants_of(args.backends, args.overlap, device)
+    backends = list(variants)
     task = load_task("digits", seed=0, device=device)
     console = Console(width=150)
     console.print(f"[bold]{machine(device)}[/]\n$ {' '.join(sys.argv)}\n"
@@ -165,19 +196,45 @@ def main() -> None:
     t_all = time.perf_counter()
     with threads(args.threads or None):  # warm-up
         sequential(task, sample_specs(1, seed=SPEC_SEED, widths=(2,)), 2, device)
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for k in args.ks:
             specs = sample_specs(k, seed=SPEC_SEED, widths=(2,))
             with threads(args.threads or None):
                 secs, rewards = sequential(task, specs, args.ticks, device)
                 runs.setdefault((k, "seq"), []).append((0.0, secs, rewards))
-                for b in backends:
-                    start, secs, rewards = vector(task, specs, args.ticks, device, b,
-                                                  args.workers)
+                reference = rewards
+                if args.progress:
+                    console.print(f"repeat {repeat + 1} K={k} seq: "
+                                  f"{k * args.ticks / secs:.1f} ticks/s")
+                for b, (backend, overlap) in variants.items():
+                    start, secs, rewards = vector(task, specs, args.ticks, device, backend,
+                                                  args.workers, overlap)
                     runs.setdefault((k, b), []).append((start, secs, rewards))
+                    if args.progress:
+                        console.print(f"repeat {repeat + 1} K={k} {b}: "
+                                      f"{k * args.ticks / secs:.1f} ticks/s, start {start:.1f} s, "
+                                      f"same as seq: {rewards == reference}")
     console.print(table(runs, args, backends))
     console.print(f"load average after: {os.getloadavg()}; whole benchmark "
                   f"{time.perf_counter() - t_all:.0f} s")
+
+
+def variants_of(backends: list[str], overlap: str, device: torch.device
+                ) -> dict[str, tuple[str, bool]]:
+    """Row label -> (backend, overlap). Processes only on CPU; on CUDA the in-process backend
+    with overlap on and/or off; on CPU overlap does nothing and the labels are the backends."""
+    out: dict[str, tuple[str, bool]] = {}
+    for b in backends:
+        if device.type != "cpu" and b == "processes":
+            continue  # the processes backend is CPU-only
+        if device.type == "cuda" and b == "inprocess":
+            if overlap in ("both", "on"):
+                out["inprocess overlap"] = (b, True)
+            if overlap in ("both", "off"):
+                out["inprocess serial"] = (b, False)
+        else:
+            out[b] = (b, True)
+    return out
 
 
 def table(runs: dict, args: argparse.Namespace, backends: list[str]) -> Table:
@@ -198,8 +255,13 @@ def table(runs: dict, args: argparse.Namespace, backends: list[str]) -> Table:
             rates = [k * args.ticks / secs for _, secs, _ in runs[(k, b)]]
             start = statistics.median(s for s, _, _ in runs[(k, b)])
             same = all(r == reference for _, _, r in runs[(k, b)])
+            if not same:
+                gap = max(abs(x - y) for _, _, r in runs[(k, b)]
+                          for env_r, env_ref in zip(r, reference, strict=True)
+                          for x, y in zip(env_r, env_ref, strict=True))
             t.add_row(str(k), b, f"{start:.1f}", f"{v:.1f}", f"{seq:.1f}", f"{v / seq:.2f}×",
-                      f"{min(rates):.1f}–{max(rates):.1f}", "yes" if same else "no")
+                      f"{min(rates):.1f}–{max(rates):.1f}",
+                      "yes" if same else f"no, max |Δ| {gap:.1e}")
     return t
 
 

@@ -12,7 +12,8 @@ from esper.contracts import FactoredAction, LifecycleConfig, Observation, Op
 from esper.kasmina import CNNHost, slots_of
 from esper.tamiyo.masks import illegal_reason
 from esper.tamiyo.policies import RandomPolicy
-from esper.tolaria.environment import EnvConfig
+from esper.tolaria.data import load_task
+from esper.tolaria.environment import EnvConfig, GrowthEnv
 from esper.tolaria.vector import EnvSpec, StepResult, VectorEnv, sample_specs, spec_stream
 
 K = 3
@@ -110,13 +111,12 @@ def test_illegal_actions_run_as_wait_and_are_reported() -> None:
         assert torch.equal(b.rewards, w.rewards)
 
 
-def test_reward_of_a_host_that_never_grows_is_its_metric_gain() -> None:
-    # Known answer: no seed, so no rent and no churn; R_task = Δaccuracy, 0 on the first tick.
+def test_reward_of_a_host_that_never_grows_is_its_metric() -> None:
+    # Known answer: no seed, so no rent and no churn; R_task = accuracy (the `level` reward).
     observations, results = rollout(make_venv(episode_ticks=5),
                                     lambda obs: [FactoredAction()] * K, ticks=3)
     for i in range(K):
-        metrics = [obs[i].metric for obs in observations]
-        expected = [0.0, metrics[1] - metrics[0], metrics[2] - metrics[1]]
+        expected = [obs[i].metric for obs in observations]
         assert [r.rewards[i].item() for r in results] == pytest.approx(expected, abs=1e-12)
 
 
@@ -149,3 +149,66 @@ def test_tick_order_is_enforced() -> None:
         venv.step_train()
     with pytest.raises(ValueError, match="expected 3 actions"):
         venv.act([FactoredAction()])
+
+
+def test_overlap_is_cuda_only() -> None:
+    assert make_venv().overlap is False  # CPU: nothing to overlap, the one-phase path runs
+    assert make_venv()._envs.two_phase is False
+
+
+def test_two_phase_tick_equals_one_phase_bit_for_bit() -> None:
+    # The CUDA overlap path (launch all, read back once, finish in order) run on the CPU without
+    # streams: the split train/evaluate must change no result.
+    obs_a, res_a = rollout(make_venv(), random_policy(), ticks=4)
+    venv = make_venv()
+    venv._envs.two_phase = True
+    obs_b, res_b = rollout(venv, random_policy(), ticks=4)
+    assert obs_a == obs_b
+    assert all(torch.equal(a.rewards, b.rewards) for a, b in zip(res_a, res_b, strict=True))
+    assert [a.infos for a in res_a] == [b.infos for b in res_b]
+    assert any(i.ops for r in res_a for i in r.infos), "the random policy should have grown"
+
+
+def test_split_train_and_evaluate_equal_the_fused_calls() -> None:
+    spec = sample_specs(1, seed=SPEC_SEED)[0]
+
+    def env() -> GrowthEnv:
+        torch.manual_seed(spec.host_seed)
+        return GrowthEnv(cnn_host(spec), digits(), ENV_CFG, device=torch.device("cpu"),
+                         seed=spec.data_seed)
+
+    a, b = env(), env()
+    assert a.train_tick() == b.finish_train(b.train_tick_async())
+    assert a.evaluate() == b.finish_evaluate(b.evaluate_async())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_overlap_matches_serial() -> None:
+    # Each env runs the same kernels on the same data either way, on its own stream or not, so
+    # the results are expected to be identical; the tolerance (1e-6) only allows for a kernel
+    # that is nondeterministic across runs (cuDNN is pinned to deterministic algorithms here).
+    task = load_task("digits", seed=0, device="cuda")
+
+    def run(overlap: bool) -> tuple[list[list[Observation]], list[StepResult]]:
+        venv = VectorEnv(task, 4, spec_stream(seed=SPEC_SEED), env_cfg=ENV_CFG, episode_ticks=3,
+                         device="cuda", build_host=cnn_host, validator=illegal_reason,
+                         backend="inprocess", overlap=overlap)
+        assert venv.overlap is overlap
+        return rollout(venv, random_policy(4), ticks=5)
+
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        obs_a, res_a = run(overlap=False)
+        obs_b, res_b = run(overlap=True)
+    for a, b in zip(res_a, res_b, strict=True):
+        assert torch.allclose(a.rewards, b.rewards, rtol=0.0, atol=1e-6)
+        assert torch.equal(a.dones, b.dones)
+        assert [i.ops for i in a.infos] == [i.ops for i in b.infos]
+        assert [i.metric for i in a.infos] == pytest.approx([i.metric for i in b.infos], abs=1e-6)
+    for xs, ys in zip(obs_a, obs_b, strict=True):
+        for x, y in zip(xs, ys, strict=True):
+            assert (x.metric, x.val_loss, x.train_loss) == pytest.approx(
+                (y.metric, y.val_loss, y.train_loss), abs=1e-6)
+            assert [s.stage for s in x.slots] == [s.stage for s in y.slots]
+            assert [s.gate_passed for s in x.slots] == [s.gate_passed for s in y.slots]
+    assert any(i.ops for r in res_a for i in r.infos), "the random policy should have grown"

@@ -4,6 +4,14 @@ The engine drives (paper §4.1): `train_tick` trains for one tick, `evaluate` me
 every blended seed's α=0 ablation in one fused pass, `observe` builds what a policy sees,
 `execute` performs a validated action, and `advance_clock` moves every slot's lifecycle clock
 exactly once. The environment knows no policy and no reward.
+
+Launch and finish. `train_tick` and `evaluate` each read one result back from the device (the
+tick's loss, the replicas' metrics): that read is their only host sync. Each is split at that
+point: `train_tick_async` / `evaluate_async` queue the work and return the device tensors
+(`PendingTrain`, `PendingEvaluation`) without syncing, and `finish_train` / `finish_evaluate` do
+the read. `train_tick()` is `finish_train(train_tick_async())`, the same ops in the same order, so
+its results do not depend on which form is used; a vector of environments on CUDA launches all of
+them first and syncs once (`esper.tolaria.vector`).
 """
 
 from __future__ import annotations
@@ -70,6 +78,26 @@ class TrainStats:
 
 
 @dataclass(frozen=True)
+class PendingTrain:
+    """A training tick whose work is queued; its loss is still on the device."""
+
+    total: torch.Tensor
+    """Σ of the tick's batch losses, 0-d; reading it syncs the host with the device."""
+    steps: int
+
+
+@dataclass(frozen=True)
+class PendingEvaluation:
+    """An evaluation whose work is queued; its per-replica results are still on the device."""
+
+    means: torch.Tensor
+    """(1 + len(ablated), 2): mean loss and accuracy of each replica; replica 0 is the model,
+    replica i the model with `ablated[i - 1]` at α=0. Reading it syncs the host."""
+    ablated: tuple[str, ...]
+    """Names of the slots ablated, in replica order."""
+
+
+@dataclass(frozen=True)
 class Evaluation:
     metric: float
     loss: float
@@ -104,6 +132,12 @@ class GrowthEnv:
     # Training
     # ---------------------------------------------------------------------------------------
     def train_tick(self) -> TrainStats:
+        return self.finish_train(self.train_tick_async())
+
+    def train_tick_async(self) -> PendingTrain:
+        """Queue one tick of training; no host sync (the loss stays on the device). Gradient
+        telemetry accumulates on the device too (`SeedSlot.observe_gradients`). One exception:
+        the batch that starts an epoch copies its permutation to the device (`Batches`)."""
         n = self.cfg.batches_per_tick or len(self.batches)
         self.model.train()
         total = torch.zeros((), device=self.device)
@@ -114,14 +148,23 @@ class GrowthEnv:
             observe_gradients(self.model, self.slots.values())
             self.optimizer.step()
             total += loss.detach()
-        return TrainStats(float(total) / n, n)  # one host sync per tick
+        return PendingTrain(total, n)
+
+    @staticmethod
+    def finish_train(pending: PendingTrain) -> TrainStats:
+        """The tick's mean loss: the one host sync of a training tick."""
+        return TrainStats(float(pending.total) / pending.steps, pending.steps)
 
     # ---------------------------------------------------------------------------------------
     # Evaluation, with every blended seed's α=0 ablation in the same pass
     # ---------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> Evaluation:
         """Replicate the validation batch K+1 times; replica i > 0 runs with seed i at α=0."""
+        return self.finish_evaluate(self.evaluate_async())
+
+    @torch.no_grad()
+    def evaluate_async(self) -> PendingEvaluation:
+        """Queue `evaluate`'s work; no host sync (the sums stay on the device)."""
         self.model.eval()
         active = [s for s in self.slots.values() if s.ablatable]
         reps = len(active) + 1
@@ -145,11 +188,15 @@ class GrowthEnv:
                 sums[r, 0] += _loss(logits[r], y) * y.numel()
                 sums[r, 1] += (logits[r].argmax(-1) == y).sum()
             count += y.numel()
-        loss, correct = (sums / count).T.tolist()
+        return PendingEvaluation(sums / count, tuple(s.name for s in active))
+
+    def finish_evaluate(self, pending: PendingEvaluation) -> Evaluation:
+        """Metrics and contributions: the one host sync of an evaluation."""
+        loss, correct = pending.means.T.tolist()
         metrics = [self._metric(lo, c) for lo, c in zip(loss, correct, strict=True)]
         sign = 1.0 if self.task.higher_is_better else -1.0
-        contributions = {s.name: sign * (metrics[0] - metrics[i])
-                         for i, s in enumerate(active, start=1)}
+        contributions = {name: sign * (metrics[0] - metrics[i])
+                         for i, name in enumerate(pending.ablated, start=1)}
         return Evaluation(metrics[0], loss[0], contributions)
 
     def _metric(self, loss: float, accuracy: float) -> float:

@@ -19,11 +19,23 @@ Backends. "inprocess" runs the K environments one after another in this process;
 them over worker processes (spawned, one torch thread each) that step their shares in parallel.
 On CPU the hosts are small and a tick is mostly Python and per-op dispatch, so worker processes
 are the way to use several cores (numbers: bench/RESULTS.md, "Vectorised environments"). On CUDA
-the environments run in-process: kernel launches are asynchronous, so one env's Python overlaps
-the GPU work already queued (up to the two host syncs of a tick, the training loss and the
-metrics), and K processes would each need their own CUDA context for little gain. In-process on
-CPU, prefer torch.set_num_threads(1): these ops are too small to gain from intra-op threads, and
-on a busy machine OpenMP threads waiting for a preempted sibling make a tick many times slower.
+the environments run in-process, and K processes would each need their own CUDA context for
+little gain. In-process on CPU, prefer torch.set_num_threads(1): these ops are too small to gain
+from intra-op threads, and on a busy machine OpenMP threads waiting for a preempted sibling make a
+tick many times slower.
+
+Overlap on CUDA (`overlap=True`, the default). A tick of one environment reads two results back
+from the device (the training loss, the evaluation's metrics), and each read makes the CPU wait
+for that environment's queued kernels before it can launch the next environment's. So the
+in-process backend splits the first half of the tick at those reads: it launches every
+environment's training tick and evaluation (`GrowthEnv.train_tick_async`, `evaluate_async`),
+each on its own CUDA stream (streams come from torch's pool, so past 32 environments some share
+one), then copies all K results to the host in one transfer (one sync), then finishes the
+environments in order (metrics, G2 gates, observation). The CPU launches environment i+1 while
+the GPU still runs environment i, and independent environments may run concurrently on the GPU.
+Every environment runs the same kernels on the same data as without overlap; only the order
+between environments changes. On CPU (or with `overlap=False`) each environment trains,
+evaluates and is observed before the next starts, exactly as before.
 """
 
 from __future__ import annotations
@@ -45,7 +57,13 @@ from esper.contracts import FactoredAction, Lifecycle, LifecycleConfig, Observat
 from esper.kasmina import slots_of
 from esper.simic.economy import Economy, EconomyConfig, RewardBreakdown
 from esper.tolaria.data import TaskData
-from esper.tolaria.environment import EnvConfig, Evaluation, GrowthEnv
+from esper.tolaria.environment import (
+    EnvConfig,
+    Evaluation,
+    GrowthEnv,
+    PendingEvaluation,
+    PendingTrain,
+)
 
 Validator = Callable[[FactoredAction, Observation], str | None]
 """Why an action is illegal in an observation, or None: e.g. `esper.tamiyo.masks.illegal_reason`
@@ -54,6 +72,8 @@ Backend = Literal["auto", "inprocess", "processes"]
 Ops = tuple[tuple[str, Op], ...]
 _Step = tuple[float, RewardBreakdown, Ops, bool]
 """One env's act: metric, reward, ops executed, done."""
+_Launched = tuple[PendingTrain, PendingEvaluation]
+"""One env's first half of a tick, queued on the device and not yet read back."""
 
 # ---------------------------------------------------------------------------------------------
 # Specs: what makes one environment differ from another
@@ -167,10 +187,18 @@ class _Runner:
             torch.set_rng_state(outer)
 
     def train(self) -> Observation:
-        env, t = self.env, self.t
+        return self.collect(self.launch())
+
+    def launch(self) -> _Launched:
+        """Queue this tick's training and evaluation; no host sync (see GrowthEnv)."""
         with self.own_rng():
-            train = env.train_tick()
-            self.ev = ev = env.evaluate()
+            return self.env.train_tick_async(), self.env.evaluate_async()
+
+    def collect(self, launched: _Launched) -> Observation:
+        """Read the launched results back, record them, evaluate the gates, observe."""
+        env, t = self.env, self.t
+        train = env.finish_train(launched[0])
+        self.ev = ev = env.finish_evaluate(launched[1])
         env.record_evaluation(ev, t)
         env.evaluate_gates()
         return env.observe(t, self.setup.episode_ticks, ev, train, self.economy.last_rents,
@@ -189,15 +217,50 @@ class _Runner:
         return ev.metric, r, tuple(ops), self.t == self.setup.episode_ticks
 
 
+def _to_host(launched: list[_Launched]) -> list[_Launched]:
+    """`launched` with its device tensors replaced by host copies, all read in one transfer (one
+    host sync). The values are unchanged: float32 results may come back widened to float64,
+    which is exact, and `finish_*` turn them into Python floats either way."""
+    parts = [t for train, ev in launched for t in (train.total, ev.means)]
+    flat = torch.cat([t.reshape(-1) for t in parts]).cpu()
+    chunks = iter(flat.split([t.numel() for t in parts]))
+    return [(replace(train, total=next(chunks).view(train.total.shape)),
+             replace(ev, means=next(chunks).view(ev.means.shape))) for train, ev in launched]
+
+
 class _Envs:
     """Runners stepped one after another: the in-process backend, and each worker's share."""
 
-    def __init__(self, specs: Sequence[EnvSpec], setup: _Setup) -> None:
+    def __init__(self, specs: Sequence[EnvSpec], setup: _Setup, overlap: bool = False) -> None:
         self.setup = setup
         self.runners = [_Runner(s, setup) for s in specs]
+        self.two_phase = overlap and setup.device.type == "cuda"
+        """Launch every env, read back once, then finish each (see the module docstring). On
+        CPU it is off: there is nothing to overlap. Tests switch it on there to check that it
+        gives the one-phase results bit for bit."""
+        # One CUDA stream per runner position (a reset runner keeps its position's stream).
+        self._streams = ([torch.cuda.Stream(setup.device) for _ in specs] if self.two_phase
+                         else [])
 
     def train(self) -> list[Observation]:
-        return [r.train() for r in self.runners]
+        if not self.two_phase:
+            return [r.train() for r in self.runners]
+        if self.setup.device.type != "cuda":  # CPU (tests): the same phases, no streams
+            launched = [r.launch() for r in self.runners]
+        else:
+            main = torch.cuda.current_stream(self.setup.device)
+            launched = []
+            for runner, stream in zip(self.runners, self._streams, strict=True):
+                # The env's tensors (task data, parameters, optimizer state after `act`) were
+                # last written on the main stream: its side stream starts after that work.
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    launched.append(runner.launch())
+            for stream in self._streams:
+                main.wait_stream(stream)  # the read-back (on main) waits for every env
+        host = _to_host(launched)  # the one host sync of the tick
+        # From here on the side streams are idle: tensors they used may be freed or reused.
+        return [r.collect(x) for r, x in zip(self.runners, host, strict=True)]
 
     def act(self, actions: Sequence[FactoredAction], next_specs: Sequence[EnvSpec | None]
             ) -> list[_Step]:
@@ -312,13 +375,16 @@ class VectorEnv:
                  lifecycle_cfg: LifecycleConfig | None = None, episode_ticks: int,
                  device: str | torch.device = "cpu",
                  build_host: Callable[[EnvSpec], nn.Module], validator: Validator,
-                 backend: Backend = "auto", workers: int | None = None) -> None:
+                 backend: Backend = "auto", workers: int | None = None,
+                 overlap: bool = True) -> None:
         """`specs` is consumed lazily: the first k build the environments, the next ones replace
         environments as they finish (pass `spec_stream(...)` for more than one episode).
         `build_host` runs under the env's RNG stream; with the processes backend it and `task`
         must pickle (a module-level function). `lifecycle_cfg`, when given, replaces the
         lifecycle config of every slot the host was built with. `backend="auto"`: processes on
-        CPU with two or more cores and environments, in-process otherwise."""
+        CPU with two or more cores and environments, in-process otherwise. `overlap`: on CUDA,
+        in-process, launch every environment on its own stream before reading any back (module
+        docstring); it has no effect on CPU or with the processes backend."""
         if k < 1 or episode_ticks < 1:
             raise ValueError(f"k and episode_ticks must be >= 1, got {k}, {episode_ticks}")
         self.k, self.validator = k, validator
@@ -334,12 +400,14 @@ class VectorEnv:
             cpu = self.setup.device.type == "cpu"
             backend = "processes" if cpu and min(k, workers) > 1 else "inprocess"
         if backend == "inprocess":
-            self._envs: _Envs | _Processes = _Envs(self.specs, self.setup)
+            self._envs: _Envs | _Processes = _Envs(self.specs, self.setup, overlap)
         elif backend == "processes":
             self._envs = _Processes(self.specs, self.setup, workers)
         else:
             raise ValueError(f"unknown backend {backend!r}; valid: auto, inprocess, processes")
         self.backend: str = backend
+        self.overlap = isinstance(self._envs, _Envs) and self._envs.two_phase
+        """Whether environments overlap on the device (CUDA, in-process, `overlap=True`)."""
         self._obs: list[Observation] | None = None
 
     def _draw(self, n: int) -> list[EnvSpec]:
