@@ -21,7 +21,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The policy shipped in src/esper/tamiyo/trained/digits.safetensors (see bench/RESULTS.md).
 policy: $(VENV)/.installed

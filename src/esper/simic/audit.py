@@ -5,6 +5,7 @@
     → each job retrains the host from scratch for a fixed budget with only the seeds in S enabled,
       germinated at their recorded tick and advanced TRAINING → BLENDING → HOLDING as gates allow
     → v_r(S) = the final validation metric, cached on disk per (protocol hash, S, r)
+      (jobs run on a local process pool or as Ray tasks: `backends.py`)
     → per repeat: exact Shapley, Banzhaf and pairwise interactions over the complete table
     → φ = mean over repeats, with a Student-t 95% CI; written as labels on the germinate events
 
@@ -18,23 +19,21 @@ import concurrent.futures as cf
 import contextlib
 import hashlib
 import json
-import multiprocessing
-import os
 import statistics
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from esper.config import GrowConfig, config_to_dict, override
 from esper.contracts import Blueprint, FactoredAction, Op, Stage
 from esper.contracts.lifecycle import IllegalTransition
 from esper.recorder import RunStore
 from esper.run import start_run
+from esper.simic.backends import check_backend, open_executor
 from esper.simic.shapley import banzhaf, exact_shapley, interaction_index, subsets
 
 MAX_CANDIDATES = 3
@@ -228,7 +227,8 @@ class AuditResult:
 # The audit
 # ---------------------------------------------------------------------------------------------
 
-def _subset_key(subset: frozenset) -> tuple[str, ...]:
+def subset_key(subset: Iterable[Candidate]) -> tuple[str, ...]:
+    """A subset's cache and table key: its candidates' keys, sorted."""
     return tuple(sorted(c.key for c in subset))
 
 
@@ -241,20 +241,8 @@ def _attempt(fn: ValueFn, protocol: AuditProtocol, candidates: Sequence[Candidat
         raise RuntimeError(f"{type(err).__name__}: {err}\n{traceback.format_exc()}") from None
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # one core per job: the pool is sized to the cores
-
-
-class _InProcess(cf.Executor):
-    """workers = 1: each job runs at submit time, in this process, behind the Future API."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
-        fut: cf.Future = cf.Future()
-        try:
-            fut.set_result(fn(*args, **kwargs))
-        except Exception as err:
-            fut.set_exception(err)
-        return fut
+Progress = Callable[[int, int], None]
+"""progress(done, total): jobs settled (cached, succeeded, or failed for good) out of all."""
 
 
 class Audit:
@@ -290,64 +278,99 @@ class Audit:
 
     # -- run ------------------------------------------------------------------------------------
     def run(self, protocol: AuditProtocol, candidates: Sequence[Candidate],
-            backend: str = "local", workers: int | None = None,
-            retries: int = 1) -> AuditResult:
-        if backend != "local":
-            raise ValueError(f"unknown backend {backend!r}; valid: local")
+            backend: str = "local", workers: int | None = None, retries: int = 1, *,
+            ray_address: str | None = None, ray_resources: Mapping[str, Any] | None = None,
+            progress: Progress | None = None) -> AuditResult:
+        """Every subset × repeat not in the cache runs on `backend` ("local": `workers`
+        processes, default one per core; "ray": Ray tasks with `ray_resources` each, on the
+        cluster at `ray_address` or a local instance of `workers` CPUs), each up to
+        1 + `retries` times; `progress(done, total)` is called as each job settles."""
+        check_backend(backend, ray_address)
         candidates = list(candidates)
         if not 1 <= len(candidates) <= MAX_CANDIDATES or len(set(candidates)) != len(candidates):
             raise ValueError(f"need 1..{MAX_CANDIDATES} distinct candidates, got {candidates}")
         phash = protocol.protocol_hash()
-        jobs = [(s, r) for r in range(protocol.repeats) for s in subsets(candidates)]
-        values: dict[int, dict[tuple[str, ...], float]] = {r: {} for r in range(protocol.repeats)}
-        pending = []
-        for s, r in jobs:
-            hit = self._load(phash, _subset_key(s), r)
-            if hit is None:
-                pending.append((s, r))
-            else:
-                values[r][_subset_key(s)] = hit
-        cached = len(jobs) - len(pending)
-        retrains, failures = self._execute(protocol, candidates, pending, values, workers,
-                                           retries)
+        values, retrains, cached, failures = self.values(
+            protocol, candidates, subsets(candidates), backend, workers, retries,
+            ray_address=ray_address, ray_resources=ray_resources, progress=progress)
         result = _summarise(phash, candidates, values, retrains, cached, failures)
         self._label_sources(candidates, result)
         return result
 
+    def values(self, protocol: AuditProtocol, candidates: Sequence[Candidate],
+               needed: Sequence[frozenset], backend: str = "local", workers: int | None = None,
+               retries: int = 1, *, ray_address: str | None = None,
+               ray_resources: Mapping[str, Any] | None = None,
+               progress: Progress | None = None
+               ) -> tuple[dict[int, dict[tuple[str, ...], float]], int, int,
+                          tuple[JobFailure, ...]]:
+        """v_r(S) for the `needed` subsets and every repeat r: from the cache, the missing ones
+        retrained on `backend` and cached. Returns (repeat -> subset key -> value, retrains run,
+        cache hits, failures). Writes no labels (`run` does, the cheaper estimators don't)."""
+        check_backend(backend, ray_address)
+        phash = protocol.protocol_hash()
+        jobs = [(s, r) for r in range(protocol.repeats) for s in needed]
+        values: dict[int, dict[tuple[str, ...], float]] = {r: {} for r in range(protocol.repeats)}
+        pending = []
+        for s, r in jobs:
+            hit = self._load(phash, subset_key(s), r)
+            if hit is None:
+                pending.append((s, r))
+            else:
+                values[r][subset_key(s)] = hit
+        cached = done = len(jobs) - len(pending)
+        if progress is not None:
+            progress(done, len(jobs))
+
+        def settled() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, len(jobs))
+
+        retrains, failures = 0, ()
+        if pending:
+            with open_executor(backend, workers, len(pending), device=protocol.config.device,
+                               ray_address=ray_address, ray_resources=ray_resources
+                               ) as (pool, in_flight):
+                retrains, failures = self._execute(protocol, list(candidates), pending, values,
+                                                   pool, in_flight, retries, settled)
+        return values, retrains, cached, failures
+
     def _execute(self, protocol: AuditProtocol, candidates: list[Candidate],
-                 pending: list[tuple[frozenset, int]], values: dict, workers: int | None,
-                 retries: int) -> tuple[int, tuple[JobFailure, ...]]:
-        """Run the pending jobs, each up to 1 + `retries` times; store each success at once."""
-        if not pending:
-            return 0, ()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        n = min(workers or cores or 1, len(pending))
-        pool = _InProcess() if n == 1 else cf.ProcessPoolExecutor(
-            n, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+                 pending: list[tuple[frozenset, int]], values: dict, pool: cf.Executor,
+                 in_flight: int, retries: int, settled: Callable[[], None]
+                 ) -> tuple[int, tuple[JobFailure, ...]]:
+        """Run the pending jobs on `pool`, at most `in_flight` at once, each up to
+        1 + `retries` times; store each success as it arrives. Backend-agnostic."""
         attempts: dict[tuple[frozenset, int], int] = {}
         failures: list[JobFailure] = []
         retrains = 0
+        queue = deque(pending)
         futures: dict[cf.Future, tuple[frozenset, int]] = {}
-        with pool:
-            def submit(job: tuple[frozenset, int]) -> None:
+
+        def fill() -> None:
+            while queue and len(futures) < in_flight:
+                job = queue.popleft()
                 attempts[job] = attempts.get(job, 0) + 1
                 futures[pool.submit(_attempt, self.value_fn, protocol, candidates, *job)] = job
 
-            for job in pending:
-                submit(job)
-            while futures:
-                done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    (s, r), retrains = futures.pop(fut), retrains + 1
-                    err = fut.exception()
-                    if err is None:
-                        values[r][_subset_key(s)] = fut.result()
-                        self._store(protocol, _subset_key(s), r, fut.result())
-                    elif attempts[(s, r)] <= retries:
-                        submit((s, r))
-                    else:
-                        failures.append(JobFailure(_subset_key(s), r, attempts[(s, r)],
-                                                   str(err)))
+        fill()
+        while futures:
+            done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                (s, r), retrains = futures.pop(fut), retrains + 1
+                err = fut.exception()
+                if err is None:
+                    values[r][subset_key(s)] = fut.result()
+                    self._store(protocol, subset_key(s), r, fut.result())
+                    settled()
+                elif attempts[(s, r)] <= retries:
+                    queue.append((s, r))
+                else:
+                    failures.append(JobFailure(subset_key(s), r, attempts[(s, r)], str(err)))
+                    settled()
+            fill()
         return retrains, tuple(sorted(failures, key=lambda f: (f.repeat, f.subset)))
 
     def _label_sources(self, candidates: list[Candidate], result: AuditResult) -> None:
