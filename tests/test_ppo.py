@@ -15,6 +15,7 @@ from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.ppo import (
     HealthMonitor,
     PPOConfig,
+    RewardScaler,
     RolloutBuffer,
     UpdateStats,
     clipped_surrogate,
@@ -268,3 +269,25 @@ def test_health_monitor_flags_a_critic_that_never_learns() -> None:
     monitor = HealthMonitor(patience=3)
     out = [monitor.check(stats_with(1.0, ev)) for ev in (-0.2, 0.1, -0.3)]
     assert out == [[], [], []]
+
+
+def test_reward_scaler_divides_by_the_std_of_discounted_returns() -> None:
+    # Independent computation: discounted returns per env, reset after done, population std.
+    gamma = 0.9
+    rewards = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]])
+    dones = torch.tensor([[False, False], [True, False], [False, False]])
+    scaler = RewardScaler(2, gamma)
+    got = [scaler(rewards[t], dones[t]) for t in range(3)]
+    g, seen = [0.0, 0.0], []
+    for t in range(3):
+        for k in range(2):
+            g[k] = g[k] * gamma + float(rewards[t, k])
+            seen.append(g[k])
+        std = float(torch.tensor(seen, dtype=torch.float64).std(unbiased=False))
+        assert torch.allclose(got[t], rewards[t] / std, rtol=1e-6)
+        g = [0.0 if bool(dones[t, k]) else g[k] for k in range(2)]
+    restored = RewardScaler(2, gamma)
+    restored.load_state_dict(scaler.state_dict())
+    r = torch.tensor([1.0, 1.0])
+    assert torch.equal(restored(r, torch.zeros(2, dtype=torch.bool)),
+                       scaler(r, torch.zeros(2, dtype=torch.bool)))

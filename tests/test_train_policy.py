@@ -94,3 +94,42 @@ def test_periodic_held_out_evaluation(tmp_path: Path) -> None:
     train_policy(TrainPolicyConfig(**{**cfg.__dict__, "eval_every": 0, "out": str(tmp_path / "b")}),
                  log=lambda u, info: plain.append(info))
     assert [i["return_mean"] for i in logs] == [i["return_mean"] for i in plain]
+
+
+# ---------------------------------------------------------------------------------------------
+# The critic as a reward term
+# ---------------------------------------------------------------------------------------------
+
+class _FakeCritic:
+    lag = 2
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, str]] = []
+
+    def predict_observation(self, obs: object, slot: str) -> float:
+        self.asked.append((obs.tick, slot))  # type: ignore[attr-defined]
+        return 0.5
+
+
+def test_critic_bonus_is_paid_once_per_seed_lag_ticks_after_germination() -> None:
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from esper.contracts import Op
+    from esper.train_policy import CriticBonus
+
+    critic = _FakeCritic()
+    bonus = CriticBonus(critic, weight=2.0, num_envs=2)  # type: ignore[arg-type]
+    obs = lambda *ticks: [NS(tick=t) for t in ticks]  # noqa: E731
+    # tick 3: env 0 germinates slots.b1; env 1 waits.
+    bonus.germinated([NS(tick=3, ops=(("slots.b1", Op.GERMINATE),)), NS(tick=3, ops=())])
+    bonus.reset(torch.tensor([False, False]))
+    assert bonus(obs(4, 4)).tolist() == [0.0, 0.0]  # 1 tick old: too young
+    assert bonus(obs(5, 5)).tolist() == [1.0, 0.0]  # lag 2 reached: weight × 0.5, env 0 only
+    assert bonus(obs(6, 6)).tolist() == [0.0, 0.0]  # paid once
+    assert critic.asked == [(5, "slots.b1")]
+    # A germination in an episode that ends is forgotten with it.
+    bonus.germinated([NS(tick=39, ops=()), NS(tick=39, ops=(("slots.b0", Op.GERMINATE),))])
+    bonus.reset(torch.tensor([False, True]))
+    assert bonus(obs(41, 41)).tolist() == [0.0, 0.0]

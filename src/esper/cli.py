@@ -22,6 +22,11 @@ from esper.kasmina import BlueprintError, CheckpointError
 from esper.recorder import RecorderError, RunStore, list_runs
 from esper.run import GrowResult, GrowthRun, resume_run, start_run
 from esper.simic.audit import Audit, AuditProtocol, candidates_from_run
+from esper.simic.backends import BackendUnavailable, check_backend
+from esper.simic.critic import DEFAULT_LAG, critic_dataset, fit_critic, held_out
+from esper.simic.estimators import HEADERS as ESTIMATOR_HEADERS
+from esper.simic.estimators import compare_audits
+from esper.simic.estimators import format_rows as format_estimator_rows
 from esper.tamiyo.learned import PolicyLoadError
 from esper.tamiyo.policies import POLICIES
 from esper.tolaria.data import TASK_NAMES, TaskError
@@ -207,10 +212,14 @@ def train_policy_cmd(
     seed: Annotated[int | None, typer.Option()] = None,
     out: Annotated[str | None, typer.Option(help="policy and training-run directory")] = None,
     resume: Annotated[bool, typer.Option(help="continue the training in --out")] = False,
+    critic: Annotated[str | None, typer.Option(
+        help="critic file (esper train-critic): its predicted φ of each seed joins the reward")
+    ] = None,
+    critic_weight: Annotated[float | None, typer.Option(help="weight of the critic's φ")] = None,
 ) -> None:
     """Phase 1: train a growth policy with PPO over vectorised digits environments."""
     changes = {"updates": updates, "num_envs": envs, "budget_minutes": budget_minutes,
-               "seed": seed, "out": out}
+               "seed": seed, "out": out, "critic": critic, "critic_weight": critic_weight}
     cfg = TrainPolicyConfig(**{k: v for k, v in changes.items() if v is not None})
     columns = (TextColumn("[bold]training[/bold]"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
@@ -240,13 +249,33 @@ def train_policy_cmd(
 @app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a recorded run whose seeds to audit")],
+    more_runs: Annotated[list[Path] | None, typer.Argument(
+        help="with --compare: more audited runs, pooled", show_default=False)] = None,
     repeats: Annotated[int, typer.Option(help="R: retrains per subset")] = 1,
     budget: Annotated[int, typer.Option(help="ticks of training per retrain")] = 10,
     metric: Annotated[str, typer.Option(help="metric, val_loss or train_loss")] = "metric",
     workers: Annotated[int | None, typer.Option(help="processes (default: the cores)")] = None,
+    backend: Annotated[str, typer.Option(
+        help="where retrains run: local (a process pool) or ray (Ray tasks)")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="with --backend ray: the cluster to join (default: a local Ray instance)")] = None,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="compare cheaper estimators with the recorded exact φ")] = False,
 ) -> None:
-    """Exact Shapley credit of a run's germinated seeds (≤ 3) by full retrain of every subset."""
+    """Exact Shapley credit of a run's germinated seeds (≤ 3) by full retrain of every subset.
+
+    With --compare, audit nothing new: over the audits already recorded in RUN [RUN...] (each
+    under its own protocol; --budget, --repeats and --metric are ignored), compare the cheaper
+    estimators (α=0 ablation, leave-one-out, permutation Shapley, short rollout) with exact φ:
+    retrains each needs, Spearman ρ and MAE pooled over every seed of every run.
+    """
+    if compare:
+        _audit_compare([run_dir, *(more_runs or [])], workers, backend, ray_address)
+        return
+    if more_runs:
+        _fail("several runs are only accepted with --compare")
     try:
+        check_backend(backend, ray_address)
         with RunStore.open(run_dir) as store:
             cfg = config_from_dict(store.manifest()["config"])
         candidates = candidates_from_run(run_dir)
@@ -258,11 +287,15 @@ def audit(
                              " so that every seed can be trained in")
         protocol = AuditProtocol(task=cfg.task, config=cfg, ticks=budget, metric=metric,
                                  repeats=repeats, base_seed=cfg.seed)
-        jobs = 2 ** len(candidates) * repeats
-        with _out().status(f"auditing {len(candidates)} seeds: {jobs} retrains "
-                           f"of {budget} ticks (cached ones are reused)"):
-            result = Audit(run_dir / "audit").run(protocol, candidates, workers=workers)
-    except KNOWN_ERRORS as e:
+        columns = (TextColumn(f"[bold]auditing[/bold] {len(candidates)} seeds, retrains of "
+                              f"{budget} ticks on {backend}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=_out(), transient=True) as bar:
+            job = bar.add_task("audit", total=2 ** len(candidates) * repeats)
+            result = Audit(run_dir / "audit").run(
+                protocol, candidates, backend=backend, workers=workers, ray_address=ray_address,
+                progress=lambda done, total: bar.update(job, completed=done, total=total))
+    except (*KNOWN_ERRORS, BackendUnavailable) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     table = Table("seed", "φ (Shapley)", "95% CI", "Banzhaf",
                   title=f"audit of {run_dir} ({metric}, R={len(result.repeats_used)}, "
@@ -277,6 +310,65 @@ def audit(
     for f in result.failures:
         _out().print(f"[red]failed[/red] subset {list(f.subset)} repeat {f.repeat} after "
                      f"{f.attempts} attempts: {f.error.splitlines()[0]}")
+
+
+def _audit_compare(run_dirs: list[Path], workers: int | None, backend: str,
+                   ray_address: str | None) -> None:
+    """`esper audit RUN [RUN...] --compare`: estimators against the recorded exact φ."""
+    try:
+        check_backend(backend, ray_address)
+        with _out().status("estimating (cached retrains are reused)") as status:
+            comparison = compare_audits(
+                run_dirs, workers=workers, backend=backend, ray_address=ray_address,
+                progress=lambda r: status.update(f"estimating {r} (cached retrains are reused)"))
+    except (*KNOWN_ERRORS, BackendUnavailable, RuntimeError) as e:  # RuntimeError: a retrain failed
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    table = Table(*ESTIMATOR_HEADERS, title=f"credit estimators vs exact Shapley φ over "
+                                            f"{len(run_dirs)} audited run(s)")
+    for row in format_estimator_rows(comparison):
+        table.add_row(*row)
+    _out().print(table)
+    _out().print("retrains: what each estimator needs alone (exact: 2^n·R; cached ones were "
+                 "reused); tick-equivalent: retrains × their ticks / the audit budget; "
+                 "MAE — : credit in other units (ablation under a loss metric)")
+
+
+@app.command("train-critic")
+def train_critic_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="audited runs (labelled by `esper audit`)")],
+    out: Annotated[Path, typer.Option(help="the critic file")] = Path("critic.safetensors"),
+    lag: Annotated[int, typer.Option(help="ticks after germination to read telemetry")
+                   ] = DEFAULT_LAG,
+    l2: Annotated[float | None, typer.Option(
+        help="ridge strength (default: chosen by leave-one-run-out)", show_default=False)] = None,
+    folds: Annotated[int | None, typer.Option(
+        help="k folds of whole runs for the held-out score (default: leave one run out)",
+        show_default=False)] = None,
+) -> None:
+    """Train a critic that predicts exact Shapley φ from cheap recorded telemetry (ridge)."""
+    try:
+        rows = critic_dataset(runs, lag=lag)
+        if not rows:
+            raise ValueError("no audited germination in these runs: run `esper audit RUN` first")
+        n_runs = len({r.run for r in rows})
+        score = held_out(rows, folds, l2, lag) if n_runs >= 2 else None
+        critic = fit_critic(rows, l2, lag)
+        if score is not None:
+            critic.meta["held_out"] = {"spearman": score.spearman, "mae": score.mae,
+                                       "n": score.n, "folds": score.folds}
+        path = critic.save(out)
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    table = Table("rows", "runs", "features", "L2", "held-out Spearman ρ", "held-out MAE",
+                  title=f"critic of exact φ, telemetry {lag} ticks after germination")
+    rho = "n/a (needs 2 runs)" if score is None else "{} (n={}, {} folds by run)".format(
+        "— (constant)" if score.spearman != score.spearman else f"{score.spearman:+.3f}",
+        score.n, score.folds)  # NaN: φ or the predictions are all equal
+    mae = "n/a" if score is None else f"{score.mae:.4f}"
+    table.add_row(str(len(rows)), str(n_runs), str(len(critic.features)), f"{critic.l2:g}", rho,
+                  mae)
+    _out().print(table)
+    _out().print(f"critic written to {path}")
 
 
 def main() -> None:

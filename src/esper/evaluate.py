@@ -3,7 +3,8 @@
 Every (policy, seed) pair is a full growth run with the same config but the policy. The table
 gives median / q25 of the task metric and of the final reward, parameters added, FLOPs delta, the
 blueprint distribution of committed seeds, rent and churn paid, and a paired bootstrap confidence
-interval on the difference to `heuristic` (same seeds, so the pairing removes host luck).
+interval on the difference in final reward to each baseline that was run (`none`, `random`,
+`heuristic`; same seeds, so the pairing removes host luck).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from esper.run import GrowResult, start_run
 
 HELD_OUT_SEEDS = tuple(range(1000, 1010))
 """Seeds no training run uses (train-policy draws environment seeds below 1000)."""
+BASELINES = ("none", "random", "heuristic")
+"""Policies every other row is compared with, when they were run."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,9 @@ class PolicyRow:
     committed: dict[str, int]
     rent_median: float
     churn_median: float
-    reward_diff_vs_heuristic: tuple[float, float, float] | None
-    """Mean paired difference in final reward to `heuristic` and its 95% bootstrap CI."""
+    reward_diffs: dict[str, tuple[float, float, float]]
+    """Per baseline run: mean paired difference in final reward (this − baseline) and its 95%
+    bootstrap CI."""
 
 
 def q25(xs: Sequence[float]) -> float:
@@ -55,13 +59,12 @@ def bootstrap_ci(diffs: Sequence[float], *, resamples: int = 2000, seed: int = 0
     return statistics.fmean(diffs), lo, hi
 
 
-def _row(policy: str, results: list[GrowResult], base: list[GrowResult] | None) -> PolicyRow:
+def _row(policy: str, results: list[GrowResult], bases: dict[str, list[GrowResult]]) -> PolicyRow:
     metric = [r.final_metric for r in results]
     reward = [r.reward_total for r in results]
-    diff = None
-    if base is not None and policy != "heuristic":
-        diff = bootstrap_ci([a.reward_total - b.reward_total
-                             for a, b in zip(results, base, strict=True)])
+    diffs = {name: bootstrap_ci([a.reward_total - b.reward_total
+                                 for a, b in zip(results, base, strict=True)])
+             for name, base in bases.items() if name != policy}
     return PolicyRow(
         policy=policy, seeds=len(results),
         metric_median=statistics.median(metric), metric_q25=q25(metric),
@@ -71,7 +74,7 @@ def _row(policy: str, results: list[GrowResult], base: list[GrowResult] | None) 
         committed=dict(Counter(b for r in results for b in r.committed)),
         rent_median=statistics.median(r.rent_paid for r in results),
         churn_median=statistics.median(r.churn_paid for r in results),
-        reward_diff_vs_heuristic=diff,
+        reward_diffs=diffs,
     )
 
 
@@ -87,8 +90,8 @@ def evaluate(policies: Sequence[str], seeds: Sequence[int], base: GrowConfig, ou
             results[policy].append(r)
             if progress is not None:
                 progress(policy, seed, r)
-    heuristic = results.get("heuristic")
-    rows = [_row(p, rs, heuristic) for p, rs in results.items()]
+    bases = {b: results[b] for b in BASELINES if b in results}
+    rows = [_row(p, rs, bases) for p, rs in results.items()]
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
     (out / "evaluation.md").write_text(to_markdown(rows, base, seeds))
@@ -96,18 +99,21 @@ def evaluate(policies: Sequence[str], seeds: Sequence[int], base: GrowConfig, ou
 
 
 def to_markdown(rows: Sequence[PolicyRow], cfg: GrowConfig, seeds: Sequence[int]) -> str:
-    head = (f"{cfg.task}, host width {cfg.host.width}, {cfg.ticks} ticks, seeds "
+    bases = [b for b in BASELINES if any(r.policy == b or b in r.reward_diffs for r in rows)]
+    head = (f"{cfg.task}, host width {cfg.host.width}, {cfg.ticks} ticks, "
+            f"{cfg.economy.task_reward} task reward, W_rent {cfg.economy.w_rent}, seeds "
             f"{seeds[0]}..{seeds[-1]} ({len(seeds)})\n\n"
             "| policy | metric median / q25 | reward median / q25 | params added | "
-            "FLOPs delta | committed blueprints | rent | churn | Δreward vs heuristic "
-            "(95% CI) |\n|---|---|---|---|---|---|---|---|---|\n")
+            "FLOPs delta | committed blueprints | rent | churn | "
+            + "".join(f"Δreward vs {b} (95% CI) | " for b in bases)
+            + "\n|" + "---|" * (8 + len(bases)) + "\n")
     lines = []
     for r in rows:
-        diff = "—" if r.reward_diff_vs_heuristic is None else (
-            "{:+.3f} [{:+.3f}, {:+.3f}]".format(*r.reward_diff_vs_heuristic))
+        diffs = "".join("— | " if b not in r.reward_diffs else
+                        "{:+.3f} [{:+.3f}, {:+.3f}] | ".format(*r.reward_diffs[b]) for b in bases)
         dist = ", ".join(f"{k}×{v}" for k, v in sorted(r.committed.items())) or "none"
         lines.append(f"| {Path(r.policy).name} | {r.metric_median:.4f} / {r.metric_q25:.4f} | "
                      f"{r.reward_median:.3f} / {r.reward_q25:.3f} | "
                      f"{r.params_added_median:.0f} | {r.flops_delta_median:.0f} | {dist} | "
-                     f"{r.rent_median:.3f} | {r.churn_median:.3f} | {diff} |")
+                     f"{r.rent_median:.3f} | {r.churn_median:.3f} | {diffs}")
     return head + "\n".join(lines) + "\n"

@@ -25,14 +25,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from esper.config import config_to_dict
-from esper.contracts import LifecycleConfig, Observation
+from esper.contracts import LifecycleConfig, Observation, Op
 from esper.kasmina import CNNHost
 from esper.recorder import DecisionRecord, RunStore, build_manifest
 from esper.run import SPEC_VERSIONS, action_names, obs_vector, slot_state
-from esper.simic import EconomyConfig
+from esper.simic import Critic, EconomyConfig, load_critic
 from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.masks import illegal_reason
-from esper.tamiyo.ppo import HealthMonitor, PPOConfig, RolloutBuffer, compute_gae, ppo_update
+from esper.tamiyo.ppo import (
+    HealthMonitor,
+    PPOConfig,
+    RewardScaler,
+    RolloutBuffer,
+    compute_gae,
+    ppo_update,
+)
 from esper.tolaria.data import load_task
 from esper.tolaria.determinism import seed_everything
 from esper.tolaria.environment import EnvConfig
@@ -44,13 +51,14 @@ class TrainPolicyConfig:
     """Everything `esper train-policy` needs."""
 
     task: str = "digits"
-    num_envs: int = 4
+    num_envs: int = 8
     """K environments stepped in lockstep."""
-    episode_ticks: int = 25
-    """Control ticks per growth episode."""
-    num_steps: int = 25
+    episode_ticks: int = 40
+    """Control ticks per growth episode (the `esper grow` default, so the shipped policy is
+    trained in the setting it is deployed in)."""
+    num_steps: int = 40
     """Ticks per rollout (per environment) between PPO updates."""
-    updates: int = 60
+    updates: int = 70
     """PPO updates (the budget below may stop training earlier)."""
     budget_minutes: float = 55.0
     """Wall-clock budget; training stops after the update that crosses it."""
@@ -67,9 +75,19 @@ class TrainPolicyConfig:
     eval_envs: int = 2
     """Held-out environments (host and data seeds ≥ 1000, never drawn in training)."""
     out: str = "policies/digits"
-    env: EnvConfig = field(default_factory=lambda: EnvConfig(batches_per_tick=8))
+    critic: str | None = None
+    """A critic file (`esper train-critic`): each seed's predicted audit φ, read `lag` ticks
+    after it germinated, is added to that tick's training reward × `critic_weight` (paper
+    §5.4: audited credit without an audit at training time). None: the economy alone."""
+    critic_weight: float = 1.0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """One epoch per tick, as `esper grow`: shorter ticks end episodes before the width-2 host
+    plateaus, and growth cannot pay before then (bench/RESULTS.md)."""
     economy: EconomyConfig = field(default_factory=EconomyConfig)
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(clip_vloss=False))
+    """Value clipping off: it holds V within ±clip_coef of the rollout's values per update, and
+    with tens of updates in the budget the critic would not reach the returns (the ablation
+    study of PPO's details by Andrychowicz et al. 2021 found value clipping no help either)."""
 
 
 def _host(in_channels: int, classes: int, size: int, depth: int, spec: EnvSpec) -> nn.Module:
@@ -86,6 +104,35 @@ def _record(store: RunStore, tick: int, obs: list[Observation], decisions: list[
                 slot_states=[slot_state(s) for s in o.slots], obs_before=obs_vector(o),
                 obs_after=None, mask=d.mask, probs=d.probs, entropy=d.entropy, value=d.value,
                 reward=float(rewards[i]), spec_versions=SPEC_VERSIONS))
+
+
+class CriticBonus:
+    """Adds `weight` × the critic's predicted φ of each seed once, `critic.lag` ticks after
+    the seed germinated (when its telemetry matches what the critic was trained on)."""
+
+    def __init__(self, critic: Critic, weight: float, num_envs: int) -> None:
+        self.critic, self.weight = critic, weight
+        self.born: list[dict[str, int]] = [{} for _ in range(num_envs)]
+
+    def germinated(self, infos: Any) -> None:
+        """After `act`: note the germinations each env executed, forget finished episodes."""
+        for born, info in zip(self.born, infos, strict=True):
+            born.update({slot: info.tick for slot, op in info.ops if op is Op.GERMINATE})
+
+    def reset(self, dones: torch.Tensor) -> None:
+        for born, done in zip(self.born, dones.tolist(), strict=True):
+            if done:
+                born.clear()
+
+    def __call__(self, obs: list[Observation]) -> torch.Tensor:
+        """The bonus for the tick whose observations are `obs` (before acting on them)."""
+        out = torch.zeros(len(obs))
+        for i, (o, born) in enumerate(zip(obs, self.born, strict=True)):
+            for slot, tick in list(born.items()):
+                if o.tick - tick >= self.critic.lag:
+                    out[i] += self.weight * self.critic.predict_observation(o, slot)
+                    del born[slot]
+        return out
 
 
 def _held_out(cfg: TrainPolicyConfig, task: Any, build: Callable[[EnvSpec], nn.Module],
@@ -127,9 +174,12 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
     policy = LearnedPolicy(slot_names, hidden=cfg.hidden, seed=cfg.seed)
     policy.update_normalizers = True
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.ppo.lr, eps=1e-5)
+    scaler = RewardScaler(cfg.num_envs, cfg.ppo.gamma)
+    bonus = None if cfg.critic is None else CriticBonus(load_critic(cfg.critic),
+                                                        cfg.critic_weight, cfg.num_envs)
     start = 0
     if resume:
-        start = _load_training_state(out, policy, optimizer)
+        start = _load_training_state(out, policy, optimizer, scaler)
         for _ in range(start * cfg.num_envs):  # later specs than those already used
             next(specs)
         store = RunStore.open(out / "run")
@@ -148,17 +198,24 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
         for update in range(start, cfg.updates):
             # -- rollout --------------------------------------------------------------------
             buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))
+            raw = torch.zeros(cfg.num_steps, cfg.num_envs)
             for t in range(cfg.num_steps):
                 step = policy.step(obs)
                 result = venv.act([d.action for d in step.decisions])
                 buf.add(t, step.g, step.s, step.out, next_done)
-                buf.rewards[t] = result.rewards.float()
+                raw[t] = result.rewards.float()
                 finished += [i.metric for i, d in zip(result.infos, result.dones, strict=True)
                              if d]
                 _record(store, update * cfg.num_steps + t, obs, step.decisions,
                         result.rewards, {"reward_mean": float(result.rewards.mean())})
                 next_done = result.dones.float()
                 obs = venv.step_train()
+                if bonus is not None:  # credited to this step's action, as the reward is
+                    bonus.germinated(result.infos)
+                    bonus.reset(result.dones)
+                    raw[t] += bonus(obs)
+                buf.rewards[t] = scaler(raw[t], result.dones) if cfg.ppo.scale_rewards \
+                    else raw[t]
             # -- GAE and update -------------------------------------------------------------
             with torch.no_grad():
                 last_value = policy.value(obs)
@@ -167,11 +224,11 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
             frac = 1.0 - update / cfg.updates if cfg.ppo.anneal_lr else 1.0
             stats = ppo_update(policy.net, optimizer, buf, adv, ret, cfg.ppo, lr_frac=frac)
             warnings = monitor.check(stats)
-            _save_training_state(out, policy, optimizer, update + 1)
+            _save_training_state(out, policy, optimizer, scaler, update + 1)
             info = {"update": update + 1, "approx_kl": stats.approx_kl,
                     "clipfrac": stats.clipfrac, "explained_variance": stats.explained_variance,
                     "entropy_op": stats.entropy.get("op", 0.0),
-                    "return_mean": float(buf.rewards.sum(0).mean()),
+                    "return_mean": float(raw.sum(0).mean()),
                     "final_metric_mean": sum(finished) / len(finished) if finished else None,
                     "op_distribution": stats.op_distribution, "warnings": warnings,
                     "minutes": (time.perf_counter() - t0) / 60}
@@ -179,6 +236,8 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
             last = update + 1 == cfg.updates or info["minutes"] > cfg.budget_minutes
             if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or last):
                 info.update(_held_out(cfg, task, build, policy))
+            with (out / "train_log.jsonl").open("a") as f:
+                f.write(json.dumps(info) + "\n")
             if log is not None:
                 log(update, info)
             if info["minutes"] > cfg.budget_minutes:
@@ -187,21 +246,22 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
 
 
 def _save_training_state(out: Path, policy: LearnedPolicy, optimizer: torch.optim.Optimizer,
-                         updates: int) -> None:
+                         scaler: RewardScaler, updates: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     policy.save(out / "policy.safetensors")
     opt = optimizer.state_dict()
     tensors = {f"{i}.{k}": torch.as_tensor(v).clone() for i, st in opt["state"].items()
                for k, v in st.items()}
     meta = {"updates": updates, "param_groups": opt["param_groups"],
-            "policy_state": policy.state_dict()}
+            "policy_state": policy.state_dict(),
+            "reward_scaler": {k: v.tolist() for k, v in scaler.state_dict().items()}}
     tmp = out / "training.tmp"
     save_file(tensors, str(tmp), metadata={"esper_training": json.dumps(meta)})
     tmp.replace(out / "training.safetensors")
 
 
-def _load_training_state(out: Path, policy: LearnedPolicy,
-                         optimizer: torch.optim.Optimizer) -> int:
+def _load_training_state(out: Path, policy: LearnedPolicy, optimizer: torch.optim.Optimizer,
+                         scaler: RewardScaler) -> int:
     path = out / "training.safetensors"
     if not path.is_file():
         raise ValueError(f"nothing to resume in {out}: {path.name} is missing")
@@ -215,4 +275,5 @@ def _load_training_state(out: Path, policy: LearnedPolicy,
         i, name = k.split(".", 1)
         state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scaler.load_state_dict({k: torch.tensor(v) for k, v in meta["reward_scaler"].items()})
     return int(meta["updates"])
