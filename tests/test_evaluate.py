@@ -48,3 +48,14 @@ def test_rows_compare_every_policy_with_each_baseline_run() -> None:
     assert "Δreward vs none (95% CI) | Δreward vs heuristic (95% CI) |" in table
     assert "| learned.safetensors |" in table and "+1.000 [+1.000, +1.000]" in table
     assert "level task reward" in table
+
+
+def test_sample_adds_a_sampled_row_for_learned_policies_only() -> None:
+    from esper.evaluate import variants
+
+    assert variants(["none", "heuristic", "p.safetensors"], sample=False) == [
+        ("none", "none", False), ("heuristic", "heuristic", False),
+        ("p.safetensors", "p.safetensors", False)]
+    assert variants(["none", "learned"], sample=True) == [
+        ("none", "none", False), ("learned", "learned", False),
+        ("learned (sampled)", "learned", True)]

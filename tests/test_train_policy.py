@@ -133,3 +133,13 @@ def test_critic_bonus_is_paid_once_per_seed_lag_ticks_after_germination() -> Non
     bonus.germinated([NS(tick=39, ops=()), NS(tick=39, ops=(("slots.b0", Op.GERMINATE),))])
     bonus.reset(torch.tensor([False, True]))
     assert bonus(obs(41, 41)).tolist() == [0.0, 0.0]
+
+
+def test_sample_actions_deploys_the_stochastic_policy(trained: tuple[Path, list[dict]]) -> None:
+    from esper.run import load_policy
+
+    path, _ = trained
+    slots = ["slots.b0", "slots.b1", "slots.b2"]
+    argmax = load_policy(GrowConfig(policy=str(path)), slots)
+    sampled = load_policy(GrowConfig(policy=str(path), sample_actions=True), slots)
+    assert argmax.deterministic and not sampled.deterministic  # type: ignore[attr-defined]

@@ -187,6 +187,8 @@ def evaluate_cmd(
     host_width: Annotated[int | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
     out: Annotated[Path, typer.Option(help="where runs and the table go")] = Path("evaluation"),
+    sample: Annotated[bool, typer.Option(
+        help="also run each learned policy sampling its actions, as in training")] = False,
 ) -> None:
     """Run policies on held-out seeds at matched ticks; print and save the paper's §7 table."""
     try:
@@ -195,9 +197,10 @@ def evaluate_cmd(
             _config(None, policy=p)  # validates each name or file
         chosen = list(HELD_OUT_SEEDS[:seeds]) if seeds <= len(HELD_OUT_SEEDS) \
             else list(range(1000, 1000 + seeds))
-        rows = evaluate(policies, chosen, cfg, out, progress=lambda p, s, r: _out().print(
-            f"{Path(p).name:>12s} seed {s}: {r.metric_name} {r.final_metric:.4f}, "
-            f"reward {r.reward_total:+.3f}"))
+        rows = evaluate(policies, chosen, cfg, out, sample=sample,
+                        progress=lambda p, s, r: _out().print(
+                            f"{Path(p).name:>12s} seed {s}: {r.metric_name} "
+                            f"{r.final_metric:.4f}, reward {r.reward_total:+.3f}"))
     except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     _out().print((out / "evaluation.md").read_text())

@@ -57,6 +57,9 @@ class GrowConfig:
     """digits, text or cifar10."""
     policy: str = "heuristic"
     """heuristic, random, none, learned (the shipped PPO policy), or a trained policy file."""
+    sample_actions: bool = False
+    """A learned policy samples its actions (seeded by `seed`), as in training, instead of
+    taking the most probable one of each head."""
     ticks: int = 40
     """Control ticks in the run."""
     seed: int = 0

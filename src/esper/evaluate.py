@@ -19,6 +19,7 @@ from pathlib import Path
 
 from esper.config import GrowConfig
 from esper.run import GrowResult, start_run
+from esper.tamiyo.policies import POLICIES
 
 HELD_OUT_SEEDS = tuple(range(1000, 1010))
 """Seeds no training run uses (train-policy draws environment seeds below 1000)."""
@@ -78,18 +79,35 @@ def _row(policy: str, results: list[GrowResult], bases: dict[str, list[GrowResul
     )
 
 
+SAMPLED = " (sampled)"
+"""Suffix of the row of a learned policy that samples its actions."""
+
+
+def variants(policies: Sequence[str], sample: bool) -> list[tuple[str, str, bool]]:
+    """(row label, policy, sample_actions) per row: each policy as given (learned ones take
+    their most probable actions) and, with `sample`, each learned one sampling as well."""
+    rows = [(p, p, False) for p in policies]
+    if sample:
+        rows += [(p + SAMPLED, p, True) for p in policies if p not in POLICIES]
+    return rows
+
+
 def evaluate(policies: Sequence[str], seeds: Sequence[int], base: GrowConfig, out: Path,
-             progress: Callable[[str, int, GrowResult], None] | None = None) -> list[PolicyRow]:
-    """Run every policy on every seed; write `evaluation.json` and `evaluation.md` to `out`."""
-    results: dict[str, list[GrowResult]] = {p: [] for p in policies}
+             progress: Callable[[str, int, GrowResult], None] | None = None,
+             sample: bool = False) -> list[PolicyRow]:
+    """Run every policy on every seed; write `evaluation.json` and `evaluation.md` to `out`.
+    `sample`: also run each learned policy sampling its actions (a row "NAME (sampled)")."""
+    rows_of = variants(policies, sample)
+    results: dict[str, list[GrowResult]] = {label: [] for label, _, _ in rows_of}
     for seed in seeds:
-        for policy in policies:  # interleaved: drift on the machine hits every policy alike
-            cfg = replace(base, policy=policy, seed=seed)
+        for label, policy, sampled in rows_of:  # interleaved: drift hits every policy alike
+            cfg = replace(base, policy=policy, seed=seed, sample_actions=sampled)
             name = Path(policy).stem if policy.endswith(".safetensors") else policy
+            name += "-sampled" if sampled else ""
             r = start_run(cfg, run_dir=out / "runs" / f"{name}-s{seed}").run()
-            results[policy].append(r)
+            results[label].append(r)
             if progress is not None:
-                progress(policy, seed, r)
+                progress(label, seed, r)
     bases = {b: results[b] for b in BASELINES if b in results}
     rows = [_row(p, rs, bases) for p, rs in results.items()]
     out.mkdir(parents=True, exist_ok=True)

@@ -64,13 +64,13 @@ def build_host(cfg: GrowConfig, task: TaskData) -> nn.Module:
 
 def load_policy(cfg: GrowConfig, slot_names: list[str]) -> Policy:
     """A built-in policy by name, or a trained one from a `.safetensors` file (deployed
-    deterministically: the most probable action)."""
+    deterministically, the most probable action, unless `cfg.sample_actions`)."""
     if cfg.policy in POLICIES:
         return make_policy(cfg.policy, cfg.seed, cfg.heuristic)
     path = SHIPPED_POLICY if cfg.policy == "learned" else Path(cfg.policy)
     if path.suffix == ".safetensors" or path.is_file():
         return LearnedPolicy.load(path, expect_slots=slot_names, seed=cfg.seed,
-                                  deterministic=True)
+                                  deterministic=not cfg.sample_actions)
     raise ValueError(f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, learned, "
                      "or the path of a trained policy (.safetensors)")
 
