@@ -346,7 +346,9 @@ class Audit:
         attempts: dict[tuple[frozenset, int], int] = {}
         failures: list[JobFailure] = []
         retrains = 0
-        queue = deque(pending)
+        # Largest subsets first: they train the most seeds and take longest, and starting them
+        # last leaves one worker busy alone at the end (longest-processing-time order).
+        queue = deque(sorted(pending, key=lambda job: (-len(job[0]), job[1])))
         futures: dict[cf.Future, tuple[frozenset, int]] = {}
 
         def fill() -> None:
