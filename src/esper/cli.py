@@ -21,7 +21,7 @@ from esper.evaluate import HELD_OUT_SEEDS, evaluate
 from esper.kasmina import BlueprintError, CheckpointError
 from esper.recorder import RecorderError, RunStore, list_runs
 from esper.run import GrowResult, GrowthRun, resume_run, start_run
-from esper.simic.audit import Audit, AuditProtocol, candidates_from_run
+from esper.simic.audit import Audit, AuditProtocol, AuditResult, candidates_from_run
 from esper.simic.backends import BackendUnavailable, check_backend
 from esper.simic.critic import DEFAULT_LAG, critic_dataset, fit_critic, held_out
 from esper.simic.estimators import HEADERS as ESTIMATOR_HEADERS
@@ -300,6 +300,11 @@ def audit(
                 progress=lambda done, total: bar.update(job, completed=done, total=total))
     except (*KNOWN_ERRORS, BackendUnavailable) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    _print_audit(result, run_dir, metric)
+
+
+def _print_audit(result: AuditResult, run_dir: Path, metric: str) -> None:
+    """φ ± CI and Banzhaf per seed, the pairwise interactions, and any failed retrain."""
     table = Table("seed", "φ (Shapley)", "95% CI", "Banzhaf",
                   title=f"audit of {run_dir} ({metric}, R={len(result.repeats_used)}, "
                         f"{result.retrains} retrained, {result.cached} cached)")

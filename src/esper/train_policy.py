@@ -164,6 +164,44 @@ def _held_out(cfg: TrainPolicyConfig, task: Any, build: Callable[[EnvSpec], nn.M
             "heldout_metric": sum(metrics) / len(metrics)}
 
 
+def _open_store(cfg: TrainPolicyConfig, out: Path, resume_at: int | None) -> RunStore:
+    """The training run's flight recorder: created, or reopened and cut back to the ticks of
+    the `resume_at` updates already saved."""
+    if resume_at is None:
+        manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, "cpu")
+        return RunStore.create(out / "run", manifest)
+    store = RunStore.open(out / "run")
+    store.truncate_after(resume_at * cfg.num_steps - 1)
+    return store
+
+
+def _rollout(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy, store: RunStore,
+             update: int, buf: RolloutBuffer, obs: list[Observation], next_done: torch.Tensor,
+             scaler: RewardScaler, bonus: CriticBonus | None
+             ) -> tuple[torch.Tensor, list[float], list[Observation], torch.Tensor]:
+    """`cfg.num_steps` ticks of every environment into `buf` (rewards scaled, plus the critic's
+    bonus), each recorded. Returns the raw rewards (T, K), the final metrics of the episodes
+    that ended, and the observations and done flags to continue from."""
+    raw = torch.zeros(cfg.num_steps, cfg.num_envs)
+    finished: list[float] = []
+    for t in range(cfg.num_steps):
+        step = policy.step(obs)
+        result = venv.act([d.action for d in step.decisions])
+        buf.add(t, step.g, step.s, step.out, next_done)
+        raw[t] = result.rewards.float()
+        finished += [i.metric for i, d in zip(result.infos, result.dones, strict=True) if d]
+        _record(store, update * cfg.num_steps + t, obs, step.decisions,
+                result.rewards, {"reward_mean": float(result.rewards.mean())})
+        next_done = result.dones.float()
+        obs = venv.step_train()
+        if bonus is not None:  # credited to this step's action, as the reward is
+            bonus.germinated(result.infos)
+            bonus.reset(result.dones)
+            raw[t] += bonus(obs)
+        buf.rewards[t] = scaler(raw[t], result.dones) if cfg.ppo.scale_rewards else raw[t]
+    return raw, finished, obs, next_done
+
+
 def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
                  log: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
     """Train; returns the path of the final policy file."""
@@ -185,11 +223,7 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
         start = _load_training_state(out, policy, optimizer, scaler)
         for _ in range(start * cfg.num_envs):  # later specs than those already used
             next(specs)
-        store = RunStore.open(out / "run")
-        store.truncate_after(start * cfg.num_steps - 1)
-    else:
-        manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, "cpu")
-        store = RunStore.create(out / "run", manifest)
+    store = _open_store(cfg, out, start if resume else None)
     monitor = HealthMonitor()
     t0 = time.perf_counter()
     with VectorEnv(task, cfg.num_envs, specs, env_cfg=cfg.env, economy_cfg=cfg.economy,
@@ -197,28 +231,10 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
                    validator=illegal_reason, backend=cfg.backend) as venv, store:
         obs = venv.step_train()
         next_done = torch.zeros(cfg.num_envs)
-        finished: list[float] = []
         for update in range(start, cfg.updates):
-            # -- rollout --------------------------------------------------------------------
             buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))
-            raw = torch.zeros(cfg.num_steps, cfg.num_envs)
-            for t in range(cfg.num_steps):
-                step = policy.step(obs)
-                result = venv.act([d.action for d in step.decisions])
-                buf.add(t, step.g, step.s, step.out, next_done)
-                raw[t] = result.rewards.float()
-                finished += [i.metric for i, d in zip(result.infos, result.dones, strict=True)
-                             if d]
-                _record(store, update * cfg.num_steps + t, obs, step.decisions,
-                        result.rewards, {"reward_mean": float(result.rewards.mean())})
-                next_done = result.dones.float()
-                obs = venv.step_train()
-                if bonus is not None:  # credited to this step's action, as the reward is
-                    bonus.germinated(result.infos)
-                    bonus.reset(result.dones)
-                    raw[t] += bonus(obs)
-                buf.rewards[t] = scaler(raw[t], result.dones) if cfg.ppo.scale_rewards \
-                    else raw[t]
+            raw, finished, obs, next_done = _rollout(cfg, venv, policy, store, update, buf,
+                                                     obs, next_done, scaler, bonus)
             # -- GAE and update -------------------------------------------------------------
             with torch.no_grad():
                 last_value = policy.value(obs)
@@ -235,7 +251,6 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
                     "final_metric_mean": sum(finished) / len(finished) if finished else None,
                     "op_distribution": stats.op_distribution, "warnings": warnings,
                     "minutes": (time.perf_counter() - t0) / 60}
-            finished = []
             last = update + 1 == cfg.updates or info["minutes"] > cfg.budget_minutes
             if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or last):
                 info.update(_held_out(cfg, task, build, policy))

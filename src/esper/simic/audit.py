@@ -285,7 +285,6 @@ class Audit:
         processes, default one per core; "ray": Ray tasks with `ray_resources` each, on the
         cluster at `ray_address` or a local instance of `workers` CPUs), each up to
         1 + `retries` times; `progress(done, total)` is called as each job settles."""
-        check_backend(backend, ray_address)
         candidates = list(candidates)
         if not 1 <= len(candidates) <= MAX_CANDIDATES or len(set(candidates)) != len(candidates):
             raise ValueError(f"need 1..{MAX_CANDIDATES} distinct candidates, got {candidates}")
