@@ -11,15 +11,18 @@ from esper.cli import app
 from esper.config import GrowConfig, HostConfig
 from esper.recorder import RunStore
 from esper.run import start_run
+from esper.tamiyo.imitation import ImitationConfig
 from esper.tamiyo.learned import LearnedPolicy, PolicyLoadError
 from esper.tolaria.environment import EnvConfig
 from esper.train_policy import TrainPolicyConfig, train_policy
 
 
 def _cfg(out: Path, updates: int) -> TrainPolicyConfig:
+    """Tiny, with the default warm start: 2 heuristic episodes (one rollout), cloned."""
     return TrainPolicyConfig(num_envs=2, episode_ticks=3, num_steps=3, updates=updates,
                              out=str(out), env=EnvConfig(batches_per_tick=2),
-                             backend="inprocess")
+                             backend="inprocess",
+                             imitation=ImitationConfig(episodes=2, epochs=5))
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]
 
 def test_smoke_training_writes_a_loadable_policy(trained: tuple[Path, list[dict]]) -> None:
     path, logs = trained
-    assert [info["update"] for info in logs] == [1, 2]
-    assert all(info["approx_kl"] >= 0 and info["clipfrac"] >= 0 for info in logs)
+    assert [info["update"] for info in logs] == [0, 1, 2]  # 0: the warm start
+    assert all(info["approx_kl"] >= 0 and info["clipfrac"] >= 0 for info in logs[1:])
     policy = LearnedPolicy.load(path, expect_slots=["slots.b0", "slots.b1", "slots.b2"])
     assert policy.name == "learned"
     with RunStore.open(path.parent / "run") as store:  # every decision of every env recorded
@@ -46,7 +49,7 @@ def test_resume_continues_at_the_update_boundary(tmp_path: Path) -> None:
     logs: list[int] = []
     train_policy(_cfg(tmp_path, 1), log=lambda u, info: logs.append(info["update"]))
     train_policy(_cfg(tmp_path, 3), resume=True, log=lambda u, info: logs.append(info["update"]))
-    assert logs == [1, 2, 3]
+    assert logs == [0, 1, 2, 3]  # no second warm start on resume
     with RunStore.open(tmp_path / "run") as store:
         assert store.last_complete_tick() == 3 * 3 - 1
 
@@ -84,7 +87,7 @@ def test_periodic_held_out_evaluation(tmp_path: Path) -> None:
     logs: list[dict] = []
     cfg = TrainPolicyConfig(num_envs=2, episode_ticks=2, num_steps=2, updates=2, eval_every=1,
                             eval_envs=2, out=str(tmp_path), env=EnvConfig(batches_per_tick=1),
-                            backend="inprocess")
+                            backend="inprocess", imitation=ImitationConfig(teacher=None))
     train_policy(cfg, log=lambda u, info: logs.append(info))
     assert all("heldout_metric" in info for info in logs)
     assert all(0.0 <= info["heldout_metric"] <= 1.0 for info in logs)
@@ -143,3 +146,30 @@ def test_sample_actions_deploys_the_stochastic_policy(trained: tuple[Path, list[
     argmax = load_policy(GrowConfig(policy=str(path)), slots)
     sampled = load_policy(GrowConfig(policy=str(path), sample_actions=True), slots)
     assert argmax.deterministic and not sampled.deterministic  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# The warm start: the heuristic's episodes, recorded and cloned
+# ---------------------------------------------------------------------------------------------
+
+def test_warm_start_records_the_teacher_and_saves_the_clone(
+        trained: tuple[Path, list[dict]]) -> None:
+    import json
+
+    path, logs = trained
+    clone = logs[0]["imitation"]
+    assert clone["decisions"] == 2 * 3  # one rollout: 3 ticks × 2 envs
+    assert clone["nll"] == clone["nll"] and clone["nll"] >= 0  # finite: teacher acts legal
+    with RunStore.open(path.parent / "demos") as store:
+        demos = store.decisions()
+    assert len(demos) == 6 and {d.policy for d in demos} == {"heuristic"}
+    warm = LearnedPolicy.load(path.parent / "warm_start.safetensors")
+    # The clone's normaliser has seen the demonstrations; PPO's later rollouts add to it.
+    assert int(warm.global_norm.count) == 6
+    assert int(LearnedPolicy.load(path).global_norm.count) == 6 + 2 * 3 * 2
+    assert json.loads((path.parent / "warm_start.json").read_text())["epochs"] == 5
+
+
+def test_cli_rejects_an_unknown_teacher(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["train-policy", "--teacher", "oracle", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown teacher" in r.output and "Traceback" not in r.output

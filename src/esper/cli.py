@@ -27,6 +27,7 @@ from esper.simic.critic import DEFAULT_LAG, critic_dataset, fit_critic, held_out
 from esper.simic.estimators import HEADERS as ESTIMATOR_HEADERS
 from esper.simic.estimators import compare_audits
 from esper.simic.estimators import format_rows as format_estimator_rows
+from esper.tamiyo.imitation import ImitationConfig
 from esper.tamiyo.learned import PolicyLoadError
 from esper.tamiyo.policies import POLICIES
 from esper.tolaria.data import TASK_NAMES, TaskError
@@ -219,11 +220,25 @@ def train_policy_cmd(
         help="critic file (esper train-critic): its predicted φ of each seed joins the reward")
     ] = None,
     critic_weight: Annotated[float | None, typer.Option(help="weight of the critic's φ")] = None,
+    teacher: Annotated[str, typer.Option(
+        help="warm start: clone this policy's decisions before PPO ('none': no warm start)")
+    ] = "heuristic",
+    demo_episodes: Annotated[int | None, typer.Option(
+        help="teacher episodes recorded for the warm start")] = None,
 ) -> None:
     """Phase 1: train a growth policy with PPO over vectorised digits environments."""
     changes = {"updates": updates, "num_envs": envs, "budget_minutes": budget_minutes,
                "seed": seed, "out": out, "critic": critic, "critic_weight": critic_weight}
-    cfg = TrainPolicyConfig(**{k: v for k, v in changes.items() if v is not None})
+    if teacher not in ("heuristic", "random", "none"):
+        _fail(f"unknown teacher {teacher!r}; valid: heuristic, random, none")
+    try:
+        imitation = ImitationConfig(teacher=None if teacher == "none" else teacher,
+                                    **({} if demo_episodes is None
+                                       else {"episodes": demo_episodes}))
+        cfg = TrainPolicyConfig(**{k: v for k, v in changes.items() if v is not None},
+                                imitation=imitation)
+    except ValueError as e:
+        _fail(str(e))
     columns = (TextColumn("[bold]training[/bold]"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     try:
@@ -231,6 +246,14 @@ def train_policy_cmd(
             job = bar.add_task("ppo", total=cfg.updates, status="")
 
             def log(update: int, info: dict) -> None:
+                if "imitation" in info:  # the warm start, before the first PPO update
+                    clone = info["imitation"]
+                    bar.console.print(
+                        f"warm start: cloned {clone['decisions']} {teacher} decisions in "
+                        f"{info['minutes']:.1f} min; NLL {clone['nll']:.3f}, agreement "
+                        + ", ".join(f"{op} {a:.0%}" for op, a in
+                                    clone["op_accuracy_by_op"].items()))
+                    return
                 metric = info["final_metric_mean"]
                 bar.update(job, completed=update + 1, status=(
                     f"return {info['return_mean']:+.3f}  kl {info['approx_kl']:.4f}  "

@@ -1,6 +1,10 @@
 """`esper train-policy`: Phase 1, PPO over vectorised growth environments (CleanRL-style).
 
-    config → vector envs → policy → [rollout (T ticks × K envs) → GAE → PPO update → log]×U
+    config → vector envs → policy → warm start → [rollout (T × K) → GAE → PPO update → log]×U
+
+The warm start (`tamiyo.imitation`) records a few episodes of a teacher (the heuristic) in the
+same environments, clones its decisions and fits the value head to its returns; PPO then starts
+from there. `imitation.teacher = None` starts PPO from a random initialisation instead.
 
 Each environment draws its host seed, data order and host width from `widths` (held-out seeds
 ≥ 1000 are never drawn), so the policy sees variety. Every decision of every episode goes to the
@@ -12,6 +16,7 @@ boundary (environments restart their episodes from fresh specs on resume).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,13 +35,22 @@ from esper.kasmina import CNNHost
 from esper.recorder import DecisionRecord, RunStore, build_manifest
 from esper.run import SPEC_VERSIONS, action_names, obs_vector, slot_state
 from esper.simic import Critic, EconomyConfig, load_critic
+from esper.tamiyo.features import featurize_batch
+from esper.tamiyo.imitation import (
+    Demonstrations,
+    ImitationConfig,
+    action_indices,
+    imitation_update,
+)
 from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.masks import illegal_reason
+from esper.tamiyo.policies import make_policy
 from esper.tamiyo.ppo import (
     HealthMonitor,
     PPOConfig,
     RewardScaler,
     RolloutBuffer,
+    UpdateStats,
     compute_gae,
     ppo_update,
 )
@@ -58,7 +72,7 @@ class TrainPolicyConfig:
     trained in the setting it is deployed in)."""
     num_steps: int = 40
     """Ticks per rollout (per environment) between PPO updates."""
-    updates: int = 70
+    updates: int = 50
     """PPO updates (the budget below may stop training earlier)."""
     budget_minutes: float = 55.0
     """Wall-clock budget; training stops after the update that crosses it."""
@@ -85,12 +99,16 @@ class TrainPolicyConfig:
     plateaus, and growth cannot pay before then (bench/RESULTS.md)."""
     economy: EconomyConfig = field(default_factory=EconomyConfig)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        clip_vloss=False, lr=1e-3, update_epochs=8, ent_coef=0.003))
-    """Tuned for a budget of ~60 updates: value clipping off (it holds V within ±clip_coef of
-    the rollout's values per update, so the critic would not reach the returns in tens of
-    updates; Andrychowicz et al. 2021 found it no help either); lr 1e-3 and 8 epochs because
-    lr 3e-4 × 4 epochs moved the policy by KL ~0.002 per update and it was still near uniform
-    after 21 updates; a smaller entropy bonus (it is summed over up to 8 heads)."""
+        clip_vloss=False, lr=3e-4, update_epochs=4, ent_coef=0.001))
+    """Tuned for fine-tuning the warm start in ~50 updates: small steps (lr 3e-4, 4 epochs) and
+    a small entropy bonus (summed over up to 8 heads) so PPO refines the clone rather than
+    washing it out; value clipping off (it holds V within ±clip_coef of the rollout's values
+    per update, so the critic would not reach the returns in tens of updates; Andrychowicz et
+    al. 2021 found it no help either). From a random start (`imitation.teacher = None`) the
+    run in bench/RESULTS.md used lr 1e-3, 8 epochs, entropy 0.003: lr 3e-4 × 4 epochs moved a
+    near-uniform policy by KL ~0.002 per update."""
+    imitation: ImitationConfig = field(default_factory=ImitationConfig)
+    """The warm start: behaviour cloning of a teacher before PPO (`teacher=None`: none)."""
 
 
 def _host(in_channels: int, classes: int, size: int, depth: int, spec: EnvSpec) -> nn.Module:
@@ -98,12 +116,12 @@ def _host(in_channels: int, classes: int, size: int, depth: int, spec: EnvSpec) 
 
 
 def _record(store: RunStore, tick: int, obs: list[Observation], decisions: list[Any],
-            rewards: torch.Tensor, metrics: dict[str, float]) -> None:
+            rewards: torch.Tensor, metrics: dict[str, float], policy: str = "learned") -> None:
     with store.tick(tick) as tx:
         tx.metrics(metrics)
         for i, (o, d) in enumerate(zip(obs, decisions, strict=True)):
             tx.decision(DecisionRecord(
-                env=i, tick=tick, policy="learned", action=action_names(d.action),
+                env=i, tick=tick, policy=policy, action=action_names(d.action),
                 slot_states=[slot_state(s) for s in o.slots], obs_before=obs_vector(o),
                 obs_after=None, mask=d.mask, probs=d.probs, entropy=d.entropy, value=d.value,
                 reward=float(rewards[i]), spec_versions=SPEC_VERSIONS))
@@ -164,6 +182,88 @@ def _held_out(cfg: TrainPolicyConfig, task: Any, build: Callable[[EnvSpec], nn.M
             "heldout_metric": sum(metrics) / len(metrics)}
 
 
+def _demo_rollouts(cfg: TrainPolicyConfig) -> int:
+    """Whole rollouts (num_steps × num_envs ticks) that hold `imitation.episodes` episodes."""
+    return math.ceil(cfg.imitation.episodes * cfg.episode_ticks
+                     / (cfg.num_envs * cfg.num_steps))
+
+
+def _demonstrate(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy,
+                 store: RunStore, obs: list[Observation], scaler: RewardScaler
+                 ) -> tuple[Demonstrations, list[Observation], torch.Tensor]:
+    """Whole rollouts of the teacher (one fresh teacher per episode) in `venv`, recorded to
+    `store`; folds their features into the policy's normalisers. Returns the demonstrations,
+    and the observations and done flags for PPO to continue from."""
+    teacher = cfg.imitation.teacher
+    assert teacher is not None
+    rollouts = _demo_rollouts(cfg)
+    n_teachers = 0
+
+    def fresh() -> Any:
+        nonlocal n_teachers
+        n_teachers += 1
+        return make_policy(teacher, seed=cfg.seed * 100_003 + n_teachers)
+
+    teachers = [fresh() for _ in range(cfg.num_envs)]
+    gs, ss, actions, masks = [], [], [], []
+    T = rollouts * cfg.num_steps
+    rewards, dones = torch.zeros(T, cfg.num_envs), torch.zeros(T, cfg.num_envs)
+    next_done = torch.zeros(cfg.num_envs)
+    for t in range(T):
+        g, s = featurize_batch(obs)
+        decisions = [p.act(o) for p, o in zip(teachers, obs, strict=True)]
+        result = venv.act([d.action for d in decisions])
+        gs.append(g)
+        ss.append(s)
+        actions.append(action_indices([d.action for d in decisions]))
+        masks.append({h: torch.tensor([d.mask[h] for d in decisions]) for h in decisions[0].mask})
+        _record(store, t, obs, decisions, result.rewards,
+                {"reward_mean": float(result.rewards.mean())}, policy=teacher)
+        dones[t] = next_done
+        raw = result.rewards.float()
+        rewards[t] = scaler(raw, result.dones) if cfg.ppo.scale_rewards else raw
+        next_done = result.dones.float()
+        teachers = [fresh() if d else p for p, d in zip(teachers, result.dones.tolist(),
+                                                        strict=True)]
+        obs = venv.step_train()
+    # Discounted returns of the teacher: GAE with V = 0 and λ = 1, bootstrapped with 0 where an
+    # episode is cut by the end of the demonstrations (they end on an episode boundary when
+    # episode_ticks divides num_steps, as in the defaults).
+    zeros = torch.zeros(cfg.num_envs)
+    _, returns = compute_gae(rewards, torch.zeros_like(rewards), dones, zeros, next_done,
+                             cfg.ppo.gamma, 1.0)
+    g_all, s_all = torch.stack(gs), torch.stack(ss)  # (T, K, G), (T, K, S, F)
+    policy.global_norm.update(g_all)
+    policy.slot_norm.update(s_all)
+    n = T * cfg.num_envs
+    demos = Demonstrations(
+        policy.global_norm(g_all.reshape(n, -1)),
+        policy.slot_norm(s_all.reshape(n, *s_all.shape[2:])),
+        torch.stack(actions).reshape(n, -1),
+        {h: torch.stack([m[h] for m in masks]).reshape(n, -1) for h in masks[0]},
+        returns.reshape(n))
+    return demos, obs, next_done
+
+
+def _warm_start(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy, out: Path,
+                obs: list[Observation], scaler: RewardScaler
+                ) -> tuple[list[Observation], torch.Tensor]:
+    """Demonstrations (recorded in `out/demos`), then behaviour cloning. The cloned policy is
+    also saved alone as `out/warm_start.safetensors` (to evaluate what PPO added), with its
+    statistics in `warm_start.json`."""
+    manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    with RunStore.create(out / "demos", manifest) as store:
+        demos, obs, next_done = _demonstrate(cfg, venv, policy, store, obs, scaler)
+    optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.imitation.lr, eps=1e-5)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    stats = imitation_update(policy.net, optimizer, demos, cfg.imitation, generator)
+    policy.save(out / "warm_start.safetensors")
+    (out / "warm_start.json").write_text(json.dumps(
+        {**stats.__dict__, "decisions": int(demos.actions.shape[0])}, indent=1))
+    return obs, next_done
+
+
 def _open_store(cfg: TrainPolicyConfig, out: Path, resume_at: int | None) -> RunStore:
     """The training run's flight recorder: created, or reopened and cut back to the ticks of
     the `resume_at` updates already saved."""
@@ -221,46 +321,64 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
     start = 0
     if resume:
         start = _load_training_state(out, policy, optimizer, scaler)
-        for _ in range(start * cfg.num_envs):  # later specs than those already used
+        used = start + (_demo_rollouts(cfg) if cfg.imitation.teacher is not None else 0)
+        for _ in range(used * cfg.num_envs):  # later specs than those already used
             next(specs)
-    store = _open_store(cfg, out, start if resume else None)
     monitor = HealthMonitor()
     t0 = time.perf_counter()
     with VectorEnv(task, cfg.num_envs, specs, env_cfg=cfg.env, economy_cfg=cfg.economy,
                    episode_ticks=cfg.episode_ticks, build_host=build,
-                   validator=illegal_reason, backend=cfg.backend) as venv, store:
+                   validator=illegal_reason, backend=cfg.backend) as venv:
         obs = venv.step_train()
         next_done = torch.zeros(cfg.num_envs)
-        for update in range(start, cfg.updates):
-            buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))
-            raw, finished, obs, next_done = _rollout(cfg, venv, policy, store, update, buf,
-                                                     obs, next_done, scaler, bonus)
-            # -- GAE and update -------------------------------------------------------------
-            with torch.no_grad():
-                last_value = policy.value(obs)
-            adv, ret = compute_gae(buf.rewards, buf.values, buf.dones, last_value, next_done,
-                                   cfg.ppo.gamma, cfg.ppo.gae_lambda)
-            frac = 1.0 - update / cfg.updates if cfg.ppo.anneal_lr else 1.0
-            stats = ppo_update(policy.net, optimizer, buf, adv, ret, cfg.ppo, lr_frac=frac)
-            warnings = monitor.check(stats)
-            _save_training_state(out, policy, optimizer, scaler, update + 1)
-            info = {"update": update + 1, "approx_kl": stats.approx_kl,
-                    "clipfrac": stats.clipfrac, "explained_variance": stats.explained_variance,
-                    "entropy_op": stats.entropy.get("op", 0.0),
-                    "return_mean": float(raw.sum(0).mean()),
-                    "final_metric_mean": sum(finished) / len(finished) if finished else None,
-                    "op_distribution": stats.op_distribution, "warnings": warnings,
-                    "minutes": (time.perf_counter() - t0) / 60}
-            last = update + 1 == cfg.updates or info["minutes"] > cfg.budget_minutes
-            if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or last):
-                info.update(_held_out(cfg, task, build, policy))
-            with (out / "train_log.jsonl").open("a") as f:
-                f.write(json.dumps(info) + "\n")
-            if log is not None:
-                log(update, info)
-            if info["minutes"] > cfg.budget_minutes:
-                break
+        if not resume and cfg.imitation.teacher is not None:
+            obs, next_done = _warm_start(cfg, venv, policy, out, obs, scaler)
+            _save_training_state(out, policy, optimizer, scaler, 0)
+            _log(out, log, -1, {"update": 0, "minutes": (time.perf_counter() - t0) / 60,
+                                "imitation": json.loads((out / "warm_start.json").read_text())})
+        with _open_store(cfg, out, start if resume else None) as store:
+            for update in range(start, cfg.updates):
+                buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))
+                raw, finished, obs, next_done = _rollout(cfg, venv, policy, store, update,
+                                                         buf, obs, next_done, scaler, bonus)
+                stats = _ppo_step(cfg, policy, optimizer, buf, obs, next_done, update)
+                _save_training_state(out, policy, optimizer, scaler, update + 1)
+                info = {"update": update + 1, "approx_kl": stats.approx_kl,
+                        "clipfrac": stats.clipfrac,
+                        "explained_variance": stats.explained_variance,
+                        "entropy_op": stats.entropy.get("op", 0.0),
+                        "return_mean": float(raw.sum(0).mean()),
+                        "final_metric_mean": sum(finished) / len(finished) if finished else None,
+                        "op_distribution": stats.op_distribution,
+                        "warnings": monitor.check(stats),
+                        "minutes": (time.perf_counter() - t0) / 60}
+                last = update + 1 == cfg.updates or info["minutes"] > cfg.budget_minutes
+                if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or last):
+                    info.update(_held_out(cfg, task, build, policy))
+                _log(out, log, update, info)
+                if info["minutes"] > cfg.budget_minutes:
+                    break
     return out / "policy.safetensors"
+
+
+def _ppo_step(cfg: TrainPolicyConfig, policy: LearnedPolicy, optimizer: torch.optim.Optimizer,
+              buf: RolloutBuffer, obs: list[Observation], next_done: torch.Tensor, update: int
+              ) -> UpdateStats:
+    """GAE over the rollout in `buf` (bootstrapped from V of `obs`), then one PPO update."""
+    with torch.no_grad():
+        last_value = policy.value(obs)
+    adv, ret = compute_gae(buf.rewards, buf.values, buf.dones, last_value, next_done,
+                           cfg.ppo.gamma, cfg.ppo.gae_lambda)
+    frac = 1.0 - update / cfg.updates if cfg.ppo.anneal_lr else 1.0
+    return ppo_update(policy.net, optimizer, buf, adv, ret, cfg.ppo, lr_frac=frac)
+
+
+def _log(out: Path, log: Callable[[int, dict[str, Any]], None] | None, update: int,
+         info: dict[str, Any]) -> None:
+    with (out / "train_log.jsonl").open("a") as f:
+        f.write(json.dumps(info) + "\n")
+    if log is not None:
+        log(update, info)
 
 
 def _save_training_state(out: Path, policy: LearnedPolicy, optimizer: torch.optim.Optimizer,
