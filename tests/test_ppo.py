@@ -244,11 +244,22 @@ def test_a_toy_bandit_is_learned() -> None:
 # Health monitor
 # ---------------------------------------------------------------------------------------------
 
-def stats_with(op_entropy: float, ev: float) -> UpdateStats:
+def stats_with(op_entropy: float, ev: float,
+               ops: dict[str, float] | None = None) -> UpdateStats:
     return UpdateStats(policy_loss=0.0, value_loss=0.0, approx_kl=0.0, clipfrac=0.0,
                        ratio_max_abs_dev=0.1, explained_variance=ev,
-                       entropy={"op": op_entropy}, op_distribution={"WAIT": 0.97, "PRUNE": 0.03},
+                       entropy={"op": op_entropy},
+                       op_distribution=ops or {"WAIT": 0.97, "PRUNE": 0.03},
                        minibatches=16, early_stopped=False, lr=3e-4)
+
+
+def test_a_confident_but_state_dependent_policy_is_not_collapse() -> None:
+    """The cloned heuristic: op entropy ~0.08 in every state, but four ops in use."""
+    monitor = HealthMonitor(patience=2)
+    varied = {"WAIT": 0.6, "GERMINATE": 0.08, "ADVANCE": 0.24, "FOSSILIZE": 0.08}
+    assert [monitor.check(stats_with(0.08, 0.9, varied)) for _ in range(4)] == [[]] * 4
+    monitor.check(stats_with(0.08, 0.9))  # WAIT 97%: now it is one op
+    assert "collapsed" in monitor.check(stats_with(0.08, 0.9))[0]
 
 
 def test_health_monitor_flags_op_entropy_collapse_after_patience() -> None:

@@ -327,16 +327,21 @@ def _summarise(log: _Log, b: Batch, b_returns: torch.Tensor, cfg: PPOConfig,
 
 @dataclass
 class HealthMonitor:
-    """Warns when the op head's entropy collapses or the critic never learns.
+    """Warns when the policy collapses onto one op or the critic never learns.
 
     `check(stats)` after every update returns warnings to log: op-head entropy below
-    `min_op_entropy` for `patience` updates in a row (repeated while it lasts), or explained
-    variance ≤ 0 (or NaN) in every one of the first `patience` updates (once).
+    `min_op_entropy` while one op takes at least `max_op_share` of the rollout's actions, for
+    `patience` updates in a row (repeated while it lasts), or explained variance ≤ 0 (or NaN) in
+    every one of the first `patience` updates (once). Low entropy alone is not collapse: a
+    policy cloned from the heuristic is confident in every state (entropy ~0.08) yet chooses
+    WAIT, GERMINATE, ADVANCE and FOSSILIZE as the state demands (WAIT ~60% of actions).
     """
 
     patience: int = 5
     min_op_entropy: float = 0.1
     """0.05 let a policy choosing WAIT ~95% of the time (entropy 0.075) pass unflagged."""
+    max_op_share: float = 0.9
+    """The most frequent op's share of actions above which low entropy means collapse."""
     updates: int = field(default=0, init=False)
     low_entropy_streak: int = field(default=0, init=False)
     critic_never_learned: bool = field(default=True, init=False)
@@ -345,8 +350,9 @@ class HealthMonitor:
         warnings = []
         self.updates += 1
         op_entropy = stats.entropy["op"]
-        self.low_entropy_streak = self.low_entropy_streak + 1 if op_entropy < self.min_op_entropy \
-            else 0
+        collapsed = (op_entropy < self.min_op_entropy
+                     and max(stats.op_distribution.values(), default=1.0) >= self.max_op_share)
+        self.low_entropy_streak = self.low_entropy_streak + 1 if collapsed else 0
         if self.low_entropy_streak >= self.patience:
             warnings.append(f"op-head entropy {op_entropy:.4f} < {self.min_op_entropy} for "
                             f"{self.low_entropy_streak} updates: the policy has collapsed onto "
