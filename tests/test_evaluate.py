@@ -59,3 +59,25 @@ def test_sample_adds_a_sampled_row_for_learned_policies_only() -> None:
     assert variants(["none", "learned"], sample=True) == [
         ("none", "none", False), ("learned", "learned", False),
         ("learned (sampled)", "learned", True)]
+
+
+def test_first_seed_below_the_held_out_range_is_refused(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from esper.cli import app
+
+    r = CliRunner().invoke(app, ["evaluate", "none", "--seeds", "1", "--first-seed", "999",
+                                 "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "not held out" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "evaluation.md").exists()
+
+
+def test_first_seed_chooses_the_seeds(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from esper.cli import app
+
+    r = CliRunner().invoke(app, ["evaluate", "none", "--seeds", "2", "--first-seed", "1010",
+                                 "--ticks", "1", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "seeds 1010..1011 (2)" in (tmp_path / "evaluation.md").read_text()

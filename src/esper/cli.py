@@ -183,6 +183,8 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
 def evaluate_cmd(
     policies: Annotated[list[str], typer.Argument(help="none, random, heuristic, policy files")],
     seeds: Annotated[int, typer.Option(help="held-out seeds (1000, 1001, ...)")] = 10,
+    first_seed: Annotated[int, typer.Option(
+        help="the first held-out seed (>= 1000: training never draws those)")] = 1000,
     ticks: Annotated[int | None, typer.Option(help="control ticks per run")] = None,
     task: Annotated[str | None, typer.Option()] = None,
     host_width: Annotated[int | None, typer.Option()] = None,
@@ -196,8 +198,10 @@ def evaluate_cmd(
         cfg = _config(config, task=task, ticks=ticks, **{"host.width": host_width})
         for p in policies:
             _config(None, policy=p)  # validates each name or file
-        chosen = list(HELD_OUT_SEEDS[:seeds]) if seeds <= len(HELD_OUT_SEEDS) \
-            else list(range(1000, 1000 + seeds))
+        if first_seed < HELD_OUT_SEEDS[0]:
+            _fail(f"--first-seed {first_seed}: seeds below {HELD_OUT_SEEDS[0]} are drawn in "
+                  "training, so they are not held out")
+        chosen = list(range(first_seed, first_seed + seeds))
         rows = evaluate(policies, chosen, cfg, out, sample=sample,
                         progress=lambda p, s, r: _out().print(
                             f"{Path(p).name:>12s} seed {s}: {r.metric_name} "
