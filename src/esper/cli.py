@@ -233,9 +233,7 @@ def train_policy_cmd(
     """Phase 1: train a growth policy with PPO over vectorised digits environments."""
     changes = {"updates": updates, "num_envs": envs, "budget_minutes": budget_minutes,
                "seed": seed, "out": out, "critic": critic, "critic_weight": critic_weight}
-    if teacher not in ("heuristic", "random", "none"):
-        _fail(f"unknown teacher {teacher!r}; valid: heuristic, random, none")
-    try:
+    try:  # teacher "none": no warm start (cloning `none` would only teach WAIT)
         imitation = ImitationConfig(teacher=None if teacher == "none" else teacher,
                                     **({} if demo_episodes is None
                                        else {"episodes": demo_episodes}))

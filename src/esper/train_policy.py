@@ -15,6 +15,7 @@ boundary (environments restart their episodes from fresh specs on resume).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -196,17 +197,14 @@ def _demonstrate(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy,
     and the observations and done flags for PPO to continue from."""
     teacher = cfg.imitation.teacher
     assert teacher is not None
-    rollouts = _demo_rollouts(cfg)
-    n_teachers = 0
+    seeds = itertools.count(cfg.seed * 100_003 + 1)  # one per teacher (used by `random`)
 
     def fresh() -> Any:
-        nonlocal n_teachers
-        n_teachers += 1
-        return make_policy(teacher, seed=cfg.seed * 100_003 + n_teachers)
+        return make_policy(teacher, seed=next(seeds))
 
     teachers = [fresh() for _ in range(cfg.num_envs)]
     gs, ss, actions, masks = [], [], [], []
-    T = rollouts * cfg.num_steps
+    T = _demo_rollouts(cfg) * cfg.num_steps
     rewards, dones = torch.zeros(T, cfg.num_envs), torch.zeros(T, cfg.num_envs)
     next_done = torch.zeros(cfg.num_envs)
     for t in range(T):
@@ -247,10 +245,10 @@ def _demonstrate(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy,
 
 def _warm_start(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy, out: Path,
                 obs: list[Observation], scaler: RewardScaler
-                ) -> tuple[list[Observation], torch.Tensor]:
+                ) -> tuple[dict[str, Any], list[Observation], torch.Tensor]:
     """Demonstrations (recorded in `out/demos`), then behaviour cloning. The cloned policy is
     also saved alone as `out/warm_start.safetensors` (to evaluate what PPO added), with its
-    statistics in `warm_start.json`."""
+    statistics (returned as well) in `warm_start.json`."""
     manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, "cpu")
     out.mkdir(parents=True, exist_ok=True)
     with RunStore.create(out / "demos", manifest) as store:
@@ -259,9 +257,9 @@ def _warm_start(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy, 
     generator = torch.Generator().manual_seed(cfg.seed)
     stats = imitation_update(policy.net, optimizer, demos, cfg.imitation, generator)
     policy.save(out / "warm_start.safetensors")
-    (out / "warm_start.json").write_text(json.dumps(
-        {**stats.__dict__, "decisions": int(demos.actions.shape[0])}, indent=1))
-    return obs, next_done
+    summary = {**stats.__dict__, "decisions": int(demos.actions.shape[0])}
+    (out / "warm_start.json").write_text(json.dumps(summary, indent=1))
+    return summary, obs, next_done
 
 
 def _open_store(cfg: TrainPolicyConfig, out: Path, resume_at: int | None) -> RunStore:
@@ -332,10 +330,10 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
         obs = venv.step_train()
         next_done = torch.zeros(cfg.num_envs)
         if not resume and cfg.imitation.teacher is not None:
-            obs, next_done = _warm_start(cfg, venv, policy, out, obs, scaler)
+            clone, obs, next_done = _warm_start(cfg, venv, policy, out, obs, scaler)
             _save_training_state(out, policy, optimizer, scaler, 0)
             _log(out, log, -1, {"update": 0, "minutes": (time.perf_counter() - t0) / 60,
-                                "imitation": json.loads((out / "warm_start.json").read_text())})
+                                "imitation": clone})
         with _open_store(cfg, out, start if resume else None) as store:
             for update in range(start, cfg.updates):
                 buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from esper.contracts import HEADS, TAMIYO_OPS, FactoredAction
-from esper.tamiyo.network import HEAD_INDEX, TamiyoNet
+from esper.tamiyo.network import HEAD_INDEX, RELEVANT, TamiyoNet
+from esper.tamiyo.policies import POLICIES
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class ImitationConfig:
             raise ValueError("imitation.episodes, epochs and minibatch_size must be >= 1")
         if self.lr <= 0 or self.vf_coef < 0:
             raise ValueError("imitation.lr must be > 0 and vf_coef >= 0")
+        if self.teacher is not None and self.teacher not in POLICIES:
+            raise ValueError(f"unknown teacher {self.teacher!r}; valid: {', '.join(POLICIES)}")
 
 
 def action_indices(actions: list[FactoredAction]) -> torch.Tensor:
@@ -119,13 +122,13 @@ def agreement(net: TamiyoNet, demos: Demonstrations) -> tuple[dict[str, float], 
     op, slot = demos.actions[:, HEAD_INDEX["op"]], demos.actions[:, HEAD_INDEX["slot"]]
     logits = {"op": net.op_head(ctx), "slot": net.slot_logits(ctx, slots, op),
               **net.knob_logits(ctx, slots, op, slot)}
-    out = net.evaluate(demos.g, demos.s, demos.actions, demos.masks)
+    relevant = RELEVANT[op]  # (N, 8): the heads each row's op uses
     accuracy: dict[str, float] = {}
     by_op: dict[str, float] = {}
     for h in HEADS:
         i = HEAD_INDEX[h]
         chosen = logits[h].masked_fill(~demos.masks[h], float("-inf")).argmax(-1)
-        hit, rows = chosen == demos.actions[:, i], out.relevant[:, i]
+        hit, rows = chosen == demos.actions[:, i], relevant[:, i]
         if bool(rows.any()):
             accuracy[h] = float(hit[rows].float().mean())
         if h == "op":
