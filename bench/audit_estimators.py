@@ -52,10 +52,18 @@ def machine() -> str:
 
 def grow(args: argparse.Namespace, seed: int, run_dir: Path, policy: str) -> Path:
     """The run of this seed, grown unless a complete one is already there."""
-    cfg = override(GrowConfig(device="cpu", ticks=args.ticks, seed=seed, policy=policy,
-                              checkpoint_every=args.ticks, host=HostConfig(width=args.width),
-                              env=EnvConfig(batches_per_tick=args.batches_per_tick)),
-                   **{"heuristic.warmup_ticks": 1, "heuristic.plateau_patience": 0})
+    cfg = override(
+        GrowConfig(
+            device="cpu",
+            ticks=args.ticks,
+            seed=seed,
+            policy=policy,
+            checkpoint_every=args.ticks,
+            host=HostConfig(width=args.width),
+            env=EnvConfig(batches_per_tick=args.batches_per_tick),
+        ),
+        **{"heuristic.warmup_ticks": 1, "heuristic.plateau_patience": 0},
+    )
     try:
         with RunStore.open(run_dir) as store:
             if store.last_complete_tick() == cfg.ticks - 1:
@@ -80,12 +88,20 @@ def audit(args: argparse.Namespace, run_dir: Path) -> tuple[int, int, int]:
     candidates = [c for c in candidates_from_run(run_dir) if c.germinate_tick < args.budget - 1]
     if not candidates:
         return 0, 0, 0
-    protocol = AuditProtocol(task=cfg.task, config=cfg, ticks=args.budget, metric=args.metric,
-                             repeats=args.repeats, base_seed=cfg.seed)
+    protocol = AuditProtocol(
+        task=cfg.task,
+        config=cfg,
+        ticks=args.budget,
+        metric=args.metric,
+        repeats=args.repeats,
+        base_seed=cfg.seed,
+    )
     result = Audit(run_dir / "audit").run(protocol, candidates, workers=args.workers)
     if result.failures:
-        raise SystemExit(f"{run_dir}: {len(result.failures)} retrains failed: "
-                         f"{result.failures[0].error.splitlines()[0]}")
+        raise SystemExit(
+            f"{run_dir}: {len(result.failures)} retrains failed: "
+            f"{result.failures[0].error.splitlines()[0]}"
+        )
     return len(candidates), result.retrains, result.cached
 
 
@@ -100,17 +116,22 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2, help="permutation estimator orders")
     p.add_argument("--lag", type=int, default=3, help="critic: ticks after germination")
     p.add_argument("--width", type=int, default=2, help="host width")
-    p.add_argument("--policies", nargs="+", default=["heuristic", "random"],
-                   help="policies of the recorded runs, cycled over seeds (random varies the "
-                        "blueprints, slots and ticks the heuristic always picks alike)")
+    p.add_argument(
+        "--policies",
+        nargs="+",
+        default=["heuristic", "random"],
+        help="policies of the recorded runs, cycled over seeds (random varies the "
+        "blueprints, slots and ticks the heuristic always picks alike)",
+    )
     p.add_argument("--batches-per-tick", type=int, default=0, help="0: one epoch")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--out", type=Path, default=Path("runs/audit_estimators"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=150)
-    console.print(f"[bold]{machine()}[/]\n$ {' '.join(sys.argv)}\n"
-                  f"load average before: {os.getloadavg()}")
+    console.print(
+        f"[bold]{machine()}[/]\n$ {' '.join(sys.argv)}\nload average before: {os.getloadavg()}"
+    )
     t_all = time.perf_counter()
     runs, seeds_audited, retrained, cached = [], 0, 0, 0
     t0 = time.perf_counter()
@@ -118,8 +139,10 @@ def main() -> None:
         policy = args.policies[seed % len(args.policies)]
         run_dir = grow(args, seed, args.out / "runs" / f"digits-{policy}-s{seed}", policy)
         n, ran, hit = audit(args, run_dir)
-        console.print(f"seed {seed}: {n} seeds audited, {ran} retrained, {hit} cached "
-                      f"({time.perf_counter() - t0:.0f} s so far)")
+        console.print(
+            f"seed {seed}: {n} seeds audited, {ran} retrained, {hit} cached "
+            f"({time.perf_counter() - t0:.0f} s so far)"
+        )
         if n:
             runs.append(run_dir)
             seeds_audited, retrained, cached = seeds_audited + n, retrained + ran, cached + hit
@@ -130,8 +153,10 @@ def main() -> None:
     t0 = time.perf_counter()
     comparison = compare_audits(runs, samples=args.samples, workers=args.workers)
     t_compare = time.perf_counter() - t0
-    title = (f"credit estimators vs exact φ ({args.metric}), {len(runs)} digits runs, "
-             f"{seeds_audited} seeds, budget {args.budget} ticks, exact R={args.repeats}")
+    title = (
+        f"credit estimators vs exact φ ({args.metric}), {len(runs)} digits runs, "
+        f"{seeds_audited} seeds, budget {args.budget} ticks, exact R={args.repeats}"
+    )
     table = Table(*HEADERS, title=title)
     for row in format_rows(comparison):
         table.add_row(*row)
@@ -143,32 +168,57 @@ def main() -> None:
     if score is not None:
         critic.meta["held_out"] = {"spearman": score.spearman, "mae": score.mae, "n": score.n}
     critic_path = critic.save(args.out / "critic.safetensors")
-    ctable = Table("critic", "rows", "runs", "L2 (all rows)", "held-out Spearman ρ",
-                   "held-out MAE", "n", title=f"critic of exact φ: ridge on telemetry {args.lag} "
-                                              "ticks after germination, leave one run out")
+    ctable = Table(
+        "critic",
+        "rows",
+        "runs",
+        "L2 (all rows)",
+        "held-out Spearman ρ",
+        "held-out MAE",
+        "n",
+        title=f"critic of exact φ: ridge on telemetry {args.lag} "
+        "ticks after germination, leave one run out",
+    )
     fmt = lambda x, f: "—" if x is None or math.isnan(x) else format(x, f)  # noqa: E731
-    ctable.add_row("ridge", str(len(rows)), str(len({r.run for r in rows})), f"{critic.l2:g}",
-                   fmt(score and score.spearman, "+.3f"), fmt(score and score.mae, ".4f"),
-                   str(score.n if score else 0))
+    ctable.add_row(
+        "ridge",
+        str(len(rows)),
+        str(len({r.run for r in rows})),
+        f"{critic.l2:g}",
+        fmt(score and score.spearman, "+.3f"),
+        fmt(score and score.mae, ".4f"),
+        str(score.n if score else 0),
+    )
     console.print(ctable)
     wall = time.perf_counter() - t_all
-    console.print(f"grow + exact audits {t_audit:.0f} s ({retrained} retrained, {cached} "
-                  f"cached); estimators {t_compare:.0f} s; whole benchmark {wall:.0f} s; "
-                  f"load average after: {os.getloadavg()}")
+    console.print(
+        f"grow + exact audits {t_audit:.0f} s ({retrained} retrained, {cached} "
+        f"cached); estimators {t_compare:.0f} s; whole benchmark {wall:.0f} s; "
+        f"load average after: {os.getloadavg()}"
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "command": sys.argv, "args": {k: str(v) for k, v in
-                                                                  vars(args).items()},
-              "compare": [dict(zip(HEADERS, r, strict=True)) for r in format_rows(comparison)],
-              "compare_raw": [r.__dict__ for r in comparison.rows], "runs": list(comparison.runs),
-              "critic": {"path": str(critic_path), "rows": len(rows), "l2": critic.l2,
-                         "held_out": critic.meta.get("held_out")},
-              "wall_s": {"grow_and_audit": t_audit, "estimators": t_compare, "total": wall}}
+    result = {
+        "machine": machine(),
+        "command": sys.argv,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "compare": [dict(zip(HEADERS, r, strict=True)) for r in format_rows(comparison)],
+        "compare_raw": [r.__dict__ for r in comparison.rows],
+        "runs": list(comparison.runs),
+        "critic": {
+            "path": str(critic_path),
+            "rows": len(rows),
+            "l2": critic.l2,
+            "held_out": critic.meta.get("held_out"),
+        },
+        "wall_s": {"grow_and_audit": t_audit, "estimators": t_compare, "total": wall},
+    }
     (args.out / "audit_estimators.json").write_text(json.dumps(result, indent=1, default=str))
     md = to_markdown(comparison, title) + (
         f"\ncritic (ridge, lag {args.lag}): held-out Spearman ρ "
         f"{fmt(score and score.spearman, '+.3f')}, MAE {fmt(score and score.mae, '.4f')}, "
-        f"n {score.n if score else 0} (leave one run out)\n\n{machine()}\n")
+        f"n {score.n if score else 0} (leave one run out)\n\n{machine()}\n"
+    )
     (args.out / "audit_estimators.md").write_text(md)
     console.print(f"written to {args.out}/audit_estimators.json and .md")
 

@@ -36,21 +36,24 @@ from esper.simic.backends import start_local_ray
 from esper.tolaria.environment import EnvConfig
 from vector_env import machine
 
-CANDIDATES = [Candidate("slots.b0", "CONV_LIGHT", 0), Candidate("slots.b1", "LORA", 1),
-              Candidate("slots.b2", "CONV_SMALL", 2)]
+CANDIDATES = [
+    Candidate("slots.b0", "CONV_LIGHT", 0),
+    Candidate("slots.b1", "LORA", 1),
+    Candidate("slots.b2", "CONV_SMALL", 2),
+]
 
 
 def protocol(args: argparse.Namespace) -> AuditProtocol:
     cfg = GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=args.batches))
-    return AuditProtocol(task="digits", config=cfg, ticks=args.ticks, metric="val_loss",
-                         repeats=2)
+    return AuditProtocol(task="digits", config=cfg, ticks=args.ticks, metric="val_loss", repeats=2)
 
 
 def parse_variant(text: str) -> tuple[str, int]:
     backend, _, workers = text.partition(":")
     if backend not in ("local", "ray", "ray-warm") or not workers.isdigit():
-        raise argparse.ArgumentTypeError(f"variant must be local:N, ray:N or ray-warm:N, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"variant must be local:N, ray:N or ray-warm:N, got {text!r}"
+        )
     return backend, int(workers)
 
 
@@ -62,8 +65,9 @@ def audit_once(p: AuditProtocol, backend: str, workers: int) -> tuple[float, Aud
     try:
         with tempfile.TemporaryDirectory(prefix="esper-bench-audit-") as tmp:
             t0 = time.perf_counter()
-            result = Audit(tmp).run(p, CANDIDATES, backend="ray" if warm else backend,
-                                    workers=workers)
+            result = Audit(tmp).run(
+                p, CANDIDATES, backend="ray" if warm else backend, workers=workers
+            )
             secs = time.perf_counter() - t0
     finally:
         if warm:
@@ -71,8 +75,9 @@ def audit_once(p: AuditProtocol, backend: str, workers: int) -> tuple[float, Aud
 
             ray.shutdown()
     if result.failures or result.retrains != 16:
-        raise RuntimeError(f"{backend}:{workers}: {result.retrains} retrains, failures "
-                           f"{result.failures}")
+        raise RuntimeError(
+            f"{backend}:{workers}: {result.retrains} retrains, failures {result.failures}"
+        )
     return secs, result
 
 
@@ -81,16 +86,22 @@ def main() -> None:
     p.add_argument("--ticks", type=int, default=10, help="training budget of each retrain")
     p.add_argument("--batches", type=int, default=8, help="batches of 64 per tick")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", type=parse_variant, nargs="+",
-                   default=[("local", 1), ("local", 2), ("ray", 2)])
+    p.add_argument(
+        "--variants",
+        type=parse_variant,
+        nargs="+",
+        default=[("local", 1), ("local", 2), ("ray", 2)],
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads of local:1; 0: default")
     args = p.parse_args()
     if ("local", 1) not in args.variants:
         args.variants.insert(0, ("local", 1))  # the reference of speed-up and "same φ"
     console = Console(width=150)
-    console.print(f"[bold]{machine(torch.device('cpu'))}[/]\n$ {' '.join(sys.argv)}\n"
-                  f"date {time.strftime('%a %b %d %H:%M:%S %Z %Y')}; "
-                  f"load average before: {os.getloadavg()}")
+    console.print(
+        f"[bold]{machine(torch.device('cpu'))}[/]\n$ {' '.join(sys.argv)}\n"
+        f"date {time.strftime('%a %b %d %H:%M:%S %Z %Y')}; "
+        f"load average before: {os.getloadavg()}"
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     prot = protocol(args)
@@ -104,25 +115,35 @@ def main() -> None:
     reference = runs[("local", 1)][0][1]
     for key in reference.candidates:
         console.print(f"φ({key}) = {reference.phi[key]:+.6f} (local:1)")
-    console.print(f"load average after: {os.getloadavg()}; whole benchmark "
-                  f"{time.perf_counter() - t_all:.0f} s")
+    console.print(
+        f"load average after: {os.getloadavg()}; whole benchmark "
+        f"{time.perf_counter() - t_all:.0f} s"
+    )
 
 
 def table(runs: dict, args: argparse.Namespace) -> Table:
     reference = runs[("local", 1)][0][1]
     base = statistics.median(s for s, _ in runs[("local", 1)])
-    t = Table(title=f"audit wall time, 3 seeds × R=2 = 16 retrains of {args.ticks} ticks × "
-                    f"{args.batches} batches, digits CNN width 2, fresh cache each, "
-                    f"median of {args.repeats}")
-    for col in ("backend", "workers", "audit s", "min–max s", "s / retrain", "speed-up",
-                "same φ"):
+    t = Table(
+        title=f"audit wall time, 3 seeds × R=2 = 16 retrains of {args.ticks} ticks × "
+        f"{args.batches} batches, digits CNN width 2, fresh cache each, "
+        f"median of {args.repeats}"
+    )
+    for col in ("backend", "workers", "audit s", "min–max s", "s / retrain", "speed-up", "same φ"):
         t.add_column(col, justify="right")
     for (backend, workers), rs in runs.items():
         secs = [s for s, _ in rs]
         med = statistics.median(secs)
         same = all(r.values == reference.values and r.phi == reference.phi for _, r in rs)
-        t.add_row(backend, str(workers), f"{med:.1f}", f"{min(secs):.1f}–{max(secs):.1f}",
-                  f"{med / 16:.2f}", f"{base / med:.2f}×", "yes" if same else "no")
+        t.add_row(
+            backend,
+            str(workers),
+            f"{med:.1f}",
+            f"{min(secs):.1f}–{max(secs):.1f}",
+            f"{med / 16:.2f}",
+            f"{base / med:.2f}×",
+            "yes" if same else "no",
+        )
     return t
 
 

@@ -83,8 +83,10 @@ def threads(n: int | None):
 # The baseline: one environment at a time, its N ticks, as GrowthRun.step orders them
 # ---------------------------------------------------------------------------------------------
 
-def sequential(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.device
-               ) -> tuple[float, list[list[float]]]:
+
+def sequential(
+    task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.device
+) -> tuple[float, list[list[float]]]:
     """Seconds spent in ticks, and each environment's rewards."""
     elapsed, rewards = 0.0, []
     for i, spec in enumerate(specs):
@@ -100,15 +102,24 @@ def sequential(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.d
             ev = env.evaluate()
             env.record_evaluation(ev, t)
             env.evaluate_gates()
-            obs = env.observe(t, ticks + 2, ev, train, economy.last_rents,
-                              economy.ledger.totals().rent)
+            obs = env.observe(
+                t, ticks + 2, ev, train, economy.last_rents, economy.ledger.totals().rent
+            )
             action = policy.act(obs).action
             if illegal_reason(action, obs) is not None:
                 action = FactoredAction(op=Op.WAIT)
             ops = env.execute(action)
             env.advance_clock(t)
-            slots = [SlotEconomics(n, s.stage, min(1.0, max(0.0, s.telemetry().alpha)),
-                                   s.seed_param_count(), s.seed_id) for n, s in env.slots.items()]
+            slots = [
+                SlotEconomics(
+                    n,
+                    s.stage,
+                    min(1.0, max(0.0, s.telemetry().alpha)),
+                    s.seed_param_count(),
+                    s.seed_id,
+                )
+                for n, s in env.slots.items()
+            ]
             prev = env.history[-2] if len(env.history) > 1 else None
             mine.append(economy.step(t, slots, ops, env.host_params(), prev, ev.metric).total)
         sync(device)
@@ -121,14 +132,31 @@ def sequential(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.d
 # The vector: one policy call (a list comprehension over K RandomPolicies) per tick
 # ---------------------------------------------------------------------------------------------
 
-def vector(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.device,
-           backend: str, workers: int, overlap: bool = True
-           ) -> tuple[float, float, list[list[float]]]:
+
+def vector(
+    task: TaskData,
+    specs: list[EnvSpec],
+    ticks: int,
+    device: torch.device,
+    backend: str,
+    workers: int,
+    overlap: bool = True,
+) -> tuple[float, float, list[list[float]]]:
     """Seconds to start, seconds spent in ticks, and each environment's rewards."""
     t0 = time.perf_counter()
-    venv = VectorEnv(task, len(specs), specs, env_cfg=ENV_CFG, episode_ticks=ticks + 2,
-                     device=device, build_host=cnn_host, validator=illegal_reason,
-                     backend=backend, workers=workers, overlap=overlap)
+    venv = VectorEnv(
+        task,
+        len(specs),
+        specs,
+        env_cfg=ENV_CFG,
+        episode_ticks=ticks + 2,
+        device=device,
+        build_host=cnn_host,
+        validator=illegal_reason,
+        backend=backend,
+        workers=workers,
+        overlap=overlap,
+    )
     sync(device)
     policies = [RandomPolicy(i) for i in range(len(specs))]
     rewards = []
@@ -151,6 +179,7 @@ def vector(task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.devic
 # Main
 # ---------------------------------------------------------------------------------------------
 
+
 def machine(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -162,26 +191,38 @@ def machine(device: torch.device) -> str:
     gpu = ""
     if device.type == "cuda":
         connections = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "unset (8)")
-        gpu = (f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, "
-               f"CUDA_DEVICE_MAX_CONNECTIONS {connections})")
-    return (f"{cpu}, {cores} cores usable{gpu}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} default threads; Python {platform.python_version()}")
+        gpu = (
+            f", {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, "
+            f"CUDA_DEVICE_MAX_CONNECTIONS {connections})"
+        )
+    return (
+        f"{cpu}, {cores} cores usable{gpu}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} default threads; Python {platform.python_version()}"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--ks", type=int, nargs="+", default=None,
-                   help="default: 1 4 8 16 on CPU, 1 16 64 on CUDA")
+    p.add_argument(
+        "--ks", type=int, nargs="+", default=None, help="default: 1 4 8 16 on CPU, 1 16 64 on CUDA"
+    )
     p.add_argument("--ticks", type=int, default=6, help="timed ticks per environment")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="0: torch's default")
     p.add_argument("--backends", nargs="+", default=["inprocess", "processes"])
-    p.add_argument("--overlap", choices=["both", "on", "off"], default="both",
-                   help="CUDA, in-process: time overlapped environments, serial ones, or both")
-    p.add_argument("--progress", action="store_true",
-                   help="print each run as it ends (the table comes at the end)")
+    p.add_argument(
+        "--overlap",
+        choices=["both", "on", "off"],
+        default="both",
+        help="CUDA, in-process: time overlapped environments, serial ones, or both",
+    )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="print each run as it ends (the table comes at the end)",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
     if args.ks is None:
@@ -190,8 +231,10 @@ def main() -> None:
     backends = list(variants)
     task = load_task("digits", seed=0, device=device)
     console = Console(width=150)
-    console.print(f"[bold]{machine(device)}[/]\n$ {' '.join(sys.argv)}\n"
-                  f"load average before: {os.getloadavg()}")
+    console.print(
+        f"[bold]{machine(device)}[/]\n$ {' '.join(sys.argv)}\n"
+        f"load average before: {os.getloadavg()}"
+    )
     runs: dict[tuple[int, str], list[tuple[float, float, list]]] = {}
     t_all = time.perf_counter()
     with threads(args.threads or None):  # warm-up
@@ -204,23 +247,30 @@ def main() -> None:
                 runs.setdefault((k, "seq"), []).append((0.0, secs, rewards))
                 reference = rewards
                 if args.progress:
-                    console.print(f"repeat {repeat + 1} K={k} seq: "
-                                  f"{k * args.ticks / secs:.1f} ticks/s")
+                    console.print(
+                        f"repeat {repeat + 1} K={k} seq: {k * args.ticks / secs:.1f} ticks/s"
+                    )
                 for b, (backend, overlap) in variants.items():
-                    start, secs, rewards = vector(task, specs, args.ticks, device, backend,
-                                                  args.workers, overlap)
+                    start, secs, rewards = vector(
+                        task, specs, args.ticks, device, backend, args.workers, overlap
+                    )
                     runs.setdefault((k, b), []).append((start, secs, rewards))
                     if args.progress:
-                        console.print(f"repeat {repeat + 1} K={k} {b}: "
-                                      f"{k * args.ticks / secs:.1f} ticks/s, start {start:.1f} s, "
-                                      f"same as seq: {rewards == reference}")
+                        console.print(
+                            f"repeat {repeat + 1} K={k} {b}: "
+                            f"{k * args.ticks / secs:.1f} ticks/s, start {start:.1f} s, "
+                            f"same as seq: {rewards == reference}"
+                        )
     console.print(table(runs, args, backends))
-    console.print(f"load average after: {os.getloadavg()}; whole benchmark "
-                  f"{time.perf_counter() - t_all:.0f} s")
+    console.print(
+        f"load average after: {os.getloadavg()}; whole benchmark "
+        f"{time.perf_counter() - t_all:.0f} s"
+    )
 
 
-def variants_of(backends: list[str], overlap: str, device: torch.device
-                ) -> dict[str, tuple[str, bool]]:
+def variants_of(
+    backends: list[str], overlap: str, device: torch.device
+) -> dict[str, tuple[str, bool]]:
     """Row label -> (backend, overlap). Processes only on CPU; on CUDA the in-process backend
     with overlap on and/or off; on CPU overlap does nothing and the labels are the backends."""
     out: dict[str, tuple[str, bool]] = {}
@@ -241,11 +291,21 @@ def table(runs: dict, args: argparse.Namespace, backends: list[str]) -> Table:
     def rate(k: int, name: str) -> float:
         return statistics.median(k * args.ticks / secs for _, secs, _ in runs[(k, name)])
 
-    t = Table(title=f"environment ticks/s, digits CNN width 2, {ENV_CFG.batches_per_tick} "
-                    f"batches/tick, {args.ticks} ticks per env, {args.threads or 'default'} "
-                    f"torch threads in-process, median of {args.repeats}")
-    for col in ("K", "backend", "start s", "vector ticks/s", "seq ticks/s", "speed-up",
-                "min–max ticks/s", "same"):
+    t = Table(
+        title=f"environment ticks/s, digits CNN width 2, {ENV_CFG.batches_per_tick} "
+        f"batches/tick, {args.ticks} ticks per env, {args.threads or 'default'} "
+        f"torch threads in-process, median of {args.repeats}"
+    )
+    for col in (
+        "K",
+        "backend",
+        "start s",
+        "vector ticks/s",
+        "seq ticks/s",
+        "speed-up",
+        "min–max ticks/s",
+        "same",
+    ):
         t.add_column(col, justify="right")
     for k in args.ks:
         seq = rate(k, "seq")
@@ -256,12 +316,22 @@ def table(runs: dict, args: argparse.Namespace, backends: list[str]) -> Table:
             start = statistics.median(s for s, _, _ in runs[(k, b)])
             same = all(r == reference for _, _, r in runs[(k, b)])
             if not same:
-                gap = max(abs(x - y) for _, _, r in runs[(k, b)]
-                          for env_r, env_ref in zip(r, reference, strict=True)
-                          for x, y in zip(env_r, env_ref, strict=True))
-            t.add_row(str(k), b, f"{start:.1f}", f"{v:.1f}", f"{seq:.1f}", f"{v / seq:.2f}×",
-                      f"{min(rates):.1f}–{max(rates):.1f}",
-                      "yes" if same else f"no, max |Δ| {gap:.1e}")
+                gap = max(
+                    abs(x - y)
+                    for _, _, r in runs[(k, b)]
+                    for env_r, env_ref in zip(r, reference, strict=True)
+                    for x, y in zip(env_r, env_ref, strict=True)
+                )
+            t.add_row(
+                str(k),
+                b,
+                f"{start:.1f}",
+                f"{v:.1f}",
+                f"{seq:.1f}",
+                f"{v / seq:.2f}×",
+                f"{min(rates):.1f}–{max(rates):.1f}",
+                "yes" if same else f"no, max |Δ| {gap:.1e}",
+            )
     return t
 
 

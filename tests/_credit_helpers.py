@@ -13,17 +13,31 @@ TICKS = 8
 # slot -> tick -> (stage, alpha, contribution); DORMANT with no contribution where absent.
 SCRIPT: dict[str, dict[int, tuple[str, float, float | None]]] = {
     # A: germinated at 0, blends from 2, pruned at 4; the slot is germinated again at 5 (MLP).
-    "slots.b0": {1: ("GERMINATED", 0.0, None), 2: ("BLENDING", 0.3, 0.1),
-                 3: ("BLENDING", 0.6, 0.3), 4: ("PRUNED", 0.0, None),
-                 6: ("TRAINING", 0.0, None), 7: ("BLENDING", 0.5, 0.9)},
+    "slots.b0": {
+        1: ("GERMINATED", 0.0, None),
+        2: ("BLENDING", 0.3, 0.1),
+        3: ("BLENDING", 0.6, 0.3),
+        4: ("PRUNED", 0.0, None),
+        6: ("TRAINING", 0.0, None),
+        7: ("BLENDING", 0.5, 0.9),
+    },
     # B: germinated at 1, blends from 3 on; last contribution 0.2.
-    "slots.b1": {2: ("TRAINING", 0.0, None), 3: ("BLENDING", 0.2, 0.05),
-                 5: ("BLENDING", 0.6, -0.1), 6: ("BLENDING", 0.8, 0.2), 7: ("HOLDING", 1.0, 0.2)},
+    "slots.b1": {
+        2: ("TRAINING", 0.0, None),
+        3: ("BLENDING", 0.2, 0.05),
+        5: ("BLENDING", 0.6, -0.1),
+        6: ("BLENDING", 0.8, 0.2),
+        7: ("HOLDING", 1.0, 0.2),
+    },
     # C: germinated at 1, never passes G2: no contribution ever.
     "slots.b2": {t: ("TRAINING", 0.0, None) for t in range(2, TICKS)},
 }
-GERMINATIONS = [(0, "slots.b0", "CONV_LIGHT"), (1, "slots.b1", "CONV_SMALL"),
-                (1, "slots.b2", "NORM"), (5, "slots.b0", "MLP")]
+GERMINATIONS = [
+    (0, "slots.b0", "CONV_LIGHT"),
+    (1, "slots.b1", "CONV_SMALL"),
+    (1, "slots.b2", "NORM"),
+    (5, "slots.b0", "MLP"),
+]
 LAST_CONTRIBUTION = {"slots.b0": 0.3, "slots.b1": 0.2, "slots.b2": None}
 
 
@@ -32,26 +46,48 @@ def slot_states(t: int) -> list[dict]:
     for name in SLOTS:
         known = [k for k in SCRIPT[name] if k <= t]  # a state holds until the next scripted one
         stage, alpha, contribution = SCRIPT[name][max(known)] if known else ("DORMANT", 0.0, None)
-        out.append({"name": name, "stage": stage, "alpha": alpha, "blueprint": None,
-                    "ticks_in_stage": 1, "contribution": contribution, "rent": 0.01})
+        out.append(
+            {
+                "name": name,
+                "stage": stage,
+                "alpha": alpha,
+                "blueprint": None,
+                "ticks_in_stage": 1,
+                "contribution": contribution,
+                "rent": 0.01,
+            }
+        )
     return out
 
 
 def synthetic_run(path: Path, sense: str = "higher") -> list[Candidate]:
     """The scripted run; returns its audit candidates A (b0@0), B (b1@1), C (b2@1)."""
-    store = RunStore.create(path, {"config": {}, "task": f"digits: CNN, accuracy ({sense} is "
-                                                         "better)"})
+    store = RunStore.create(
+        path, {"config": {}, "task": f"digits: CNN, accuracy ({sense} is better)"}
+    )
     for t in range(TICKS):
         states = slot_states(t)
-        obs = [t / TICKS, 0.5 + 0.01 * t, 1.0 - 0.05 * t, 1.1 - 0.05 * t, 300.0, 20.0 * t,
-               0.01 * t]
+        obs = [t / TICKS, 0.5 + 0.01 * t, 1.0 - 0.05 * t, 1.1 - 0.05 * t, 300.0, 20.0 * t, 0.01 * t]
         for s in states:
             obs += [1.0, s["alpha"], 1.0, s["contribution"] or 0.0, s["rent"]]
         with store.tick(t) as tx:
-            tx.decision(DecisionRecord(
-                env=0, tick=t, policy="script", action={}, slot_states=states, obs_before=obs,
-                obs_after=obs, mask={}, probs={}, entropy={}, value=None, reward=None,
-                spec_versions={}))
+            tx.decision(
+                DecisionRecord(
+                    env=0,
+                    tick=t,
+                    policy="script",
+                    action={},
+                    slot_states=states,
+                    obs_before=obs,
+                    obs_after=obs,
+                    mask={},
+                    probs={},
+                    entropy={},
+                    value=None,
+                    reward=None,
+                    spec_versions={},
+                )
+            )
             for tick, slot, blueprint in GERMINATIONS:
                 if tick == t:
                     tx.event("germinate", {"blueprint": blueprint, "seed_id": "s"}, slot=slot)

@@ -43,8 +43,9 @@ def tiny_text() -> TaskData:
 def text_config(ticks: int = 4, **kw: object) -> GrowConfig:
     kw.setdefault("heuristic", FAST_HEURISTIC)
     kw.setdefault("env", EnvConfig(batches_per_tick=3, batch_size=16, eval_samples=64))
-    return GrowConfig(task="text", ticks=ticks, device="cpu",
-                      host=HostConfig(width=32, depth=1), **kw)
+    return GrowConfig(
+        task="text", ticks=ticks, device="cpu", host=HostConfig(width=32, depth=1), **kw
+    )
 
 
 def finite_params(model: torch.nn.Module) -> bool:
@@ -87,13 +88,13 @@ class Driver:
 
     def grow(self, i: int, stage: Stage, blueprint: Blueprint = Blueprint.CONV_LIGHT) -> SeedSlot:
         """Take DORMANT slot `i` to `stage` through real ticks and actions (α ramp: FAST)."""
-        order = [Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING,
-                 Stage.COMMITTED]
+        order = [Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.COMMITTED]
         slot = self.slot(i)
         self.tick(FactoredAction(op=Op.GERMINATE, slot=i, blueprint=blueprint, tempo=Tempo.FAST))
         if order.index(stage) >= 1:
             self.tick(FactoredAction(op=Op.ADVANCE, slot=i))
         if order.index(stage) >= 2:
+
             def blend_if_passed(env: GrowthEnv) -> FactoredAction | None:
                 gate = slot.last_gate
                 return FactoredAction(op=Op.ADVANCE, slot=i) if gate and gate.passed else None
@@ -118,8 +119,9 @@ def cnn_driver(seed: int = 0, width: int = 4, **env_kw: object) -> Driver:
     task = digits()
     model = CNNHost(width, 2, 1, task.num_outputs, 8)
     env_kw.setdefault("batches_per_tick", 3)
-    return Driver(GrowthEnv(model, task, EnvConfig(**env_kw), device=torch.device("cpu"),
-                            seed=seed))
+    return Driver(
+        GrowthEnv(model, task, EnvConfig(**env_kw), device=torch.device("cpu"), seed=seed)
+    )
 
 
 def text_driver(seed: int = 0, **env_kw: object) -> Driver:
@@ -129,5 +131,6 @@ def text_driver(seed: int = 0, **env_kw: object) -> Driver:
     env_kw.setdefault("batches_per_tick", 3)
     env_kw.setdefault("batch_size", 16)
     env_kw.setdefault("eval_samples", 64)
-    return Driver(GrowthEnv(model, task, EnvConfig(**env_kw), device=torch.device("cpu"),
-                            seed=seed))
+    return Driver(
+        GrowthEnv(model, task, EnvConfig(**env_kw), device=torch.device("cpu"), seed=seed)
+    )

@@ -32,8 +32,7 @@ def small_mlp(**kw: object) -> MLPHost:
 
 
 def small_transformer(**kw: object) -> TransformerHost:
-    return TransformerHost(vocab_size=11, d_model=CHANNELS, n_layers=1, n_heads=2, max_len=8,
-                           **kw)
+    return TransformerHost(vocab_size=11, d_model=CHANNELS, n_layers=1, n_heads=2, max_len=8, **kw)
 
 
 def host_input(model: nn.Module, batch: int = 3, seed: int = 0) -> torch.Tensor:
@@ -52,12 +51,16 @@ HOSTS: dict[Topology, Callable[..., nn.Module]] = {
 }
 
 
-def slot_input(topology: Topology, channels: int = CHANNELS, batch: int = 3,
-               seed: int = 0) -> torch.Tensor:
+def slot_input(
+    topology: Topology, channels: int = CHANNELS, batch: int = 3, seed: int = 0
+) -> torch.Tensor:
     """Features as a slot sees them: (B, C, H, W), (B, T, C) or (B, C)."""
     g = torch.Generator().manual_seed(seed)
-    shape = {Topology.CNN: (batch, channels, 4, 4), Topology.SEQ: (batch, 5, channels),
-             Topology.VEC: (batch, channels)}[topology]
+    shape = {
+        Topology.CNN: (batch, channels, 4, 4),
+        Topology.SEQ: (batch, 5, channels),
+        Topology.VEC: (batch, channels),
+    }[topology]
     return torch.randn(shape, generator=g)
 
 
@@ -75,6 +78,7 @@ def slot_free(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # A fixed loss and one training step
 # ---------------------------------------------------------------------------------------------
+
 
 def fixed_loss(out: torch.Tensor) -> torch.Tensor:
     """Σ out ⊙ w with w fixed and asymmetric, so no gradient cancels by symmetry."""
@@ -99,14 +103,24 @@ def train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # Driving a slot through its lifecycle
 # ---------------------------------------------------------------------------------------------
 
+
 def tick(slot: SeedSlot) -> Stage:
     """One engine tick for this slot (its own clock, strictly increasing)."""
     last = slot.lifecycle.last_tick
     return slot.tick(0 if last is None else last + 1)
 
 
-def grow(model: nn.Module, slot: SeedSlot, x: torch.Tensor, spec: SeedSpec, stage: Stage, *,
-         target: float = 1.0, tempo: int = 3, curve: AlphaCurve = AlphaCurve.LINEAR) -> None:
+def grow(
+    model: nn.Module,
+    slot: SeedSlot,
+    x: torch.Tensor,
+    spec: SeedSpec,
+    stage: Stage,
+    *,
+    target: float = 1.0,
+    tempo: int = 3,
+    curve: AlphaCurve = AlphaCurve.LINEAR,
+) -> None:
     """Take a DORMANT `slot` of `model` to `stage` (GERMINATED … COMMITTED) through the real
     operations: G2 is passed by training for one tick, BLENDING is left with α = 0."""
     order = [Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.COMMITTED]

@@ -36,8 +36,9 @@ def closed_form(curve: AlphaCurve, u: float) -> float:
     return (math.tanh(k * (u - 0.5) / 2) + math.tanh(k / 4)) / (2 * math.tanh(k / 4))
 
 
-def expected_alpha(curve: AlphaCurve, target: float, tempo: int, k: int, start: float = 0.0,
-                   delay: int = 0) -> float:
+def expected_alpha(
+    curve: AlphaCurve, target: float, tempo: int, k: int, start: float = 0.0, delay: int = 0
+) -> float:
     k = min(max(k - delay, 0), tempo)
     return start + (target - start) * closed_form(curve, k / tempo)
 
@@ -65,8 +66,9 @@ def test_curves_match_closed_forms(curve: AlphaCurve) -> None:
 @pytest.mark.parametrize("curve", list(AlphaCurve))
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("tempo", TEMPOS)
-def test_schedule_follows_closed_form_every_tick(curve: AlphaCurve, target: float,
-                                                 tempo: int) -> None:
+def test_schedule_follows_closed_form_every_tick(
+    curve: AlphaCurve, target: float, tempo: int
+) -> None:
     s = AlphaSchedule(0.0, target, tempo, curve)
     for k in range(tempo + 3):
         assert s.value == pytest.approx(expected_alpha(curve, target, tempo, k), abs=1e-12)
@@ -77,13 +79,22 @@ def test_schedule_follows_closed_form_every_tick(curve: AlphaCurve, target: floa
 
 @pytest.mark.parametrize("curve", [AlphaCurve.LINEAR, AlphaCurve.COSINE, AlphaCurve.SIGMOID_SHARP])
 @pytest.mark.parametrize(("target", "tempo"), [(0.5, 3), (0.7, 5), (1.0, 8)])
-def test_slot_alpha_follows_closed_form_every_tick(curve: AlphaCurve, target: float,
-                                                   tempo: int) -> None:
+def test_slot_alpha_follows_closed_form_every_tick(
+    curve: AlphaCurve, target: float, tempo: int
+) -> None:
     torch.manual_seed(0)
     slot = SeedSlot(6, Topology.CNN, "s")
     x = slot_input(Topology.CNN).requires_grad_()
-    grow(slot, slot, x, SeedSpec(Blueprint.CONV_SMALL), Stage.BLENDING, target=target,
-         tempo=tempo, curve=curve)
+    grow(
+        slot,
+        slot,
+        x,
+        SeedSpec(Blueprint.CONV_SMALL),
+        Stage.BLENDING,
+        target=target,
+        tempo=tempo,
+        curve=curve,
+    )
     for k in range(tempo + 2):
         want = expected_alpha(curve, target, tempo, k)
         assert slot.alpha == pytest.approx(want, abs=1e-12)
@@ -99,8 +110,9 @@ def test_slot_alpha_follows_closed_form_every_tick(curve: AlphaCurve, target: fl
 
 @pytest.mark.parametrize("ticks", [1, 3, 5])
 @pytest.mark.parametrize("curve", [AlphaCurve.LINEAR, AlphaCurve.SIGMOID])
-def test_retarget_mid_ramp_is_continuous_then_follows_new_ramp(ticks: int,
-                                                               curve: AlphaCurve) -> None:
+def test_retarget_mid_ramp_is_continuous_then_follows_new_ramp(
+    ticks: int, curve: AlphaCurve
+) -> None:
     s = AlphaSchedule(0.0, 1.0, 8, AlphaCurve.COSINE)
     for _ in range(3):
         s = s.step()
@@ -109,8 +121,9 @@ def test_retarget_mid_ramp_is_continuous_then_follows_new_ramp(ticks: int,
     r = s.retarget(0.5, ticks, curve)
     assert r.value == before  # continuous: not approximately, exactly
     for k in range(ticks + 2):
-        assert r.value == pytest.approx(expected_alpha(curve, 0.5, ticks, k, start=before),
-                                        abs=1e-12)
+        assert r.value == pytest.approx(
+            expected_alpha(curve, 0.5, ticks, k, start=before), abs=1e-12
+        )
         r = r.step()
 
 
@@ -142,8 +155,15 @@ def test_warmup_holds_alpha_at_zero_then_ramps(warmup: int) -> None:
     torch.manual_seed(0)
     slot = SeedSlot(6, Topology.CNN, "s")
     x = slot_input(Topology.CNN).requires_grad_()
-    grow(slot, slot, x, SeedSpec(Blueprint.CONV_SMALL, warmup_ticks=warmup), Stage.BLENDING,
-         target=1.0, tempo=3)
+    grow(
+        slot,
+        slot,
+        x,
+        SeedSpec(Blueprint.CONV_SMALL, warmup_ticks=warmup),
+        Stage.BLENDING,
+        target=1.0,
+        tempo=3,
+    )
     h = slot_input(Topology.CNN, seed=1)
     for k in range(warmup + 5):
         assert slot.stage is Stage.BLENDING

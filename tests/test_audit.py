@@ -64,6 +64,7 @@ def recorded_run(path: Path, candidates: list[Candidate]) -> list[Candidate]:
 # Protocol, candidates, statistics
 # ---------------------------------------------------------------------------------------------
 
+
 def test_protocol_hash_is_canonical_and_ignores_repeats() -> None:
     p = AuditProtocol(ticks=4, repeats=1)
     assert p.protocol_hash() == AuditProtocol(ticks=4, repeats=5).protocol_hash()
@@ -85,7 +86,7 @@ def test_candidates_come_from_germinate_events_one_per_slot(tmp_path: Path) -> N
 
 def test_ci95_is_student_t() -> None:
     lo, hi = ci95([1.0, 2.0, 3.0])  # mean 2, s = 1, t(2) = 4.303
-    assert (lo, hi) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    assert (lo, hi) == pytest.approx((2 - 4.303 / 3**0.5, 2 + 4.303 / 3**0.5))
     assert all(math.isnan(x) for x in ci95([1.0]))
 
 
@@ -93,14 +94,16 @@ def test_ci95_is_student_t() -> None:
 # The audit on a fake value function
 # ---------------------------------------------------------------------------------------------
 
+
 def test_audit_matches_exact_shapley_and_caches_every_job(tmp_path: Path) -> None:
     protocol = AuditProtocol(ticks=4, repeats=2)
     audit = Audit(tmp_path / "audit", value_fn=fake_value)
     first = audit.run(protocol, [A, B, C], workers=1)
     assert (first.retrains, first.cached, first.failures) == (16, 0, ())
     assert first.repeats_used == (0, 1)
-    per_repeat = [exact_shapley([A, B, C], lambda s, r=r: fake_value(protocol, [], s, r))
-                  for r in range(2)]
+    per_repeat = [
+        exact_shapley([A, B, C], lambda s, r=r: fake_value(protocol, [], s, r)) for r in range(2)
+    ]
     for c in (A, B, C):
         assert first.phi[c.key] == pytest.approx((per_repeat[0][c] + per_repeat[1][c]) / 2)
         lo, hi = first.phi_ci95[c.key]
@@ -122,7 +125,8 @@ def test_audit_matches_exact_shapley_and_caches_every_job(tmp_path: Path) -> Non
 def test_a_failing_job_is_retried_then_reported(tmp_path: Path) -> None:
     protocol = AuditProtocol(ticks=4)
     recovered = Audit(tmp_path / "a", value_fn=Flaky(fail_times=1)).run(
-        protocol, [A, B], workers=1, retries=1)
+        protocol, [A, B], workers=1, retries=1
+    )
     assert recovered.failures == () and recovered.retrains == 5 and recovered.repeats_used == (0,)
 
     flaky = Flaky(fail_times=10)
@@ -139,7 +143,8 @@ def test_a_failing_job_is_retried_then_reported(tmp_path: Path) -> None:
 
 def test_process_pool_backend(tmp_path: Path) -> None:
     result = Audit(tmp_path / "audit", value_fn=fake_value).run(
-        AuditProtocol(ticks=4), [A, B], workers=2)
+        AuditProtocol(ticks=4), [A, B], workers=2
+    )
     assert (result.retrains, result.failures) == (4, ())
     assert result.phi[A.key] == pytest.approx(2.5) and result.phi[B.key] == pytest.approx(3.5)
 
@@ -160,9 +165,14 @@ def test_labels_land_on_the_source_germinate_events(tmp_path: Path) -> None:
 # One real audit: 2 seeds on digits, R = 1, 6 ticks of 4 batches (enough for the seeds to blend)
 # ---------------------------------------------------------------------------------------------
 
+
 def test_real_two_seed_audit_on_digits(tmp_path: Path) -> None:
-    protocol = AuditProtocol(config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)),
-                             ticks=6, metric="val_loss", repeats=1)
+    protocol = AuditProtocol(
+        config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)),
+        ticks=6,
+        metric="val_loss",
+        repeats=1,
+    )
     seeds = [Candidate("slots.b0", "CONV_LIGHT", 0), Candidate("slots.b1", "CONV_SMALL", 0)]
     result = Audit(tmp_path / "audit").run(protocol, seeds, workers=1)
     assert result.failures == () and result.retrains == 4
@@ -176,8 +186,9 @@ def test_real_two_seed_audit_on_digits(tmp_path: Path) -> None:
 
 
 def test_replay_germinates_and_advances_enabled_seeds_only(tmp_path: Path) -> None:
-    cfg = AuditProtocol(config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)),
-                        ticks=6).grow_config(0)
+    cfg = AuditProtocol(
+        config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)), ticks=6
+    ).grow_config(0)
     run = start_run(cfg, run_dir=tmp_path / "r", callbacks=[_Replay([A])])
     run.run()
     run.store.close()

@@ -49,6 +49,7 @@ class FailsFirst:
 @pytest.fixture(scope="module")
 def ray():
     import ray  # a dev dependency: CI must run these tests, not skip them
+
     if ray.is_initialized():
         pytest.skip("a Ray instance is already running in this process")
     start_local_ray(num_cpus=2)
@@ -61,7 +62,8 @@ def test_ray_gives_the_local_values_and_reports_progress(ray, tmp_path: Path) ->
     local = Audit(tmp_path / "local", value_fn=fake_value).run(protocol, [A, B, C], workers=1)
     seen: list[tuple[int, int]] = []
     remote = Audit(tmp_path / "ray", value_fn=fake_value).run(
-        protocol, [A, B, C], backend="ray", workers=2, progress=lambda d, t: seen.append((d, t)))
+        protocol, [A, B, C], backend="ray", workers=2, progress=lambda d, t: seen.append((d, t))
+    )
     assert (remote.retrains, remote.cached, remote.failures) == (16, 0, ())
     assert remote.values == local.values and remote.phi == local.phi
     assert remote.interactions == local.interactions and remote.banzhaf == local.banzhaf
@@ -74,12 +76,14 @@ def test_ray_gives_the_local_values_and_reports_progress(ray, tmp_path: Path) ->
 def test_ray_retries_a_failing_job_then_reports_it(ray, tmp_path: Path) -> None:
     protocol = AuditProtocol(ticks=4)
     recovered = Audit(tmp_path / "a", value_fn=FailsFirst(tmp_path / "marks-a", 1)).run(
-        protocol, [A, B], backend="ray", workers=2, retries=1)
+        protocol, [A, B], backend="ray", workers=2, retries=1
+    )
     assert recovered.failures == () and recovered.retrains == 5
     assert recovered.phi[A.key] == pytest.approx(2.5)
 
     failed = Audit(tmp_path / "b", value_fn=FailsFirst(tmp_path / "marks-b", 10)).run(
-        protocol, [A, B], backend="ray", workers=2, retries=2)
+        protocol, [A, B], backend="ray", workers=2, retries=2
+    )
     (f,) = failed.failures
     assert (f.subset, f.repeat, f.attempts) == (tuple(sorted([A.key, B.key])), 0, 3)
     assert len(list((tmp_path / "marks-b").iterdir())) == 3
@@ -88,8 +92,12 @@ def test_ray_retries_a_failing_job_then_reports_it(ray, tmp_path: Path) -> None:
 
 
 def test_real_two_seed_audit_through_ray_matches_local(ray, tmp_path: Path) -> None:
-    protocol = AuditProtocol(config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)),
-                             ticks=6, metric="val_loss", repeats=1)
+    protocol = AuditProtocol(
+        config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)),
+        ticks=6,
+        metric="val_loss",
+        repeats=1,
+    )
     seeds = [Candidate("slots.b0", "CONV_LIGHT", 0), Candidate("slots.b1", "CONV_SMALL", 0)]
     remote = Audit(tmp_path / "ray").run(protocol, seeds, backend="ray", workers=2)
     local = Audit(tmp_path / "local").run(protocol, seeds, workers=1)
@@ -112,8 +120,11 @@ def test_missing_ray_says_how_to_install_it(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     with pytest.raises(BackendUnavailable) as info:
         Audit(tmp_path / "audit", value_fn=fake_value).run(AuditProtocol(), [A], backend="ray")
-    assert str(info.value) == RAY_MISSING == (
-        "the ray backend needs the ray extra: pip install 'esper[ray]'")
+    assert (
+        str(info.value)
+        == RAY_MISSING
+        == ("the ray backend needs the ray extra: pip install 'esper[ray]'")
+    )
     assert not (tmp_path / "audit").exists()  # refused before any job ran
 
 
@@ -121,4 +132,7 @@ def test_job_resources_take_a_gpu_fraction_on_cuda() -> None:
     assert job_resources("cpu") == {"num_cpus": 1}
     assert job_resources("cuda:1") == {"num_cpus": 1, "num_gpus": GPU_FRACTION}
     assert job_resources("cuda", {"num_gpus": 0.5, "memory": 2**30}) == {
-        "num_cpus": 1, "num_gpus": 0.5, "memory": 2**30}
+        "num_cpus": 1,
+        "num_gpus": 0.5,
+        "memory": 2**30,
+    }

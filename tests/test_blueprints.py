@@ -43,20 +43,30 @@ def _host_with_first_slot(topology: Topology) -> tuple[nn.Module, SeedSlot, torc
 
 def _host_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     """Gradients of the host's own parameters, by the names they have in a slot-free copy."""
-    return {n: p.grad.clone() for n, p in model.named_parameters()
-            if ".seed." not in f".{n}" and ".blend." not in f".{n}" and p.grad is not None}
+    return {
+        n: p.grad.clone()
+        for n, p in model.named_parameters()
+        if ".seed." not in f".{n}" and ".blend." not in f".{n}" and p.grad is not None
+    }
 
 
 def _seed_params(slot: SeedSlot) -> dict[str, nn.Parameter]:
     return {f"seed.{n}": p for n, p in slot.seed.named_parameters()} | {
-        f"blend.{n}": p for n, p in slot.blend.named_parameters()}
+        f"blend.{n}": p for n, p in slot.blend.named_parameters()
+    }
 
 
 def test_matrix_covers_every_blueprint_and_topology() -> None:
     assert {b for _, b, _ in MATRIX} == set(Blueprint)
     assert blueprints_for(Topology.VEC) == (
-        Blueprint.NOOP, Blueprint.NORM, Blueprint.LORA, Blueprint.LORA_LARGE,
-        Blueprint.MLP_SMALL, Blueprint.MLP, Blueprint.GATED_MLP)
+        Blueprint.NOOP,
+        Blueprint.NORM,
+        Blueprint.LORA,
+        Blueprint.LORA_LARGE,
+        Blueprint.MLP_SMALL,
+        Blueprint.MLP,
+        Blueprint.GATED_MLP,
+    )
     assert set(blueprints_for(Topology.CNN)) == set(Blueprint)
     assert set(blueprints_for(Topology.SEQ)) == set(Blueprint)
     for b in Blueprint:
@@ -66,6 +76,7 @@ def test_matrix_covers_every_blueprint_and_topology() -> None:
 # ---------------------------------------------------------------------------------------------
 # Contracts, for every blueprint × topology × style
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("topology", "blueprint", "style"), MATRIX, ids=IDS)
 def test_training_is_exact_identity_and_seed_is_alive_at_birth(
@@ -125,6 +136,7 @@ def test_alpha_zero_is_exact_identity(
 # Errors
 # ---------------------------------------------------------------------------------------------
 
+
 def test_unknown_blueprint_name_lists_valid_choices() -> None:
     with pytest.raises(BlueprintError) as e:
         parse_blueprint("conv_giant")
@@ -134,8 +146,10 @@ def test_unknown_blueprint_name_lists_valid_choices() -> None:
     assert parse_blueprint("lora") is Blueprint.LORA
 
 
-@pytest.mark.parametrize("blueprint", [Blueprint.ATTENTION, Blueprint.CONV_SMALL,
-                                       Blueprint.DEPTHWISE, Blueprint.BOTTLENECK])
+@pytest.mark.parametrize(
+    "blueprint",
+    [Blueprint.ATTENTION, Blueprint.CONV_SMALL, Blueprint.DEPTHWISE, Blueprint.BOTTLENECK],
+)
 def test_unsupported_topology_lists_valid_blueprints(blueprint: Blueprint) -> None:
     with pytest.raises(BlueprintError) as e:
         build_seed(SeedSpec(blueprint), Topology.VEC, 6)
@@ -161,10 +175,13 @@ def test_unknown_topology_and_bad_channels() -> None:
 # Costs against hand formulas
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("topology", "blueprint"),
-                         [(t, b) for t in Topology for b in blueprints_for(t)])
-def test_blueprint_cost_params_are_the_module_numel(topology: Topology,
-                                                    blueprint: Blueprint) -> None:
+
+@pytest.mark.parametrize(
+    ("topology", "blueprint"), [(t, b) for t in Topology for b in blueprints_for(t)]
+)
+def test_blueprint_cost_params_are_the_module_numel(
+    topology: Topology, blueprint: Blueprint
+) -> None:
     shape = {Topology.CNN: (6, 4, 4), Topology.SEQ: (5, 6), Topology.VEC: (6,)}[topology]
     spec = SeedSpec(blueprint)
     cost = blueprint_cost(spec, topology, shape)
@@ -196,9 +213,12 @@ def test_lora_flops_match_hand_formula(blueprint: Blueprint, rank: int) -> None:
 # Knobs (§9.7)
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("topology", list(Topology))
-@pytest.mark.parametrize("blueprint", [Blueprint.MLP_SMALL, Blueprint.MLP, Blueprint.LORA,
-                                       Blueprint.LORA_LARGE, Blueprint.GATED_MLP])
+@pytest.mark.parametrize(
+    "blueprint",
+    [Blueprint.MLP_SMALL, Blueprint.MLP, Blueprint.LORA, Blueprint.LORA_LARGE, Blueprint.GATED_MLP],
+)
 def test_channel_width_two_doubles_hidden_units(topology: Topology, blueprint: Blueprint) -> None:
     one = build_seed(SeedSpec(blueprint, channel_width=1.0), topology, 6)
     two = build_seed(SeedSpec(blueprint, channel_width=2.0), topology, 6)
@@ -217,7 +237,11 @@ def test_head_count_sets_attention_heads(heads: int) -> None:
 
 
 def test_seed_spec_rejects_bad_knobs() -> None:
-    for kw in ({"head_count": 0}, {"channel_width": 0.0}, {"lr_multiplier": -1.0},
-               {"warmup_ticks": -1}):
+    for kw in (
+        {"head_count": 0},
+        {"channel_width": 0.0},
+        {"lr_multiplier": -1.0},
+        {"warmup_ticks": -1},
+    ):
         with pytest.raises(ValueError):
             SeedSpec(Blueprint.LORA, **kw)  # type: ignore[arg-type]

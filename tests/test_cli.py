@@ -53,12 +53,15 @@ def test_grow_runs_and_prints_summary(tmp_path: Path, tiny_config: Path) -> None
     assert shown.exit_code == 0 and "task=digits" in shown.output
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--task", "mnist"], ["unknown task", "digits"]),
-    (["--policy", "clever"], ["unknown policy", "heuristic"]),
-    (["--task", "cifar10", "--data-dir", "/nonexistent/cifar"], ["cifar"]),
-    (["--ticks", "0"], ["ticks"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--task", "mnist"], ["unknown task", "digits"]),
+        (["--policy", "clever"], ["unknown policy", "heuristic"]),
+        (["--task", "cifar10", "--data-dir", "/nonexistent/cifar"], ["cifar"]),
+        (["--ticks", "0"], ["ticks"]),
+    ],
+)
 def test_bad_flags(tmp_path: Path, args: list[str], words: list[str]) -> None:
     _assert_clean_failure(_invoke("grow", "--out", str(tmp_path), *args), *words)
 
@@ -105,8 +108,10 @@ def test_resume_of_something_that_is_not_a_run(tmp_path: Path) -> None:
 
 def test_audit_a_recorded_run(tmp_path: Path) -> None:
     cfg = tmp_path / "grow.toml"
-    cfg.write_text("ticks = 4\ncheckpoint_every = 4\n[env]\nbatches_per_tick = 2\n"
-                   "[heuristic]\nwarmup_ticks = 0\nplateau_patience = 0\nmax_live_seeds = 2\n")
+    cfg.write_text(
+        "ticks = 4\ncheckpoint_every = 4\n[env]\nbatches_per_tick = 2\n"
+        "[heuristic]\nwarmup_ticks = 0\nplateau_patience = 0\nmax_live_seeds = 2\n"
+    )
     assert _invoke("grow", "--config", str(cfg), "--out", str(tmp_path / "runs")).exit_code == 0
     [run] = list((tmp_path / "runs").iterdir())
     too_short = _invoke("audit", str(run), "--budget", "1")

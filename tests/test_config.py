@@ -27,8 +27,15 @@ from esper.tolaria.environment import EnvConfig
 from esper.tolaria.governor import GovernorConfig
 
 CUSTOM = GrowConfig(
-    task="text", policy="random", ticks=17, seed=3, device="cpu", out="elsewhere",
-    data_dir="/data/cifar", checkpoint_every=4, host=HostConfig(kind="mlp", width=16, depth=2),
+    task="text",
+    policy="random",
+    ticks=17,
+    seed=3,
+    device="cpu",
+    out="elsewhere",
+    data_dir="/data/cifar",
+    checkpoint_every=4,
+    host=HostConfig(kind="mlp", width=16, depth=2),
     env=EnvConfig(lr=1e-3, batch_size=32, batches_per_tick=5, prune_fade_ticks=2),
     economy=EconomyConfig(w_rent=0.25, max_rent=math.inf, higher_is_better=False),
     governor=GovernorConfig(divergence_factor=4.0, max_rollbacks=1),
@@ -40,6 +47,7 @@ CUSTOM = GrowConfig(
 # ---------------------------------------------------------------------------------------------
 # A minimal TOML writer, to test files independently of any TOML library's writer
 # ---------------------------------------------------------------------------------------------
+
 
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
@@ -56,8 +64,11 @@ def _toml_value(v: Any) -> str:
 
 
 def to_toml(data: dict[str, Any]) -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items()
-             if v is not None and not isinstance(v, dict)]
+    lines = [
+        f"{k} = {_toml_value(v)}"
+        for k, v in data.items()
+        if v is not None and not isinstance(v, dict)
+    ]
     for table, values in data.items():
         if isinstance(values, dict):
             lines += ["", f"[{table}]"]
@@ -75,13 +86,14 @@ def _write(tmp_path: Path, text: str) -> Path:
 # Round trips
 # ---------------------------------------------------------------------------------------------
 
+
 def test_toml_file_round_trip(tmp_path: Path) -> None:
     path = _write(tmp_path, to_toml(config_to_dict(CUSTOM)))
     assert load_config(path) == CUSTOM
 
 
 def test_partial_toml_keeps_every_other_default(tmp_path: Path) -> None:
-    path = _write(tmp_path, 'ticks = 9\n\n[economy]\nw_rent = 0.01\n\n[env]\nlr = 1\n')
+    path = _write(tmp_path, "ticks = 9\n\n[economy]\nw_rent = 0.01\n\n[env]\nlr = 1\n")
     cfg = load_config(path)
     assert cfg == GrowConfig(ticks=9, economy=EconomyConfig(w_rent=0.01), env=EnvConfig(lr=1.0))
     assert isinstance(cfg.env.lr, float)
@@ -94,8 +106,9 @@ def test_manifest_json_round_trip() -> None:
 
 
 def test_override_reaches_into_tables_and_skips_none() -> None:
-    cfg = override(GrowConfig(), ticks=None, seed=5, **{"env.batches_per_tick": 4,
-                                                        "economy.w_churn": 0.0})
+    cfg = override(
+        GrowConfig(), ticks=None, seed=5, **{"env.batches_per_tick": 4, "economy.w_churn": 0.0}
+    )
     assert (cfg.seed, cfg.ticks) == (5, GrowConfig().ticks)
     assert cfg.env == EnvConfig(batches_per_tick=4)
     assert cfg.economy == EconomyConfig(w_churn=0.0)
@@ -104,6 +117,7 @@ def test_override_reaches_into_tables_and_skips_none() -> None:
 # ---------------------------------------------------------------------------------------------
 # Strictness
 # ---------------------------------------------------------------------------------------------
+
 
 def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'tickz'") as err:
@@ -121,41 +135,47 @@ def test_unknown_nested_key_is_named(tmp_path: Path) -> None:
         override(GrowConfig(), **{"ecnomy.w_rent": 0.1})
 
 
-@pytest.mark.parametrize(("data", "key"), [
-    ({"ticks": "ten"}, "ticks"),
-    ({"ticks": 2.5}, "ticks"),
-    ({"ticks": True}, "ticks"),
-    ({"seed": "0"}, "seed"),
-    ({"policy": 3}, "policy"),
-    ({"data_dir": 7}, "data_dir"),
-    ({"env": 5}, "env"),
-    ({"env": {"lr": "fast"}}, "env.lr"),
-    ({"host": {"width": "wide"}}, "host.width"),
-    ({"economy": {"higher_is_better": 1}}, "economy.higher_is_better"),
-    ({"heuristic": {"rotation": "MLP"}}, "heuristic.rotation"),
-    ({"heuristic": {"rotation": ["MLP", 3]}}, "heuristic.rotation[1]"),
-])
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"ticks": "ten"}, "ticks"),
+        ({"ticks": 2.5}, "ticks"),
+        ({"ticks": True}, "ticks"),
+        ({"seed": "0"}, "seed"),
+        ({"policy": 3}, "policy"),
+        ({"data_dir": 7}, "data_dir"),
+        ({"env": 5}, "env"),
+        ({"env": {"lr": "fast"}}, "env.lr"),
+        ({"host": {"width": "wide"}}, "host.width"),
+        ({"economy": {"higher_is_better": 1}}, "economy.higher_is_better"),
+        ({"heuristic": {"rotation": "MLP"}}, "heuristic.rotation"),
+        ({"heuristic": {"rotation": ["MLP", 3]}}, "heuristic.rotation[1]"),
+    ],
+)
 def test_wrong_types_are_config_errors(data: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
         config_from_dict(data)
 
 
-@pytest.mark.parametrize("data", [
-    {"ticks": 0},
-    {"checkpoint_every": -1},
-    {"env": {"lr": -0.1}},
-    {"env": {"batches_per_tick": -1}},
-    {"economy": {"w_rent": -0.05}},
-    {"economy": {"churn_window": 0}},
-    {"governor": {"window": 0}},
-    {"governor": {"max_rollbacks": -1}},
-    {"heuristic": {"warmup_ticks": -1}},
-    {"heuristic": {"max_live_seeds": 0}},
-    {"heuristic": {"rotation": ["NOT_A_BLUEPRINT"]}},
-    {"lifecycle": {"embargo_ticks": -2}},
-    {"host": {"width": 0}},
-    {"host": {"kind": "rnn"}},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"ticks": 0},
+        {"checkpoint_every": -1},
+        {"env": {"lr": -0.1}},
+        {"env": {"batches_per_tick": -1}},
+        {"economy": {"w_rent": -0.05}},
+        {"economy": {"churn_window": 0}},
+        {"governor": {"window": 0}},
+        {"governor": {"max_rollbacks": -1}},
+        {"heuristic": {"warmup_ticks": -1}},
+        {"heuristic": {"max_live_seeds": 0}},
+        {"heuristic": {"rotation": ["NOT_A_BLUEPRINT"]}},
+        {"lifecycle": {"embargo_ticks": -2}},
+        {"host": {"width": 0}},
+        {"host": {"kind": "rnn"}},
+    ],
+)
 def test_out_of_range_values_are_config_errors(data: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         config_from_dict(data)

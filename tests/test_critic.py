@@ -31,28 +31,52 @@ from esper.simic.critic import (
 from esper.tolaria.environment import EnvConfig
 
 
-def telemetry(name: str, stage: Stage, contribution: float | None, blueprint=None
-              ) -> SlotTelemetry:
+def telemetry(name: str, stage: Stage, contribution: float | None, blueprint=None) -> SlotTelemetry:
     return SlotTelemetry(
-        name=name, stage=stage, ticks_in_stage=2, alpha=0.4, alpha_target=1.0,
-        alpha_curve=AlphaCurve.LINEAR, alpha_ticks_left=3, seed_grad_norm=0.1,
-        host_grad_norm=0.2, grad_ratio=0.5, param_count=40,
-        spec=SeedSpec(blueprint) if blueprint else None, contribution=contribution, rent=0.02)
+        name=name,
+        stage=stage,
+        ticks_in_stage=2,
+        alpha=0.4,
+        alpha_target=1.0,
+        alpha_curve=AlphaCurve.LINEAR,
+        alpha_ticks_left=3,
+        seed_grad_norm=0.1,
+        host_grad_norm=0.2,
+        grad_ratio=0.5,
+        param_count=40,
+        spec=SeedSpec(blueprint) if blueprint else None,
+        contribution=contribution,
+        rent=0.02,
+    )
 
 
 def observation() -> Observation:
-    slots = (telemetry("slots.b0", Stage.BLENDING, 0.07, Blueprint.CONV_LIGHT),
-             telemetry("slots.b1", Stage.DORMANT, None))
-    return Observation(tick=6, max_ticks=12, metric=0.8, higher_is_better=True, val_loss=0.6,
-                       train_loss=0.5, history=(0.5, 0.8), host_params=300, seed_params=40,
-                       rent_paid=0.1, slots=slots, legal_blueprints=((), ()))
+    slots = (
+        telemetry("slots.b0", Stage.BLENDING, 0.07, Blueprint.CONV_LIGHT),
+        telemetry("slots.b1", Stage.DORMANT, None),
+    )
+    return Observation(
+        tick=6,
+        max_ticks=12,
+        metric=0.8,
+        higher_is_better=True,
+        val_loss=0.6,
+        train_loss=0.5,
+        history=(0.5, 0.8),
+        host_params=300,
+        seed_params=40,
+        rent_paid=0.1,
+        slots=slots,
+        legal_blueprints=((), ()),
+    )
 
 
 def test_live_and_recorded_features_agree() -> None:
     obs = observation()
     for s in obs.slots:
-        recorded = snapshot_features(obs_vector(obs), slot_state(s),
-                                     s.spec.blueprint.name if s.spec else None)
+        recorded = snapshot_features(
+            obs_vector(obs), slot_state(s), s.spec.blueprint.name if s.spec else None
+        )
         assert observation_features(obs, s.name) == recorded
     live = observation_features(obs, "slots.b0")
     assert (live["contribution"], live["has_contribution"], live["stage"]) == (0.07, 1.0, 3.0)
@@ -66,10 +90,12 @@ def test_live_and_recorded_features_agree() -> None:
 # The dataset
 # ---------------------------------------------------------------------------------------------
 
+
 def test_dataset_joins_a_labelled_germination_of_a_real_run(tmp_path: Path) -> None:
-    cfg = override(GrowConfig(device="cpu", ticks=6, checkpoint_every=6,
-                              env=EnvConfig(batches_per_tick=2)),
-                   **{"heuristic.warmup_ticks": 0, "heuristic.plateau_patience": 0})
+    cfg = override(
+        GrowConfig(device="cpu", ticks=6, checkpoint_every=6, env=EnvConfig(batches_per_tick=2)),
+        **{"heuristic.warmup_ticks": 0, "heuristic.plateau_patience": 0},
+    )
     run = start_run(cfg, run_dir=tmp_path / "run")
     run.run()
     run.store.close()
@@ -107,15 +133,20 @@ def test_dataset_lag_stops_before_the_slot_is_germinated_again(tmp_path: Path) -
 # Folds, fitting, held-out score, save and load
 # ---------------------------------------------------------------------------------------------
 
+
 def fake_rows(runs: int = 6, per_run: int = 4, seed: int = 0) -> list[CriticRow]:
     """φ = 2·contribution + a blueprint effect + a little noise."""
     rng, rows = random.Random(seed), []
     for r in range(runs):
         for i in range(per_run):
             bp = ("CONV_LIGHT", "NORM")[i % 2]
-            feats = {"contribution": rng.uniform(-0.1, 0.3), "has_contribution": 1.0,
-                     "alpha": rng.uniform(0, 1), "metric": rng.uniform(0.5, 0.9),
-                     f"blueprint={bp}": 1.0}
+            feats = {
+                "contribution": rng.uniform(-0.1, 0.3),
+                "has_contribution": 1.0,
+                "alpha": rng.uniform(0, 1),
+                "metric": rng.uniform(0.5, 0.9),
+                f"blueprint={bp}": 1.0,
+            }
             phi = 2 * feats["contribution"] + 0.1 * (bp == "CONV_LIGHT") + rng.gauss(0, 0.01)
             rows.append(CriticRow(f"run{r}", i, "slots.b0", bp, 0, 3, phi, "p", feats, {}))
     return rows
@@ -148,11 +179,16 @@ def test_critic_generalises_across_runs_and_round_trips(tmp_path: Path) -> None:
     features = [r.features for r in rows]
     assert np.array_equal(loaded.predict(features), critic.predict(features))
     assert (loaded.features, loaded.l2, loaded.lag, loaded.bias) == (
-        critic.features, critic.l2, critic.lag, critic.bias)
+        critic.features,
+        critic.l2,
+        critic.lag,
+        critic.bias,
+    )
     assert loaded.meta["rows"] == len(rows) and loaded.meta["protocol_hashes"] == ["p"]
     obs = observation()
     assert loaded.predict_observation(obs, "slots.b0") == pytest.approx(
-        loaded.predict(observation_features(obs, "slots.b0")))
+        loaded.predict(observation_features(obs, "slots.b0"))
+    )
     (tmp_path / "junk.safetensors").write_bytes(b"not a critic")
     with pytest.raises(CriticLoadError):
         load_critic(tmp_path / "junk.safetensors")
@@ -162,12 +198,14 @@ def test_critic_generalises_across_runs_and_round_trips(tmp_path: Path) -> None:
 # esper train-critic
 # ---------------------------------------------------------------------------------------------
 
+
 def test_train_critic_on_the_command_line(tmp_path: Path) -> None:
     runs = []
     for i in range(3):
         run = tmp_path / f"run{i}"
-        Audit(run / "audit", value_fn=fake_value).run(AuditProtocol(), synthetic_run(run),
-                                                      workers=1)
+        Audit(run / "audit", value_fn=fake_value).run(
+            AuditProtocol(), synthetic_run(run), workers=1
+        )
         runs.append(str(run))
     runner = CliRunner()
     out = tmp_path / "critic.safetensors"

@@ -290,11 +290,15 @@ def test_level_return_is_area_under_the_curve_minus_costs() -> None:
     # Σ_t R_total over a run = Σ_t metric_t − W_rent·Σ C_rent − W_churn·Σ C_churn, which a
     # delta reward would telescope to (last − first metric) instead.
     metrics, rent = [0.2, 0.5, 0.7, 0.75], {"a": 0.3}
-    level = sum(reward(p, m, rent, _no_churn(), CFG).total
-                for p, m in zip([None, *metrics[:-1]], metrics, strict=True))
+    level = sum(
+        reward(p, m, rent, _no_churn(), CFG).total
+        for p, m in zip([None, *metrics[:-1]], metrics, strict=True)
+    )
     delta_cfg = EconomyConfig(task_reward="delta")
-    delta = sum(reward(p, m, rent, _no_churn(), delta_cfg).total
-                for p, m in zip([None, *metrics[:-1]], metrics, strict=True))
+    delta = sum(
+        reward(p, m, rent, _no_churn(), delta_cfg).total
+        for p, m in zip([None, *metrics[:-1]], metrics, strict=True)
+    )
     assert level == pytest.approx(2.15 - 4 * 0.01 * 0.3)
     assert delta == pytest.approx(0.55 - 4 * 0.01 * 0.3)
 

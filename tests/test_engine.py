@@ -27,8 +27,9 @@ def _group(opt: torch.optim.Optimizer, name: str) -> dict | None:
     return next((g for g in opt.param_groups if g["name"] == name), None)
 
 
-@pytest.mark.parametrize(("stage", "fade"), [(Stage.TRAINING, 0), (Stage.HOLDING, 2)],
-                         ids=["training", "holding-fading"])
+@pytest.mark.parametrize(
+    ("stage", "fade"), [(Stage.TRAINING, 0), (Stage.HOLDING, 2)], ids=["training", "holding-fading"]
+)
 def test_pruned_seed_leaves_no_tensor_in_the_optimizer(stage: Stage, fade: int) -> None:
     d = cnn_driver(prune_fade_ticks=fade)
     slot = d.grow(0, stage)
@@ -101,6 +102,7 @@ def test_sync_optimizer_keeps_host_moments_across_a_germination() -> None:
 # ---------------------------------------------------------------------------------------------
 # Fused α=0 ablation
 # ---------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def _scores(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

@@ -48,6 +48,7 @@ def by_slot(credit: dict[str, float]) -> dict[str, float]:
 # Rank statistics
 # ---------------------------------------------------------------------------------------------
 
+
 def test_spearman_with_ties_against_a_hand_computation() -> None:
     assert average_ranks([3.0, 1.0, 3.0, 3.0, 2.0]) == [4.0, 1.0, 4.0, 4.0, 2.0]
     # x ranks 1, 2.5, 2.5, 4; y ranks 1, 3, 2, 4; centred: (−1.5, 0, 0, 1.5), (−1.5, .5, −.5, 1.5)
@@ -63,6 +64,7 @@ def test_spearman_with_ties_against_a_hand_computation() -> None:
 # Each estimator on the known game
 # ---------------------------------------------------------------------------------------------
 
+
 def test_retrain_estimators_credit_and_cost(tmp_path: Path) -> None:
     cands = synthetic_run(tmp_path / "src")
     audit = Audit(tmp_path / "audit", value_fn=fake_value)
@@ -73,18 +75,21 @@ def test_retrain_estimators_credit_and_cost(tmp_path: Path) -> None:
 
     loo = leave_one_out_estimate(audit, PROTOCOL, cands, workers=1)
     assert by_slot(loo.credit) == pytest.approx(
-        {"slots.b0": 1 + 3 + 0.05, "slots.b1": 2 + 3 + 0.05, "slots.b2": -0.5 + 0.05})
+        {"slots.b0": 1 + 3 + 0.05, "slots.b1": 2 + 3 + 0.05, "slots.b2": -0.5 + 0.05}
+    )
     assert (loo.retrains, loo.ran) == (4 * 2, 0)  # (n + 1)·R, all from the exact audit's cache
-    fresh = leave_one_out_estimate(Audit(tmp_path / "fresh", fake_value), PROTOCOL, cands,
-                                   workers=1)
+    fresh = leave_one_out_estimate(
+        Audit(tmp_path / "fresh", fake_value), PROTOCOL, cands, workers=1
+    )
     assert (fresh.retrains, fresh.ran) == (8, 8)  # alone it retrains exactly what it costs
 
     # Short rollout: ⌈10/3⌉ = 4 ticks (> last germination at 1), R = 1: the game scaled by 0.4.
     assert short_protocol(PROTOCOL, cands).ticks == 4
     assert short_protocol(PROTOCOL, cands).repeats == 1
     short = short_rollout_estimate(audit, PROTOCOL, cands, workers=1)
-    assert by_slot(short.credit) == pytest.approx({"slots.b0": 1.0, "slots.b1": 1.4,
-                                                   "slots.b2": -0.2})
+    assert by_slot(short.credit) == pytest.approx(
+        {"slots.b0": 1.0, "slots.b1": 1.4, "slots.b2": -0.2}
+    )
     assert (short.retrains, short.tick_cost, short.ran) == (8, pytest.approx(3.2), 8)
     assert short_rollout_estimate(audit, PROTOCOL, cands).ran == 0  # cached under its own hash
 
@@ -100,8 +105,9 @@ def broken(protocol, candidates, subset, repeat) -> float:
 def test_a_failed_retrain_is_an_error_not_a_credit(tmp_path: Path) -> None:
     cands = synthetic_run(tmp_path / "src")
     with pytest.raises(RuntimeError, match="out of memory"):
-        leave_one_out_estimate(Audit(tmp_path / "a", value_fn=broken), PROTOCOL, cands,
-                               workers=1, retries=0)
+        leave_one_out_estimate(
+            Audit(tmp_path / "a", value_fn=broken), PROTOCOL, cands, workers=1, retries=0
+        )
 
 
 def test_short_protocol_keeps_every_germination_inside_the_budget(tmp_path: Path) -> None:
@@ -130,9 +136,16 @@ def test_permutation_estimator_cost_and_convergence(tmp_path: Path) -> None:
 
     def error(samples: int) -> float:  # mean over seeds of the worst candidate's error
         return statistics.fmean(
-            max(abs(x - PHI[s]) for s, x in by_slot(permutation_estimate(
-                bumpy, PROTOCOL, cands, samples=samples, seed=seed, workers=1).credit).items())
-            for seed in range(20))
+            max(
+                abs(x - PHI[s])
+                for s, x in by_slot(
+                    permutation_estimate(
+                        bumpy, PROTOCOL, cands, samples=samples, seed=seed, workers=1
+                    ).credit
+                ).items()
+            )
+            for seed in range(20)
+        )
 
     errors = [error(m) for m in (2, 20, 2000)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.1
@@ -156,6 +169,7 @@ def test_ablation_reads_the_last_recorded_contribution(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Recorded audits and the comparison, in Python and on the command line
 # ---------------------------------------------------------------------------------------------
+
 
 def audited_runs(tmp_path: Path, n: int = 2) -> list[Path]:
     runs = []
@@ -188,11 +202,13 @@ def test_compare_recorded_audits(tmp_path: Path) -> None:
 
 def test_compare_on_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runs = audited_runs(tmp_path)
-    monkeypatch.setattr("esper.cli.compare_audits",
-                        functools.partial(compare_audits, value_fn=fake_value))
+    monkeypatch.setattr(
+        "esper.cli.compare_audits", functools.partial(compare_audits, value_fn=fake_value)
+    )
     runner = CliRunner()
-    r = runner.invoke(app, ["audit", *map(str, runs), "--compare", "--workers", "1"],
-                      env={"COLUMNS": "250"})
+    r = runner.invoke(
+        app, ["audit", *map(str, runs), "--compare", "--workers", "1"], env={"COLUMNS": "250"}
+    )
     assert r.exit_code == 0, r.output
     assert "leave-one-out" in r.output and "Spearman" in r.output and "over 2 audited" in r.output
     bare = runner.invoke(app, ["audit", *map(str, runs)], env={"COLUMNS": "250"})

@@ -14,8 +14,7 @@ from esper.run import GrowResult
 
 
 def _result(metric: float, reward: float) -> GrowResult:
-    return GrowResult(Path("r"), "accuracy", 0.1, metric, 100, 120, 1000, 1200,
-                      reward_total=reward)
+    return GrowResult(Path("r"), "accuracy", 0.1, metric, 100, 120, 1000, 1200, reward_total=reward)
 
 
 def test_bootstrap_ci_matches_an_independent_resampling() -> None:
@@ -54,11 +53,15 @@ def test_sample_adds_a_sampled_row_for_learned_policies_only() -> None:
     from esper.evaluate import variants
 
     assert variants(["none", "heuristic", "p.safetensors"], sample=False) == [
-        ("none", "none", False), ("heuristic", "heuristic", False),
-        ("p.safetensors", "p.safetensors", False)]
+        ("none", "none", False),
+        ("heuristic", "heuristic", False),
+        ("p.safetensors", "p.safetensors", False),
+    ]
     assert variants(["none", "learned"], sample=True) == [
-        ("none", "none", False), ("learned", "learned", False),
-        ("learned (sampled)", "learned", True)]
+        ("none", "none", False),
+        ("learned", "learned", False),
+        ("learned (sampled)", "learned", True),
+    ]
 
 
 def test_first_seed_below_the_held_out_range_is_refused(tmp_path: Path) -> None:
@@ -66,8 +69,9 @@ def test_first_seed_below_the_held_out_range_is_refused(tmp_path: Path) -> None:
 
     from esper.cli import app
 
-    r = CliRunner().invoke(app, ["evaluate", "none", "--seeds", "1", "--first-seed", "999",
-                                 "--out", str(tmp_path)])
+    r = CliRunner().invoke(
+        app, ["evaluate", "none", "--seeds", "1", "--first-seed", "999", "--out", str(tmp_path)]
+    )
     assert r.exit_code == 2 and "not held out" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "evaluation.md").exists()
 
@@ -77,7 +81,20 @@ def test_first_seed_chooses_the_seeds(tmp_path: Path) -> None:
 
     from esper.cli import app
 
-    r = CliRunner().invoke(app, ["evaluate", "none", "--seeds", "2", "--first-seed", "1010",
-                                 "--ticks", "1", "--out", str(tmp_path)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "none",
+            "--seeds",
+            "2",
+            "--first-seed",
+            "1010",
+            "--ticks",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "seeds 1010..1011 (2)" in (tmp_path / "evaluation.md").read_text()

@@ -23,18 +23,40 @@ from esper.tamiyo.features import (
 
 
 def tele(name: str, stage: Stage = Stage.DORMANT, **kw: object) -> SlotTelemetry:
-    base = dict(name=name, stage=stage, ticks_in_stage=0, alpha=0.0, alpha_target=1.0,
-                alpha_curve=AlphaCurve.LINEAR, alpha_ticks_left=0, seed_grad_norm=0.0,
-                host_grad_norm=0.0, grad_ratio=0.0, param_count=0, spec=None)
+    base = dict(
+        name=name,
+        stage=stage,
+        ticks_in_stage=0,
+        alpha=0.0,
+        alpha_target=1.0,
+        alpha_curve=AlphaCurve.LINEAR,
+        alpha_ticks_left=0,
+        seed_grad_norm=0.0,
+        host_grad_norm=0.0,
+        grad_ratio=0.0,
+        param_count=0,
+        spec=None,
+    )
     return SlotTelemetry(**{**base, **kw})
 
 
-def observe(slots: list[SlotTelemetry], history: tuple[float, ...] = (0.5,), tick: int = 10,
-            **kw: object) -> Observation:
-    base = dict(tick=tick, max_ticks=100, metric=history[-1] if history else 0.5,
-                higher_is_better=True, val_loss=1.2, train_loss=0.9, history=history,
-                host_params=1000, seed_params=50, rent_paid=0.3, slots=tuple(slots),
-                legal_blueprints=tuple(tuple(Blueprint) for _ in slots))
+def observe(
+    slots: list[SlotTelemetry], history: tuple[float, ...] = (0.5,), tick: int = 10, **kw: object
+) -> Observation:
+    base = dict(
+        tick=tick,
+        max_ticks=100,
+        metric=history[-1] if history else 0.5,
+        higher_is_better=True,
+        val_loss=1.2,
+        train_loss=0.9,
+        history=history,
+        host_params=1000,
+        seed_params=50,
+        rent_paid=0.3,
+        slots=tuple(slots),
+        legal_blueprints=tuple(tuple(Blueprint) for _ in slots),
+    )
     return Observation(**{**base, **kw})
 
 
@@ -49,6 +71,7 @@ def sf(s: torch.Tensor, slot: int, name: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # featurize
 # ---------------------------------------------------------------------------------------------
+
 
 def test_shapes_and_global_values_on_a_linear_history() -> None:
     history = tuple(0.1 + 0.05 * t for t in range(8))  # slope 0.05 per tick
@@ -79,12 +102,25 @@ def test_short_history_is_zero_padded_and_trend_uses_the_last_five() -> None:
 
 
 def test_slot_features_of_a_blending_seed_and_a_dormant_slot() -> None:
-    seed = tele("a", Stage.BLENDING, ticks_in_stage=30, alpha=0.4, alpha_target=0.7,
-                alpha_ticks_left=4, seed_grad_norm=1e-3, host_grad_norm=10.0, grad_ratio=1e-4,
-                param_count=200, spec=SeedSpec(Blueprint.CONV_LIGHT), contribution=0.02,
-                contribution_tick=8, gate_passed=True, rent=0.01)
+    seed = tele(
+        "a",
+        Stage.BLENDING,
+        ticks_in_stage=30,
+        alpha=0.4,
+        alpha_target=0.7,
+        alpha_ticks_left=4,
+        seed_grad_norm=1e-3,
+        host_grad_norm=10.0,
+        grad_ratio=1e-4,
+        param_count=200,
+        spec=SeedSpec(Blueprint.CONV_LIGHT),
+        contribution=0.02,
+        contribution_tick=8,
+        gate_passed=True,
+        rent=0.01,
+    )
     _, s = featurize(observe([seed, tele("b")], tick=10))
-    stage = s[:, :len(Stage)]
+    stage = s[:, : len(Stage)]
     assert stage[0].argmax() == Stage.BLENDING and stage[0].sum() == 1
     assert stage[1].argmax() == Stage.DORMANT and stage[1].sum() == 1
     assert sf(s, 0, "alpha") == pytest.approx(0.4)
@@ -102,14 +138,15 @@ def test_slot_features_of_a_blending_seed_and_a_dormant_slot() -> None:
     assert sf(s, 1, "contribution_staleness") == 1.0
     assert sf(s, 0, "param_frac") == pytest.approx(0.2)
     assert sf(s, 0, "blueprint_conv_light") == 1.0 and sf(s, 1, "blueprint_none") == 1.0
-    blueprint = s[:, SLOT_FEATURES.index("blueprint_noop"):SLOT_FEATURES.index("rent")]
+    blueprint = s[:, SLOT_FEATURES.index("blueprint_noop") : SLOT_FEATURES.index("rent")]
     assert blueprint.shape[1] == len(Blueprint) + 1 and (blueprint.sum(1) == 1).all()
     assert sf(s, 0, "rent") == pytest.approx(0.01)
 
 
 def test_extremes_are_clamped_and_finite() -> None:
-    wild = tele("a", seed_grad_norm=0.0, host_grad_norm=1e30, grad_ratio=float("inf"),
-                gate_passed=False)
+    wild = tele(
+        "a", seed_grad_norm=0.0, host_grad_norm=1e30, grad_ratio=float("inf"), gate_passed=False
+    )
     g, s = featurize(observe([wild], val_loss=float("nan"), train_loss=float("inf")))
     assert torch.isfinite(g).all() and torch.isfinite(s).all()
     assert sf(s, 0, "log_seed_grad") == -8.0 and sf(s, 0, "log_host_grad") == 4.0
@@ -126,6 +163,7 @@ def test_batches_need_one_slot_count() -> None:
 # ---------------------------------------------------------------------------------------------
 # RunningNormalizer
 # ---------------------------------------------------------------------------------------------
+
 
 def test_normalizer_matches_numpy_over_all_rows_seen() -> None:
     rng = np.random.default_rng(0)

@@ -23,8 +23,9 @@ NAN = float("nan")
 
 
 def test_triggers_nan_explosion_and_divergence_after_warmup() -> None:
-    gov = Governor(GovernorConfig(divergence_factor=3.0, explosion_loss=100.0, window=3,
-                                  warmup_ticks=2))
+    gov = Governor(
+        GovernorConfig(divergence_factor=3.0, explosion_loss=100.0, window=3, warmup_ticks=2)
+    )
     model = torch.nn.Linear(2, 2)
     assert gov.check(9.0, model, {}) is None  # no baseline yet: only nan/explosion count
     gov.accept(2.0)
@@ -75,6 +76,7 @@ def test_rollback_needs_a_snapshot_and_gives_up_after_max_rollbacks() -> None:
 # Fault injection in a run
 # ---------------------------------------------------------------------------------------------
 
+
 def _kinds(events: list, tick: int) -> list[str]:
     return [e.kind for e in events if e.tick == tick and e.kind != "decision"]
 
@@ -98,8 +100,11 @@ def test_nan_in_a_live_seed_rolls_back_and_lobotomises_it(tmp_path: Path) -> Non
     store = run.store
     events = store.events()
 
-    assert _kinds(events, bad_tick)[:3] == ["governor_nan", "governor_rollback",
-                                            "governor_lobotomy"]
+    assert _kinds(events, bad_tick)[:3] == [
+        "governor_nan",
+        "governor_rollback",
+        "governor_lobotomy",
+    ]
     nan = next(e for e in events if e.kind == "governor_nan")
     assert nan.payload["offender"] == poisoned["slot"]
     rollback = next(e for e in events if e.kind == "governor_rollback")
@@ -107,8 +112,11 @@ def test_nan_in_a_live_seed_rolls_back_and_lobotomises_it(tmp_path: Path) -> Non
     lobotomy = next(e for e in events if e.kind == "governor_lobotomy")
     assert lobotomy.slot == poisoned["slot"]
     assert lobotomy.payload["seed_id"] == poisoned["seed_id"]
-    assert any(e.kind == "lifecycle" and e.slot == poisoned["slot"]
-               and e.payload["from"] == "PRUNED" for e in events if e.tick == bad_tick)
+    assert any(
+        e.kind == "lifecycle" and e.slot == poisoned["slot"] and e.payload["from"] == "PRUNED"
+        for e in events
+        if e.tick == bad_tick
+    )
     assert result.rollbacks == 1
 
     slot = run.env.slots[poisoned["slot"]]
@@ -164,6 +172,7 @@ def test_training_that_keeps_failing_abandons_the_run(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Rollback restores the optimizer: momentum from a failed tick must not survive
 # ---------------------------------------------------------------------------------------------
+
 
 def test_rollback_restores_adam_moments_each_time(tmp_path: Path) -> None:
     ticks, bad_tick, failures = 5, 3, 2

@@ -23,7 +23,11 @@ def test_slots_of_names_every_host_slot() -> None:
     assert list(slots_of(CNNHost(depth=3))) == ["slots.b0", "slots.b1", "slots.b2"]
     assert list(slots_of(MLPHost(depth=2))) == ["slots.b0", "slots.b1"]
     assert list(slots_of(TransformerHost(n_layers=2))) == [
-        "slots.l0_attn", "slots.l0_mlp", "slots.l1_attn", "slots.l1_mlp"]
+        "slots.l0_attn",
+        "slots.l0_mlp",
+        "slots.l1_attn",
+        "slots.l1_mlp",
+    ]
     cnn = slots_of(CNNHost(width=5, depth=2))
     assert all(s.channels == 5 and s.topology is Topology.CNN for s in cnn.values())
     seq = slots_of(TransformerHost(d_model=16, n_heads=2, n_layers=1))
@@ -45,9 +49,11 @@ def test_host_slots_grow_and_shape_is_kept() -> None:
     x = torch.randint(0, 11, (2, 6))
     with torch.no_grad():
         y0 = model(x)
-    for slot, bp in zip(slots_of(model).values(), [Blueprint.ATTENTION, Blueprint.GATED_MLP,
-                                                   Blueprint.DEPTHWISE, Blueprint.LORA],
-                        strict=True):
+    for slot, bp in zip(
+        slots_of(model).values(),
+        [Blueprint.ATTENTION, Blueprint.GATED_MLP, Blueprint.DEPTHWISE, Blueprint.LORA],
+        strict=True,
+    ):
         grow(model, slot, x, SeedSpec(bp), Stage.BLENDING)
         tick(slot)
     with torch.no_grad():
@@ -60,8 +66,9 @@ def test_transformer_host_stays_causal_with_seeds() -> None:
     torch.manual_seed(0)
     model = TransformerHost(vocab_size=11, d_model=8, n_layers=1, n_heads=2, max_len=8)
     x = torch.randint(0, 11, (2, 6))
-    for slot, bp in zip(slots_of(model).values(), [Blueprint.ATTENTION, Blueprint.CONV_HEAVY],
-                        strict=True):
+    for slot, bp in zip(
+        slots_of(model).values(), [Blueprint.ATTENTION, Blueprint.CONV_HEAVY], strict=True
+    ):
         grow(model, slot, x, SeedSpec(bp, Style.GATE), Stage.HOLDING)
     x2 = x.clone()
     x2[:, 4:] = (x2[:, 4:] + 1) % 11
@@ -73,13 +80,15 @@ def test_transformer_host_stays_causal_with_seeds() -> None:
 # Slots in a user's own model
 # ---------------------------------------------------------------------------------------------
 
+
 class UserNet(nn.Module):
     """A model written without Esper in mind: a feature stack and a list of blocks."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(6, 6, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU()
+        )
         self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
         self.head = nn.Linear(6, 3)
 
@@ -100,8 +109,9 @@ def _blend_one(model: nn.Module, slot: SeedSlot, x: torch.Tensor, bp: Blueprint)
     assert slot.alpha > 0
 
 
-@pytest.mark.parametrize(("points", "bp"), [(["0", "2"], Blueprint.MLP_SMALL),
-                                            (["1"], Blueprint.LORA)])
+@pytest.mark.parametrize(
+    ("points", "bp"), [(["0", "2"], Blueprint.MLP_SMALL), (["1"], Blueprint.LORA)]
+)
 def test_insert_slots_into_a_user_sequential(points: list[str], bp: Blueprint) -> None:
     torch.manual_seed(0)
     model = _user_sequential()
@@ -130,10 +140,10 @@ def test_insert_slots_into_a_user_sequential(points: list[str], bp: Blueprint) -
     assert torch.allclose(y, manual, atol=1e-6)
 
 
-def _user_net_by_hand(model: UserNet, slots: dict[str, SeedSlot],
-                      x: torch.Tensor) -> torch.Tensor:
+def _user_net_by_hand(model: UserNet, slots: dict[str, SeedSlot], x: torch.Tensor) -> torch.Tensor:
     """UserNet's forward written out, calling `forward` directly (no hooks) and each slot once,
     right after its point."""
+
     def at(path: str, layer: nn.Module, z: torch.Tensor) -> torch.Tensor:
         z = layer.forward(z)
         return slots[path](z) if path in slots else z
@@ -156,7 +166,10 @@ def test_insert_slots_into_a_custom_module() -> None:
         y0 = model(x)
     slots = insert_slots(model, ["features.2", "blocks.0", "head"], x)
     assert [(s.topology, s.channels) for s in slots.values()] == [
-        (Topology.CNN, 6), (Topology.VEC, 6), (Topology.VEC, 3)]
+        (Topology.CNN, 6),
+        (Topology.VEC, 6),
+        (Topology.VEC, 3),
+    ]
     assert list(model.state_dict()) == keys
     with torch.no_grad():
         assert torch.equal(model(x), y0)
@@ -189,6 +202,7 @@ def test_insert_slots_errors() -> None:
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_compiled_host_matches_eager() -> None:

@@ -25,10 +25,11 @@ def _demos(n: int, ops: torch.Tensor, seed: int = 0) -> Demonstrations:
     """Random features; the teacher germinates (slot = argmax of slot feature 0, blueprint
     CONV_HEAVY) where `ops` says GERMINATE, and waits elsewhere. Every action is legal."""
     gen = torch.Generator().manual_seed(seed)
-    g, s = torch.randn(n, GLOBAL_DIM, generator=gen), torch.randn(n, SLOTS, SLOT_DIM,
-                                                                  generator=gen)
-    actions = [FactoredAction(op=Op(int(o)), slot=int(s[i, :, 0].argmax()),
-                              blueprint=Blueprint.CONV_HEAVY) for i, o in enumerate(ops)]
+    g, s = torch.randn(n, GLOBAL_DIM, generator=gen), torch.randn(n, SLOTS, SLOT_DIM, generator=gen)
+    actions = [
+        FactoredAction(op=Op(int(o)), slot=int(s[i, :, 0].argmax()), blueprint=Blueprint.CONV_HEAVY)
+        for i, o in enumerate(ops)
+    ]
     sizes = {**HEAD_SIZES_FIXED, "slot": SLOTS}
     masks = {h: torch.ones(n, sizes[h], dtype=torch.bool) for h in HEADS}
     return Demonstrations(g, s, action_indices(actions), masks, 2.0 * g[:, 1])
@@ -40,8 +41,9 @@ def _net() -> TamiyoNet:
 
 
 def test_action_indices_are_the_heads_the_policy_samples() -> None:
-    a = FactoredAction(op=Op.FOSSILIZE, slot=2, blueprint=Blueprint.ATTENTION,
-                       alpha_target=AlphaTarget.HALF)
+    a = FactoredAction(
+        op=Op.FOSSILIZE, slot=2, blueprint=Blueprint.ATTENTION, alpha_target=AlphaTarget.HALF
+    )
     row = action_indices([a, FactoredAction()])
     assert TAMIYO_OPS[int(row[0, HEAD_INDEX["op"]])] is Op.FOSSILIZE
     assert int(row[0, HEAD_INDEX["slot"]]) == 2
@@ -59,8 +61,13 @@ def test_clone_learns_a_state_dependent_teacher() -> None:
     net = _net()
     before, _ = agreement(net, demos)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    stats = imitation_update(net, opt, demos, ImitationConfig(epochs=60, minibatch_size=64),
-                             torch.Generator().manual_seed(0))
+    stats = imitation_update(
+        net,
+        opt,
+        demos,
+        ImitationConfig(epochs=60, minibatch_size=64),
+        torch.Generator().manual_seed(0),
+    )
     assert stats.accuracy["op"] >= 0.95 and before["op"] < 0.8
     assert stats.accuracy["slot"] >= 0.9  # where to germinate depends on the slot features
     assert stats.accuracy["blueprint"] == 1.0
@@ -71,8 +78,11 @@ def test_clone_learns_a_state_dependent_teacher() -> None:
 def test_heads_the_teachers_op_ignores_get_no_gradient() -> None:
     demos = _demos(64, ops=torch.full((64,), int(Op.WAIT)))  # WAIT: only the op head matters
     net = _net()
-    watched = {name: p.detach().clone() for name, p in net.named_parameters()
-               if name.startswith(("knob_", "slot_head", "op_embed"))}
+    watched = {
+        name: p.detach().clone()
+        for name, p in net.named_parameters()
+        if name.startswith(("knob_", "slot_head", "op_embed"))
+    }
     op_before = net.op_head.weight.detach().clone()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     stats = imitation_update(net, opt, demos, ImitationConfig(epochs=3, vf_coef=0.0))
@@ -96,8 +106,9 @@ def test_value_head_fits_the_teachers_returns() -> None:
     assert stats.value_loss == pytest.approx(end / 2, rel=0.5)  # ½ MSE, last epoch's mean
 
 
-@pytest.mark.parametrize("bad", [{"episodes": 0}, {"epochs": 0}, {"minibatch_size": 0},
-                                 {"lr": 0.0}, {"vf_coef": -1.0}])
+@pytest.mark.parametrize(
+    "bad", [{"episodes": 0}, {"epochs": 0}, {"minibatch_size": 0}, {"lr": 0.0}, {"vf_coef": -1.0}]
+)
 def test_bad_imitation_config_is_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match="imitation"):
         ImitationConfig(**bad)

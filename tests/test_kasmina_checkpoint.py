@@ -32,6 +32,7 @@ from esper.kasmina import (
 # A host with a slot in every stage
 # ---------------------------------------------------------------------------------------------
 
+
 def _populate(model: nn.Module, x: torch.Tensor, blueprints: list[Blueprint]) -> None:
     """Drive the model's slots, in order, into: DORMANT, GERMINATED, TRAINING, BLENDING
     (mid-ramp), HOLDING, COMMITTED (units lysed and weakened), PRUNED (a seed fading),
@@ -42,11 +43,24 @@ def _populate(model: nn.Module, x: torch.Tensor, blueprints: list[Blueprint]) ->
     grow(model, s[1], x, SeedSpec(next(b), Style.VALVE), Stage.GERMINATED)
     grow(model, s[2], x, SeedSpec(next(b), Style.GATE, lr_multiplier=0.5), Stage.TRAINING)
     tick(s[2])
-    grow(model, s[3], x, SeedSpec(next(b), Style.SIGMOID_RAMP, warmup_ticks=1),
-         Stage.BLENDING, target=0.7, tempo=5)
+    grow(
+        model,
+        s[3],
+        x,
+        SeedSpec(next(b), Style.SIGMOID_RAMP, warmup_ticks=1),
+        Stage.BLENDING,
+        target=0.7,
+        tempo=5,
+    )
     tick(s[3]), tick(s[3]), tick(s[3])
-    grow(model, s[4], x, SeedSpec(next(b), Style.RESIDUAL, channel_width=0.5),
-         Stage.HOLDING, target=0.5)
+    grow(
+        model,
+        s[4],
+        x,
+        SeedSpec(next(b), Style.RESIDUAL, channel_width=0.5),
+        Stage.HOLDING,
+        target=0.5,
+    )
     s[4].contribution, s[4].contribution_tick, s[4].seed_id = 0.125, 7, "env0-seed4"
     grow(model, s[5], x, SeedSpec(next(b), Style.GATE, head_count=4), Stage.COMMITTED)
     s[5].sedate([0, 2])
@@ -63,9 +77,17 @@ def _populate(model: nn.Module, x: torch.Tensor, blueprints: list[Blueprint]) ->
     s[8].prune(actor=Actor.TOLARIA)
     tick(s[8])
     stages = [slot.stage for slot in s[:9]]
-    assert stages == [Stage.DORMANT, Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING,
-                      Stage.HOLDING, Stage.COMMITTED, Stage.PRUNED, Stage.PRUNED,
-                      Stage.EMBARGOED]
+    assert stages == [
+        Stage.DORMANT,
+        Stage.GERMINATED,
+        Stage.TRAINING,
+        Stage.BLENDING,
+        Stage.HOLDING,
+        Stage.COMMITTED,
+        Stage.PRUNED,
+        Stage.PRUNED,
+        Stage.EMBARGOED,
+    ]
     assert 0 < s[3].alpha < 0.7 and 0 < s[6].alpha < 1 and 0 < float(s[7].phage.sedation) < 1
 
 
@@ -87,33 +109,69 @@ def _transformer(seed: int) -> TransformerHost:
     return TransformerHost(vocab_size=13, d_model=8, n_layers=5, n_heads=2, max_len=8)
 
 
-CASES: dict[str, tuple[Callable[[int], nn.Module], Callable[[], torch.Tensor], list[Blueprint],
-                       list[str]]] = {
-    "cnn": (_cnn, lambda: torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
-            [Blueprint.LORA, Blueprint.CONV_LIGHT, Blueprint.CONV_HEAVY, Blueprint.MLP_SMALL,
-             Blueprint.DEPTHWISE, Blueprint.BOTTLENECK, Blueprint.ATTENTION,
-             Blueprint.CONV_SMALL],
-            ["blocks.0"]),
-    "transformer": (_transformer,
-                    lambda: torch.randint(0, 13, (2, 6),
-                                          generator=torch.Generator().manual_seed(1)),
-                    [Blueprint.GATED_MLP, Blueprint.LORA_LARGE, Blueprint.ATTENTION,
-                     Blueprint.NORM, Blueprint.ATTENTION, Blueprint.MLP, Blueprint.DEPTHWISE,
-                     Blueprint.NOOP],
-                    ["layers.1", "layers.2"]),
+CASES: dict[
+    str, tuple[Callable[[int], nn.Module], Callable[[], torch.Tensor], list[Blueprint], list[str]]
+] = {
+    "cnn": (
+        _cnn,
+        lambda: torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+        [
+            Blueprint.LORA,
+            Blueprint.CONV_LIGHT,
+            Blueprint.CONV_HEAVY,
+            Blueprint.MLP_SMALL,
+            Blueprint.DEPTHWISE,
+            Blueprint.BOTTLENECK,
+            Blueprint.ATTENTION,
+            Blueprint.CONV_SMALL,
+        ],
+        ["blocks.0"],
+    ),
+    "transformer": (
+        _transformer,
+        lambda: torch.randint(0, 13, (2, 6), generator=torch.Generator().manual_seed(1)),
+        [
+            Blueprint.GATED_MLP,
+            Blueprint.LORA_LARGE,
+            Blueprint.ATTENTION,
+            Blueprint.NORM,
+            Blueprint.ATTENTION,
+            Blueprint.MLP,
+            Blueprint.DEPTHWISE,
+            Blueprint.NOOP,
+        ],
+        ["layers.1", "layers.2"],
+    ),
 }
 
 
 def _slot_state(slot: SeedSlot) -> tuple:
     lc, phage, gate = slot.lifecycle, slot.phage, slot.last_gate
     return (
-        slot.stage, lc.ticks_in_stage, lc.last_tick, slot.alpha, slot.schedule, slot.spec,
-        slot.pending, slot.seed_id, slot.contribution, slot.contribution_tick, slot._mode,
+        slot.stage,
+        lc.ticks_in_stage,
+        lc.last_tick,
+        slot.alpha,
+        slot.schedule,
+        slot.spec,
+        slot.pending,
+        slot.seed_id,
+        slot.contribution,
+        slot.contribution_tick,
+        slot._mode,
         None if slot.seed is None else slot.seed.units,
         None if gate is None else (gate.passed, gate.reasons),
-        None if phage is None else (phage.units, phage.unit_mask_values(),
-                                    float(phage.sedation), phage.module_sedated, phage.fade,
-                                    phage.blend is not None, phage.param_count()),
+        None
+        if phage is None
+        else (
+            phage.units,
+            phage.unit_mask_values(),
+            float(phage.sedation),
+            phage.module_sedated,
+            phage.fade,
+            phage.blend is not None,
+            phage.param_count(),
+        ),
     )
 
 
@@ -139,7 +197,10 @@ def test_round_trip_into_a_fresh_host(case: str, tmp_path: Path) -> None:
         assert isinstance(fresh.get_submodule(path), Phage)
         a, b = model.get_submodule(path), fresh.get_submodule(path)
         assert (a.units, a.unit_mask_values(), a.param_count()) == (
-            b.units, b.unit_mask_values(), b.param_count())
+            b.units,
+            b.unit_mask_values(),
+            b.param_count(),
+        )
     mine, theirs = slots_of(model), slots_of(fresh)
     assert list(mine) == list(theirs)
     for name in mine:
@@ -176,6 +237,7 @@ def test_save_does_not_change_the_model(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Bad files
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
@@ -219,8 +281,11 @@ def test_non_esper_safetensors_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not an object"):
         load_model(_cnn(1), listed)
     wrong = tmp_path / "wrong.safetensors"
-    save_file({"weight": torch.zeros(3)}, str(wrong),
-              metadata={"esper": json.dumps({"format": "something.else", "version": 1})})
+    save_file(
+        {"weight": torch.zeros(3)},
+        str(wrong),
+        metadata={"esper": json.dumps({"format": "something.else", "version": 1})},
+    )
     with pytest.raises(CheckpointError, match=r"expected esper\.kasmina\.model"):
         load_model(_cnn(1), wrong)
 

@@ -34,8 +34,11 @@ from esper.contracts import (
 from esper.kasmina import SeedSlot
 
 QUIET = {Stage.DORMANT, Stage.EMBARGOED, Stage.RESETTING}
-CLOCK = {Stage.PRUNED: Stage.EMBARGOED, Stage.EMBARGOED: Stage.RESETTING,
-         Stage.RESETTING: Stage.DORMANT}
+CLOCK = {
+    Stage.PRUNED: Stage.EMBARGOED,
+    Stage.EMBARGOED: Stage.RESETTING,
+    Stage.RESETTING: Stage.DORMANT,
+}
 
 # ---------------------------------------------------------------------------------------------
 # The tables against the design's rules (DESIGN.md "Lifecycle"), stated independently
@@ -54,8 +57,9 @@ def test_tamiyo_acts_only_up_to_commit() -> None:
 def test_emrakul_only_touches_committed_phages() -> None:
     for stage in Stage:
         for op in Op:
-            want = op is Op.WAIT or (stage is Stage.COMMITTED
-                                     and op in (Op.SEDATE, Op.LIFT, Op.LYSE))
+            want = op is Op.WAIT or (
+                stage is Stage.COMMITTED and op in (Op.SEDATE, Op.LIFT, Op.LYSE)
+            )
             assert is_legal(stage, Actor.EMRAKUL, op) == want, (stage, op)
 
 
@@ -70,14 +74,24 @@ def test_tolaria_never_grows() -> None:
 def test_transition_table_is_the_papers_graph() -> None:
     moves = {(s, TRANSITIONS[(s, o)]) for (s, o) in TRANSITIONS}
     assert moves == {
-        (Stage.DORMANT, Stage.GERMINATED), (Stage.GERMINATED, Stage.TRAINING),
-        (Stage.TRAINING, Stage.BLENDING), (Stage.BLENDING, Stage.HOLDING),
+        (Stage.DORMANT, Stage.GERMINATED),
+        (Stage.GERMINATED, Stage.TRAINING),
+        (Stage.TRAINING, Stage.BLENDING),
+        (Stage.BLENDING, Stage.HOLDING),
         (Stage.HOLDING, Stage.COMMITTED),
-        *((s, Stage.PRUNED) for s in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING,
-                                      Stage.HOLDING, Stage.COMMITTED)),
+        *(
+            (s, Stage.PRUNED)
+            for s in (
+                Stage.GERMINATED,
+                Stage.TRAINING,
+                Stage.BLENDING,
+                Stage.HOLDING,
+                Stage.COMMITTED,
+            )
+        ),
     }
     # Every move is authorised for someone; the quiet stages accept nothing but WAIT.
-    for (stage, op) in TRANSITIONS:
+    for stage, op in TRANSITIONS:
         assert any(stage in stages for (a, o), stages in AUTHORITY.items() if o is op)
     for stage in (Stage.EMBARGOED, Stage.RESETTING):
         assert {o for (a, o), ss in AUTHORITY.items() if stage in ss} == {Op.WAIT}
@@ -93,12 +107,17 @@ def test_illegal_transition_message_names_everything(actor: Actor) -> None:
     assert "'slots.b1'" in msg and "DORMANT" in msg and actor.value in msg and "FOSSILIZE" in msg
     assert "allowed" in msg
     assert (e.value.slot, e.value.stage, e.value.actor, e.value.op) == (
-        "slots.b1", Stage.DORMANT, actor, Op.FOSSILIZE)
+        "slots.b1",
+        Stage.DORMANT,
+        actor,
+        Op.FOSSILIZE,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The clock: embargo and reset lengths, double ticks
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("embargo", [0, 1, 3, 5])
 @pytest.mark.parametrize("reset", [0, 1, 2])
@@ -134,15 +153,20 @@ def test_double_tick_raises_and_changes_nothing() -> None:
             lc.tick(t)
         assert (lc.stage, lc.ticks_in_stage, lc.last_tick) == state
     # An embargo counted twice per epoch would end after 2 epochs instead of 3.
-    assert [lc.tick(t) for t in (5, 6, 7)] == [Stage.EMBARGOED, Stage.EMBARGOED,
-                                               Stage.RESETTING]
+    assert [lc.tick(t) for t in (5, 6, 7)] == [Stage.EMBARGOED, Stage.EMBARGOED, Stage.RESETTING]
 
 
 def test_slot_double_tick_moves_neither_alpha_nor_clock() -> None:
     torch.manual_seed(0)
     slot = SeedSlot(4, Topology.CNN, "s")
-    grow(slot, slot, slot_input(Topology.CNN, channels=4).requires_grad_(),
-         SeedSpec(Blueprint.CONV_SMALL), Stage.BLENDING, tempo=5)
+    grow(
+        slot,
+        slot,
+        slot_input(Topology.CNN, channels=4).requires_grad_(),
+        SeedSpec(Blueprint.CONV_SMALL),
+        Stage.BLENDING,
+        tempo=5,
+    )
     t = slot.lifecycle.last_tick + 1
     slot.tick(t)
     before = (slot.alpha, slot.schedule, slot.lifecycle.ticks_in_stage, float(slot.coef))
@@ -160,6 +184,7 @@ def test_lifecycle_config_rejects_negative_durations() -> None:
 # Random sequences on the pure Lifecycle
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class RunLengths:
     """Lengths of completed runs of ticks that return EMBARGOED / RESETTING."""
@@ -174,8 +199,9 @@ class RunLengths:
             return
         if self.current is not None:
             self.done.append((self.current, self.length))
-        self.current, self.length = (stage, 1) if stage in (Stage.EMBARGOED,
-                                                            Stage.RESETTING) else (None, 0)
+        self.current, self.length = (
+            (stage, 1) if stage in (Stage.EMBARGOED, Stage.RESETTING) else (None, 0)
+        )
 
     def check(self, cfg: LifecycleConfig) -> None:
         want = {Stage.EMBARGOED: cfg.embargo_ticks, Stage.RESETTING: cfg.reset_ticks}
@@ -193,8 +219,7 @@ STEP = st.one_of(
     st.tuples(st.just("tick"), st.booleans()),
     st.tuples(st.just("double_tick"), st.integers(0, 2)),
 )
-CONFIGS = st.builds(LifecycleConfig, embargo_ticks=st.integers(0, 4),
-                    reset_ticks=st.integers(0, 3))
+CONFIGS = st.builds(LifecycleConfig, embargo_ticks=st.integers(0, 4), reset_ticks=st.integers(0, 3))
 
 
 @settings(max_examples=300, deadline=None)
@@ -239,10 +264,17 @@ def test_random_sequences_on_the_pure_lifecycle(cfg: LifecycleConfig, steps: lis
 # ---------------------------------------------------------------------------------------------
 
 C = 4
-SPECS = [SeedSpec(b, s) for b, s in [
-    (Blueprint.CONV_SMALL, Style.RESIDUAL), (Blueprint.LORA, Style.VALVE),
-    (Blueprint.MLP_SMALL, Style.GATE), (Blueprint.NOOP, Style.RESIDUAL),
-    (Blueprint.ATTENTION, Style.SIGMOID_RAMP), (Blueprint.DEPTHWISE, Style.GATE)]]
+SPECS = [
+    SeedSpec(b, s)
+    for b, s in [
+        (Blueprint.CONV_SMALL, Style.RESIDUAL),
+        (Blueprint.LORA, Style.VALVE),
+        (Blueprint.MLP_SMALL, Style.GATE),
+        (Blueprint.NOOP, Style.RESIDUAL),
+        (Blueprint.ATTENTION, Style.SIGMOID_RAMP),
+        (Blueprint.DEPTHWISE, Style.GATE),
+    ]
+]
 METHODS = ("germinate", "advance", "set_alpha_target", "prune", "fossilize", "sedate", "lift")
 PRUNE_OP = {Actor.TAMIYO: Op.PRUNE, Actor.EMRAKUL: Op.LYSE, Actor.TOLARIA: Op.EMERGENCY_PRUNE}
 
@@ -253,10 +285,26 @@ def _op_of(method: str, actor: Actor) -> Op:
 
 def _snapshot(slot: SeedSlot) -> tuple:
     phage = slot.phage
-    return (slot.stage, slot.lifecycle.ticks_in_stage, slot.lifecycle.last_tick, slot.schedule,
-            slot.spec, slot.pending, id(slot.seed), id(slot.phage), slot._mode, float(slot.coef),
-            None if phage is None else (float(phage.sedation), phage.module_sedated, phage.fade,
-                                        tuple(phage.unit_mask_values())))
+    return (
+        slot.stage,
+        slot.lifecycle.ticks_in_stage,
+        slot.lifecycle.last_tick,
+        slot.schedule,
+        slot.spec,
+        slot.pending,
+        id(slot.seed),
+        id(slot.phage),
+        slot._mode,
+        float(slot.coef),
+        None
+        if phage is None
+        else (
+            float(phage.sedation),
+            phage.module_sedated,
+            phage.fade,
+            tuple(phage.unit_mask_values()),
+        ),
+    )
 
 
 def _train(slot: SeedSlot, h: torch.Tensor) -> None:
@@ -268,8 +316,7 @@ def _train(slot: SeedSlot, h: torch.Tensor) -> None:
 def _call(slot: SeedSlot, method: str, actor: Actor, arg: int, spec: SeedSpec) -> None:
     target = [0] if slot.phage is not None and slot.phage.units else "module"
     if method == "germinate":
-        slot.germinate(spec, actor=actor, alpha_target=(0.5, 0.7, 1.0, 1.0)[arg],
-                       tempo_ticks=arg)
+        slot.germinate(spec, actor=actor, alpha_target=(0.5, 0.7, 1.0, 1.0)[arg], tempo_ticks=arg)
     elif method == "advance":
         slot.advance(actor=actor)
     elif method == "set_alpha_target":
@@ -328,9 +375,17 @@ def _check_forward(slot: SeedSlot, h: torch.Tensor) -> None:
 # "auto" (the happy path's next move) is weighted up so that runs reach COMMITTED and the clock.
 AUTO = st.tuples(st.just("auto"), st.integers(0, 3), st.sampled_from(SPECS))
 SLOT_STEP = st.one_of(
-    st.tuples(st.just("op"), st.sampled_from(list(Actor)), st.sampled_from(METHODS),
-              st.integers(0, 3), st.sampled_from(SPECS)),
-    AUTO, AUTO, AUTO, AUTO,
+    st.tuples(
+        st.just("op"),
+        st.sampled_from(list(Actor)),
+        st.sampled_from(METHODS),
+        st.integers(0, 3),
+        st.sampled_from(SPECS),
+    ),
+    AUTO,
+    AUTO,
+    AUTO,
+    AUTO,
     st.just(("tick",)),
     st.just(("tick",)),
     st.just(("train",)),
@@ -339,9 +394,15 @@ SLOT_STEP = st.one_of(
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=st.builds(LifecycleConfig, embargo_ticks=st.integers(0, 3),
-                     reset_ticks=st.integers(0, 2), prune_fade_ticks=st.integers(0, 2)),
-       steps=st.lists(SLOT_STEP, min_size=30, max_size=80))
+@given(
+    cfg=st.builds(
+        LifecycleConfig,
+        embargo_ticks=st.integers(0, 3),
+        reset_ticks=st.integers(0, 2),
+        prune_fade_ticks=st.integers(0, 2),
+    ),
+    steps=st.lists(SLOT_STEP, min_size=30, max_size=80),
+)
 def test_random_sequences_on_a_real_slot(cfg: LifecycleConfig, steps: list[tuple]) -> None:
     torch.manual_seed(0)
     slot = SeedSlot(C, Topology.CNN, "slots.r", lifecycle=cfg)
@@ -351,8 +412,9 @@ def test_random_sequences_on_a_real_slot(cfg: LifecycleConfig, steps: list[tuple
         kind = step[0]
         if kind == "auto":
             nxt = _natural_next(slot)
-            kind, step = ("tick", step) if nxt is None else ("op", ("op", nxt[1], nxt[0],
-                                                                     *step[1:]))
+            kind, step = (
+                ("tick", step) if nxt is None else ("op", ("op", nxt[1], nxt[0], *step[1:]))
+            )
         if kind == "op":
             _, actor, method, arg, spec = step
             op, stage = _op_of(method, actor), slot.stage

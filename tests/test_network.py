@@ -34,23 +34,49 @@ OP, SLOT, BLUEPRINT = HEAD_INDEX["op"], HEAD_INDEX["slot"], HEAD_INDEX["blueprin
 
 
 def tele(name: str, stage: Stage = Stage.DORMANT, **kw: object) -> SlotTelemetry:
-    base = dict(name=name, stage=stage, ticks_in_stage=0, alpha=0.0, alpha_target=1.0,
-                alpha_curve=AlphaCurve.LINEAR, alpha_ticks_left=0, seed_grad_norm=0.0,
-                host_grad_norm=0.0, grad_ratio=0.0, param_count=0, spec=None)
+    base = dict(
+        name=name,
+        stage=stage,
+        ticks_in_stage=0,
+        alpha=0.0,
+        alpha_target=1.0,
+        alpha_curve=AlphaCurve.LINEAR,
+        alpha_ticks_left=0,
+        seed_grad_norm=0.0,
+        host_grad_norm=0.0,
+        grad_ratio=0.0,
+        param_count=0,
+        spec=None,
+    )
     return SlotTelemetry(**{**base, **kw})
 
 
-def observe(slots: list[SlotTelemetry], tick: int = 5,
-            legal: tuple[Blueprint, ...] = tuple(Blueprint)) -> Observation:
-    return Observation(tick=tick, max_ticks=50, metric=0.5, higher_is_better=True,
-                       val_loss=1.0, train_loss=1.0, history=(0.4, 0.45, 0.5), host_params=1000,
-                       seed_params=0, rent_paid=0.0, slots=tuple(slots),
-                       legal_blueprints=tuple(legal for _ in slots))
+def observe(
+    slots: list[SlotTelemetry], tick: int = 5, legal: tuple[Blueprint, ...] = tuple(Blueprint)
+) -> Observation:
+    return Observation(
+        tick=tick,
+        max_ticks=50,
+        metric=0.5,
+        higher_is_better=True,
+        val_loss=1.0,
+        train_loss=1.0,
+        history=(0.4, 0.45, 0.5),
+        host_params=1000,
+        seed_params=0,
+        rent_paid=0.0,
+        slots=tuple(slots),
+        legal_blueprints=tuple(legal for _ in slots),
+    )
 
 
-MIXED = [tele("s0"), tele("s1", Stage.TRAINING, gate_passed=True, spec=SeedSpec(Blueprint.MLP)),
-         tele("s2", Stage.HOLDING, spec=SeedSpec(Blueprint.NORM), contribution=0.01,
-              contribution_tick=4)]
+MIXED = [
+    tele("s0"),
+    tele("s1", Stage.TRAINING, gate_passed=True, spec=SeedSpec(Blueprint.MLP)),
+    tele(
+        "s2", Stage.HOLDING, spec=SeedSpec(Blueprint.NORM), contribution=0.01, contribution_tick=4
+    ),
+]
 
 
 def opinionated(policy: LearnedPolicy, seed: int = 0) -> LearnedPolicy:
@@ -66,6 +92,7 @@ def opinionated(policy: LearnedPolicy, seed: int = 0) -> LearnedPolicy:
 # Masked sampling never yields an illegal action
 # ---------------------------------------------------------------------------------------------
 
+
 @st.composite
 def observations(draw: st.DrawFn) -> Observation:
     n = draw(st.integers(1, 4))
@@ -73,15 +100,34 @@ def observations(draw: st.DrawFn) -> Observation:
     for i in range(n):
         stage = draw(st.sampled_from(Stage))
         spec = None if stage is Stage.DORMANT else SeedSpec(draw(st.sampled_from(Blueprint)))
-        slots.append(tele(f"s{i}", stage, ticks_in_stage=draw(st.integers(0, 25)),
-                          alpha=draw(st.floats(0, 1)), alpha_ticks_left=draw(st.integers(0, 3)),
-                          gate_passed=draw(st.sampled_from([None, False, True])), spec=spec))
-    legal = tuple(tuple(draw(st.lists(st.sampled_from(Blueprint), min_size=1, unique=True)))
-                  for _ in range(n))
-    return Observation(tick=draw(st.integers(0, 40)), max_ticks=40, metric=0.5,
-                       higher_is_better=True, val_loss=1.0, train_loss=1.0, history=(0.5,),
-                       host_params=1000, seed_params=0, rent_paid=0.0, slots=tuple(slots),
-                       legal_blueprints=legal)
+        slots.append(
+            tele(
+                f"s{i}",
+                stage,
+                ticks_in_stage=draw(st.integers(0, 25)),
+                alpha=draw(st.floats(0, 1)),
+                alpha_ticks_left=draw(st.integers(0, 3)),
+                gate_passed=draw(st.sampled_from([None, False, True])),
+                spec=spec,
+            )
+        )
+    legal = tuple(
+        tuple(draw(st.lists(st.sampled_from(Blueprint), min_size=1, unique=True))) for _ in range(n)
+    )
+    return Observation(
+        tick=draw(st.integers(0, 40)),
+        max_ticks=40,
+        metric=0.5,
+        higher_is_better=True,
+        val_loss=1.0,
+        train_loss=1.0,
+        history=(0.5,),
+        host_params=1000,
+        seed_params=0,
+        rent_paid=0.0,
+        slots=tuple(slots),
+        legal_blueprints=legal,
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -111,6 +157,7 @@ def test_an_illegal_op_is_never_chosen_even_when_the_net_prefers_it() -> None:
 # ---------------------------------------------------------------------------------------------
 # Log-probs: act and evaluate agree; irrelevant heads are excluded
 # ---------------------------------------------------------------------------------------------
+
 
 def _step(n: int = 16, seed: int = 0) -> tuple[LearnedPolicy, PolicyStep]:
     policy = opinionated(LearnedPolicy(["s0", "s1", "s2"], hidden=32, seed=seed), seed)
@@ -152,8 +199,7 @@ def test_irrelevant_heads_do_not_change_the_log_prob() -> None:
     # alpha_speed is not relevant to GERMINATE.
     speed = actions.clone()
     speed[:, HEAD_INDEX["alpha_speed"]] = 3
-    assert torch.equal(policy.net.evaluate(step.g, step.s, speed, masks).logprob,
-                       before.logprob)
+    assert torch.equal(policy.net.evaluate(step.g, step.s, speed, masks).logprob, before.logprob)
 
 
 def test_slots_are_exchangeable() -> None:
@@ -166,15 +212,18 @@ def test_slots_are_exchangeable() -> None:
     torch.testing.assert_close(ctx_p, ctx)
     torch.testing.assert_close(value_p, value)
     op = torch.tensor([1, 3])
-    torch.testing.assert_close(net.slot_logits(ctx_p, slots_p, op),
-                               net.slot_logits(ctx, slots, op)[:, perm])
+    torch.testing.assert_close(
+        net.slot_logits(ctx_p, slots_p, op), net.slot_logits(ctx, slots, op)[:, perm]
+    )
 
 
 def test_a_row_with_no_legal_option_is_an_error() -> None:
     net = TamiyoNet(GLOBAL_DIM, SLOT_DIM, hidden=8)
     g, s = torch.zeros(1, GLOBAL_DIM), torch.zeros(1, 2, SLOT_DIM)
-    masks = {h: torch.ones(1, n, dtype=torch.bool) for h, n in
-             zip(HEADS, (2, 13, 4, 3, 3, 4, 5, 6), strict=True)}
+    masks = {
+        h: torch.ones(1, n, dtype=torch.bool)
+        for h, n in zip(HEADS, (2, 13, 4, 3, 3, 4, 5, 6), strict=True)
+    }
     masks["blueprint"][:] = False
     with pytest.raises(ValueError, match="no action"):
         net.evaluate(g, s, torch.zeros(1, 8, dtype=torch.long), masks)
@@ -183,6 +232,7 @@ def test_a_row_with_no_legal_option_is_an_error() -> None:
 # ---------------------------------------------------------------------------------------------
 # LearnedPolicy: batching, determinism, resumable RNG
 # ---------------------------------------------------------------------------------------------
+
 
 def test_batched_and_single_deterministic_decisions_agree() -> None:
     policy = opinionated(LearnedPolicy(["s0", "s1", "s2"], hidden=16, deterministic=True))
@@ -219,9 +269,11 @@ def test_rng_state_resumes_the_same_samples() -> None:
 # Save / load
 # ---------------------------------------------------------------------------------------------
 
+
 def _trained_looking(tmp_path: Path) -> tuple[LearnedPolicy, Path]:
-    policy = opinionated(LearnedPolicy(["s0", "s1", "s2"], topologies=["cnn", "cnn", "vec"],
-                                       hidden=16, seed=1))
+    policy = opinionated(
+        LearnedPolicy(["s0", "s1", "s2"], topologies=["cnn", "cnn", "vec"], hidden=16, seed=1)
+    )
     policy.update_normalizers = True
     policy.act_batch([observe(MIXED, tick=t) for t in range(6)])  # non-trivial statistics
     policy.update_normalizers = False
@@ -232,8 +284,9 @@ def _trained_looking(tmp_path: Path) -> tuple[LearnedPolicy, Path]:
 
 def test_saved_policy_reproduces_its_probabilities_exactly(tmp_path: Path) -> None:
     policy, path = _trained_looking(tmp_path)
-    loaded = LearnedPolicy.load(path, expect_slots=["s0", "s1", "s2"],
-                                expect_topologies=["cnn", "cnn", "vec"])
+    loaded = LearnedPolicy.load(
+        path, expect_slots=["s0", "s1", "s2"], expect_topologies=["cnn", "cnn", "vec"]
+    )
     assert loaded.topologies == ("cnn", "cnn", "vec") and loaded.hidden == 16
     assert torch.equal(loaded.slot_norm.mean, policy.slot_norm.mean)
     obs = [observe(MIXED, tick=t) for t in (3, 9)]

@@ -48,6 +48,7 @@ def _param_count(model: nn.Module) -> int:
 # A host residual block wrapped as a phage
 # ---------------------------------------------------------------------------------------------
 
+
 def test_host_block_as_phage_sedate_weaken_lift_lyse() -> None:
     torch.manual_seed(0)
     model = small_cnn()
@@ -151,8 +152,8 @@ def test_lysis_of_the_whole_module_leaves_an_identity() -> None:
 # Committed seeds: attention heads, LoRA ranks
 # ---------------------------------------------------------------------------------------------
 
-def _committed_seq_phage(spec: SeedSpec, d_model: int = 8) -> tuple[nn.Module, Phage,
-                                                                      torch.Tensor]:
+
+def _committed_seq_phage(spec: SeedSpec, d_model: int = 8) -> tuple[nn.Module, Phage, torch.Tensor]:
     torch.manual_seed(0)
     model = TransformerHost(vocab_size=11, d_model=d_model, n_layers=1, n_heads=2, max_len=8)
     slot = slots_of(model)["slots.l0_attn"]
@@ -229,8 +230,7 @@ def test_committed_lora_seed_lyses_ranks(topology: Topology) -> None:
     assert module_cost(phage, sample).flops < flops
 
 
-LYSABLE = [b for b in Blueprint
-           if b not in (Blueprint.NOOP, Blueprint.NORM, Blueprint.CONV_SMALL)]
+LYSABLE = [b for b in Blueprint if b not in (Blueprint.NOOP, Blueprint.NORM, Blueprint.CONV_SMALL)]
 
 
 @pytest.mark.parametrize("topology", [Topology.CNN, Topology.SEQ])

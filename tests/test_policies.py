@@ -41,41 +41,83 @@ from esper.tamiyo.policies import (
 
 
 def tele(name: str, stage: Stage = Stage.DORMANT, **kw: object) -> SlotTelemetry:
-    base = dict(name=name, stage=stage, ticks_in_stage=0, alpha=0.0, alpha_target=1.0,
-                alpha_curve=AlphaCurve.LINEAR, alpha_ticks_left=0, seed_grad_norm=0.0,
-                host_grad_norm=0.0, grad_ratio=0.0, param_count=0, spec=None)
+    base = dict(
+        name=name,
+        stage=stage,
+        ticks_in_stage=0,
+        alpha=0.0,
+        alpha_target=1.0,
+        alpha_curve=AlphaCurve.LINEAR,
+        alpha_ticks_left=0,
+        seed_grad_norm=0.0,
+        host_grad_norm=0.0,
+        grad_ratio=0.0,
+        param_count=0,
+        spec=None,
+    )
     return SlotTelemetry(**{**base, **kw})
 
 
-def observe(tick: int, slots: list[SlotTelemetry], metric: float = 0.5,
-            legal: tuple[Blueprint, ...] = tuple(Blueprint)) -> Observation:
-    return Observation(tick=tick, max_ticks=100, metric=metric, higher_is_better=True,
-                       val_loss=1.0, train_loss=1.0, history=(metric,), host_params=1000,
-                       seed_params=0, rent_paid=0.0, slots=tuple(slots),
-                       legal_blueprints=tuple(legal for _ in slots))
+def observe(
+    tick: int,
+    slots: list[SlotTelemetry],
+    metric: float = 0.5,
+    legal: tuple[Blueprint, ...] = tuple(Blueprint),
+) -> Observation:
+    return Observation(
+        tick=tick,
+        max_ticks=100,
+        metric=metric,
+        higher_is_better=True,
+        val_loss=1.0,
+        train_loss=1.0,
+        history=(metric,),
+        host_params=1000,
+        seed_params=0,
+        rent_paid=0.0,
+        slots=tuple(slots),
+        legal_blueprints=tuple(legal for _ in slots),
+    )
 
 
 @st.composite
 def slot_telemetry(draw: st.DrawFn, name: str) -> SlotTelemetry:
     stage = draw(st.sampled_from(Stage))
     spec = None if stage is Stage.DORMANT else SeedSpec(draw(st.sampled_from(Blueprint)))
-    return tele(name, stage, ticks_in_stage=draw(st.integers(0, 12)),
-                alpha=draw(st.floats(0.0, 1.0)), alpha_ticks_left=draw(st.integers(0, 3)),
-                gate_passed=draw(st.sampled_from([None, False, True])), spec=spec,
-                contribution=draw(st.one_of(st.none(), st.floats(-0.2, 0.2))),
-                rent=draw(st.floats(0.0, 0.05)))
+    return tele(
+        name,
+        stage,
+        ticks_in_stage=draw(st.integers(0, 12)),
+        alpha=draw(st.floats(0.0, 1.0)),
+        alpha_ticks_left=draw(st.integers(0, 3)),
+        gate_passed=draw(st.sampled_from([None, False, True])),
+        spec=spec,
+        contribution=draw(st.one_of(st.none(), st.floats(-0.2, 0.2))),
+        rent=draw(st.floats(0.0, 0.05)),
+    )
 
 
 @st.composite
 def observations(draw: st.DrawFn) -> Observation:
     n = draw(st.integers(1, 4))
     slots = tuple(draw(slot_telemetry(f"s{i}")) for i in range(n))
-    legal = tuple(tuple(draw(st.lists(st.sampled_from(Blueprint), min_size=1, unique=True)))
-                  for _ in range(n))
-    return Observation(tick=draw(st.integers(0, 40)), max_ticks=40,
-                       metric=draw(st.floats(0.0, 1.0)), higher_is_better=draw(st.booleans()),
-                       val_loss=1.0, train_loss=1.0, history=(), host_params=1000,
-                       seed_params=0, rent_paid=0.0, slots=slots, legal_blueprints=legal)
+    legal = tuple(
+        tuple(draw(st.lists(st.sampled_from(Blueprint), min_size=1, unique=True))) for _ in range(n)
+    )
+    return Observation(
+        tick=draw(st.integers(0, 40)),
+        max_ticks=40,
+        metric=draw(st.floats(0.0, 1.0)),
+        higher_is_better=draw(st.booleans()),
+        val_loss=1.0,
+        train_loss=1.0,
+        history=(),
+        host_params=1000,
+        seed_params=0,
+        rent_paid=0.0,
+        slots=slots,
+        legal_blueprints=legal,
+    )
 
 
 def _assert_consistent(d: Decision, obs: Observation) -> None:
@@ -91,6 +133,7 @@ def _assert_consistent(d: Decision, obs: Observation) -> None:
 # ---------------------------------------------------------------------------------------------
 # Legal actions only
 # ---------------------------------------------------------------------------------------------
+
 
 @settings(max_examples=150, deadline=None)
 @given(obs=observations(), seed=st.integers(0, 2**16))
@@ -151,6 +194,7 @@ def test_none_policy_run_never_grows(tmp_path: Path) -> None:
 # Heuristic: warmup, pruned-blueprint memory, resumable state
 # ---------------------------------------------------------------------------------------------
 
+
 def test_heuristic_first_germinates_exactly_when_warmup_ends(tmp_path: Path) -> None:
     cfg = small_config(7, heuristic=HeuristicConfig(warmup_ticks=5, plateau_patience=0))
     run = start_run(cfg, run_dir=tmp_path / "r")
@@ -159,11 +203,23 @@ def test_heuristic_first_germinates_exactly_when_warmup_ends(tmp_path: Path) -> 
 
 
 def test_heuristic_avoids_a_recently_pruned_blueprint_on_that_slot() -> None:
-    cfg = HeuristicConfig(warmup_ticks=0, plateau_patience=0, hold_ticks=1,
-                          avoid_pruned_ticks=10, rotation=("CONV_LIGHT", "MLP"))
+    cfg = HeuristicConfig(
+        warmup_ticks=0,
+        plateau_patience=0,
+        hold_ticks=1,
+        avoid_pruned_ticks=10,
+        rotation=("CONV_LIGHT", "MLP"),
+    )
     policy = HeuristicPolicy(cfg)
-    held = tele("s0", Stage.HOLDING, ticks_in_stage=1, spec=SeedSpec(Blueprint.CONV_LIGHT),
-                contribution=0.001, rent=0.01, alpha=1.0)
+    held = tele(
+        "s0",
+        Stage.HOLDING,
+        ticks_in_stage=1,
+        spec=SeedSpec(Blueprint.CONV_LIGHT),
+        contribution=0.001,
+        rent=0.01,
+        alpha=1.0,
+    )
     d = policy.act(observe(5, [held, tele("s1", Stage.EMBARGOED)]))
     assert (d.action.op, d.action.slot) == (Op.PRUNE, 0)  # it does not pay its rent
 
@@ -190,14 +246,19 @@ def test_heuristic_avoids_a_recently_pruned_blueprint_on_that_slot() -> None:
 
 
 def test_heuristic_waits_for_a_plateau_and_for_room() -> None:
-    policy = HeuristicPolicy(HeuristicConfig(warmup_ticks=0, plateau_patience=2,
-                                             plateau_delta=0.01, max_live_seeds=1))
+    policy = HeuristicPolicy(
+        HeuristicConfig(warmup_ticks=0, plateau_patience=2, plateau_delta=0.01, max_live_seeds=1)
+    )
     slots = [tele("s0"), tele("s1")]
-    ops = [policy.act(observe(t, slots, metric=m)).action.op
-           for t, m in enumerate([0.1, 0.2, 0.3, 0.305, 0.31])]
+    ops = [
+        policy.act(observe(t, slots, metric=m)).action.op
+        for t, m in enumerate([0.1, 0.2, 0.3, 0.305, 0.31])
+    ]
     assert ops == [Op.WAIT, Op.WAIT, Op.WAIT, Op.WAIT, Op.GERMINATE]
-    busy = [tele("s0", Stage.BLENDING, alpha_ticks_left=2, spec=SeedSpec(Blueprint.MLP)),
-            tele("s1")]
+    busy = [
+        tele("s0", Stage.BLENDING, alpha_ticks_left=2, spec=SeedSpec(Blueprint.MLP)),
+        tele("s1"),
+    ]
     for t in range(5, 9):  # max_live_seeds = 1: no second seed while one blends
         assert policy.act(observe(t, busy, metric=0.31)).action.op is Op.WAIT
 

@@ -43,8 +43,9 @@ def gae_by_forward_sums(gamma: float, lam: float) -> list[list[float]]:
     for k in range(K):
         ends = [DONES[t + 1][k] == 1.0 for t in range(T - 1)] + [LAST_DONE[k] == 1.0]
         nexts = [VALUES[t + 1][k] for t in range(T - 1)] + [LAST_VALUE[k]]
-        deltas = [REWARDS[t][k] + (0.0 if ends[t] else gamma * nexts[t]) - VALUES[t][k]
-                  for t in range(T)]
+        deltas = [
+            REWARDS[t][k] + (0.0 if ends[t] else gamma * nexts[t]) - VALUES[t][k] for t in range(T)
+        ]
         for t in range(T):
             total, weight = 0.0, 1.0
             for u in range(t, T):
@@ -58,8 +59,15 @@ def gae_by_forward_sums(gamma: float, lam: float) -> list[list[float]]:
 
 def test_gae_matches_an_independent_forward_computation() -> None:
     gamma, lam = 0.9, 0.8
-    adv, ret = compute_gae(torch.tensor(REWARDS), torch.tensor(VALUES), torch.tensor(DONES),
-                           torch.tensor(LAST_VALUE), torch.tensor(LAST_DONE), gamma, lam)
+    adv, ret = compute_gae(
+        torch.tensor(REWARDS),
+        torch.tensor(VALUES),
+        torch.tensor(DONES),
+        torch.tensor(LAST_VALUE),
+        torch.tensor(LAST_DONE),
+        gamma,
+        lam,
+    )
     expected = torch.tensor(gae_by_forward_sums(gamma, lam))
     torch.testing.assert_close(adv, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(ret, expected + torch.tensor(VALUES), rtol=0, atol=1e-6)
@@ -69,8 +77,15 @@ def test_gae_matches_an_independent_forward_computation() -> None:
 
 def test_gae_with_unit_discount_and_zero_values_is_the_reward_to_go() -> None:
     zeros = torch.zeros(5, 2)
-    adv, _ = compute_gae(torch.tensor(REWARDS), zeros, torch.tensor(DONES), torch.zeros(2),
-                         torch.tensor(LAST_DONE), 1.0, 1.0)
+    adv, _ = compute_gae(
+        torch.tensor(REWARDS),
+        zeros,
+        torch.tensor(DONES),
+        torch.zeros(2),
+        torch.tensor(LAST_DONE),
+        1.0,
+        1.0,
+    )
     # env 0: episode steps 0..2 then 3..4 (bootstrapped with V=0); env 1: one episode.
     assert adv[:, 0].tolist() == pytest.approx([3.5, 2.5, 2.0, -0.5, 0.2])
     assert adv[:, 1].tolist() == pytest.approx([0.8, 0.8, 1.8, 1.5, 0.4])
@@ -80,27 +95,54 @@ def test_gae_with_unit_discount_and_zero_values_is_the_reward_to_go() -> None:
 # A toy rollout from the real policy
 # ---------------------------------------------------------------------------------------------
 
+
 def tele(name: str, stage: Stage, **kw: object) -> SlotTelemetry:
-    base = dict(name=name, stage=stage, ticks_in_stage=2, alpha=0.0, alpha_target=1.0,
-                alpha_curve=AlphaCurve.LINEAR, alpha_ticks_left=0, seed_grad_norm=0.1,
-                host_grad_norm=1.0, grad_ratio=0.1, param_count=10, spec=None)
+    base = dict(
+        name=name,
+        stage=stage,
+        ticks_in_stage=2,
+        alpha=0.0,
+        alpha_target=1.0,
+        alpha_curve=AlphaCurve.LINEAR,
+        alpha_ticks_left=0,
+        seed_grad_norm=0.1,
+        host_grad_norm=1.0,
+        grad_ratio=0.1,
+        param_count=10,
+        spec=None,
+    )
     return SlotTelemetry(**{**base, **kw})
 
 
 def observe(tick: int, stages: tuple[Stage, ...]) -> Observation:
     slots = tuple(tele(f"s{i}", st, gate_passed=True) for i, st in enumerate(stages))
-    return Observation(tick=tick, max_ticks=20, metric=0.5 + 0.01 * tick, higher_is_better=True,
-                       val_loss=1.0, train_loss=1.0, history=(0.5,), host_params=1000,
-                       seed_params=0, rent_paid=0.0, slots=slots,
-                       legal_blueprints=tuple(tuple(range(13)) for _ in slots))  # type: ignore
+    return Observation(
+        tick=tick,
+        max_ticks=20,
+        metric=0.5 + 0.01 * tick,
+        higher_is_better=True,
+        val_loss=1.0,
+        train_loss=1.0,
+        history=(0.5,),
+        host_params=1000,
+        seed_params=0,
+        rent_paid=0.0,
+        slots=slots,
+        legal_blueprints=tuple(tuple(range(13)) for _ in slots),
+    )  # type: ignore
 
 
-STAGES = [(Stage.DORMANT, Stage.TRAINING), (Stage.HOLDING, Stage.DORMANT),
-          (Stage.BLENDING, Stage.HOLDING), (Stage.DORMANT, Stage.DORMANT)]
+STAGES = [
+    (Stage.DORMANT, Stage.TRAINING),
+    (Stage.HOLDING, Stage.DORMANT),
+    (Stage.BLENDING, Stage.HOLDING),
+    (Stage.DORMANT, Stage.DORMANT),
+]
 
 
-def rollout(policy: LearnedPolicy, T: int = 8, K: int = 4, seed: int = 0
-            ) -> tuple[RolloutBuffer, torch.Tensor, torch.Tensor]:
+def rollout(
+    policy: LearnedPolicy, T: int = 8, K: int = 4, seed: int = 0
+) -> tuple[RolloutBuffer, torch.Tensor, torch.Tensor]:
     """Fill a buffer from the policy on fixed observations, with arbitrary fixed rewards."""
     buffer = RolloutBuffer(T, K, num_slots=2)
     g = torch.Generator().manual_seed(seed)
@@ -108,13 +150,17 @@ def rollout(policy: LearnedPolicy, T: int = 8, K: int = 4, seed: int = 0
         step = policy.step([observe(t, STAGES[(t + k) % len(STAGES)]) for k in range(K)])
         buffer.add(t, step.g, step.s, step.out, torch.zeros(K))
         buffer.rewards[t] = torch.randn(K, generator=g)
-    advantages, returns = compute_gae(buffer.rewards, buffer.values, buffer.dones,
-                                      torch.zeros(K), torch.ones(K), 0.99, 0.95)
+    advantages, returns = compute_gae(
+        buffer.rewards, buffer.values, buffer.dones, torch.zeros(K), torch.ones(K), 0.99, 0.95
+    )
     return buffer, advantages, returns
 
 
-def setup(lr: float = 3e-4, **cfg: object) -> tuple[
-        LearnedPolicy, torch.optim.Optimizer, RolloutBuffer, torch.Tensor, torch.Tensor, PPOConfig]:
+def setup(
+    lr: float = 3e-4, **cfg: object
+) -> tuple[
+    LearnedPolicy, torch.optim.Optimizer, RolloutBuffer, torch.Tensor, torch.Tensor, PPOConfig
+]:
     policy = LearnedPolicy(["s0", "s1"], hidden=32, seed=0)
     config = PPOConfig(lr=lr, anneal_lr=False, **cfg)  # type: ignore[arg-type]
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=lr, eps=1e-5)
@@ -125,6 +171,7 @@ def setup(lr: float = 3e-4, **cfg: object) -> tuple[
 # Losses against hand computations
 # ---------------------------------------------------------------------------------------------
 
+
 def test_clipped_surrogate_known_answer() -> None:
     ratio = torch.tensor([0.5, 1.5, 1.1, 0.7])
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
@@ -134,8 +181,9 @@ def test_clipped_surrogate_known_answer() -> None:
 
 
 def test_update_losses_match_a_hand_computation_on_a_fixed_batch() -> None:
-    policy, optimizer, buffer, adv, ret, cfg = setup(update_epochs=1, num_minibatches=1,
-                                                     norm_adv=False, target_kl=None)
+    policy, optimizer, buffer, adv, ret, cfg = setup(
+        update_epochs=1, num_minibatches=1, norm_adv=False, target_kl=None
+    )
     # Pretend the rollout came from a different policy, so the ratio is not 1.
     shift = torch.linspace(-0.6, 0.6, buffer.logprobs.numel()).reshape(buffer.logprobs.shape)
     buffer.logprobs += shift
@@ -143,15 +191,29 @@ def test_update_losses_match_a_hand_computation_on_a_fixed_batch() -> None:
     with torch.no_grad():
         new = policy.net.evaluate(b.g, b.s, b.actions, b.masks)
     new_lp, old_lp = new.logprob.tolist(), b.logprobs.tolist()
-    a, r_, v_old, v_new = adv.reshape(-1).tolist(), ret.reshape(-1).tolist(), \
-        b.values.tolist(), new.value.tolist()
+    a, r_, v_old, v_new = (
+        adv.reshape(-1).tolist(),
+        ret.reshape(-1).tolist(),
+        b.values.tolist(),
+        new.value.tolist(),
+    )
     eps, n = cfg.clip_coef, len(a)
     ratios = [math.exp(x - y) for x, y in zip(new_lp, old_lp, strict=True)]
-    surrogate = sum(max(-a[i] * ratios[i], -a[i] * min(max(ratios[i], 1 - eps), 1 + eps))
-                    for i in range(n)) / n
-    vloss = 0.5 * sum(max((v_new[i] - r_[i]) ** 2,
-                          (v_old[i] + min(max(v_new[i] - v_old[i], -eps), eps) - r_[i]) ** 2)
-                      for i in range(n)) / n
+    surrogate = (
+        sum(max(-a[i] * ratios[i], -a[i] * min(max(ratios[i], 1 - eps), 1 + eps)) for i in range(n))
+        / n
+    )
+    vloss = (
+        0.5
+        * sum(
+            max(
+                (v_new[i] - r_[i]) ** 2,
+                (v_old[i] + min(max(v_new[i] - v_old[i], -eps), eps) - r_[i]) ** 2,
+            )
+            for i in range(n)
+        )
+        / n
+    )
     kl = sum((r - 1) - math.log(r) for r in ratios) / n
 
     stats = ppo_update(policy.net, optimizer, buffer, adv, ret, cfg)
@@ -164,13 +226,15 @@ def test_update_losses_match_a_hand_computation_on_a_fixed_batch() -> None:
 
 
 def test_the_first_minibatch_sees_ratio_one_and_later_ones_do_not() -> None:
-    policy, optimizer, buffer, adv, ret, cfg = setup(update_epochs=1, num_minibatches=1,
-                                                     target_kl=None)
+    policy, optimizer, buffer, adv, ret, cfg = setup(
+        update_epochs=1, num_minibatches=1, target_kl=None
+    )
     stats = ppo_update(policy.net, optimizer, buffer, adv, ret, cfg)
     assert stats.ratio_max_abs_dev < 1e-5  # stored log-probs come from the same weights
 
-    policy, optimizer, buffer, adv, ret, cfg = setup(update_epochs=4, num_minibatches=4,
-                                                     target_kl=None)
+    policy, optimizer, buffer, adv, ret, cfg = setup(
+        update_epochs=4, num_minibatches=4, target_kl=None
+    )
     stats = ppo_update(policy.net, optimizer, buffer, adv, ret, cfg)
     assert stats.minibatches == 16
     assert stats.ratio_max_abs_dev > 1e-3
@@ -201,8 +265,9 @@ def test_stats_report_relevant_head_entropies_and_the_op_mix() -> None:
     assert (stats.entropy["blueprint"] > 0) == germinated
     set_alpha = bool((buffer.actions[..., 7] == TAMIYO_OPS.index(Op.SET_ALPHA_TARGET)).any())
     assert (stats.entropy["alpha_speed"] > 0) == set_alpha
-    annealed = ppo_update(policy.net, optimizer, buffer, adv, ret, replace(cfg, anneal_lr=True),
-                          lr_frac=0.5)
+    annealed = ppo_update(
+        policy.net, optimizer, buffer, adv, ret, replace(cfg, anneal_lr=True), lr_frac=0.5
+    )
     assert annealed.lr == pytest.approx(1.5e-4)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)
 
@@ -233,8 +298,15 @@ def test_a_toy_bandit_is_learned() -> None:
             step = policy.step(obs)
             buffer.add(t, step.g, step.s, step.out, torch.ones(8))  # one-step episodes
             buffer.rewards[t] = (step.out.actions[:, 7] == germinate).float()
-        adv, ret = compute_gae(buffer.rewards, buffer.values, buffer.dones, torch.zeros(8),
-                               torch.ones(8), cfg.gamma, cfg.gae_lambda)
+        adv, ret = compute_gae(
+            buffer.rewards,
+            buffer.values,
+            buffer.dones,
+            torch.zeros(8),
+            torch.ones(8),
+            cfg.gamma,
+            cfg.gae_lambda,
+        )
         ppo_update(policy.net, optimizer, buffer, adv, ret, cfg)
     assert before == pytest.approx(0.5, abs=0.05)
     assert p_germinate() > 0.8
@@ -244,13 +316,21 @@ def test_a_toy_bandit_is_learned() -> None:
 # Health monitor
 # ---------------------------------------------------------------------------------------------
 
-def stats_with(op_entropy: float, ev: float,
-               ops: dict[str, float] | None = None) -> UpdateStats:
-    return UpdateStats(policy_loss=0.0, value_loss=0.0, approx_kl=0.0, clipfrac=0.0,
-                       ratio_max_abs_dev=0.1, explained_variance=ev,
-                       entropy={"op": op_entropy},
-                       op_distribution=ops or {"WAIT": 0.97, "PRUNE": 0.03},
-                       minibatches=16, early_stopped=False, lr=3e-4)
+
+def stats_with(op_entropy: float, ev: float, ops: dict[str, float] | None = None) -> UpdateStats:
+    return UpdateStats(
+        policy_loss=0.0,
+        value_loss=0.0,
+        approx_kl=0.0,
+        clipfrac=0.0,
+        ratio_max_abs_dev=0.1,
+        explained_variance=ev,
+        entropy={"op": op_entropy},
+        op_distribution=ops or {"WAIT": 0.97, "PRUNE": 0.03},
+        minibatches=16,
+        early_stopped=False,
+        lr=3e-4,
+    )
 
 
 def test_a_confident_but_state_dependent_policy_is_not_collapse() -> None:
@@ -300,5 +380,6 @@ def test_reward_scaler_divides_by_the_std_of_discounted_returns() -> None:
     restored = RewardScaler(2, gamma)
     restored.load_state_dict(scaler.state_dict())
     r = torch.tensor([1.0, 1.0])
-    assert torch.equal(restored(r, torch.zeros(2, dtype=torch.bool)),
-                       scaler(r, torch.zeros(2, dtype=torch.bool)))
+    assert torch.equal(
+        restored(r, torch.zeros(2, dtype=torch.bool)), scaler(r, torch.zeros(2, dtype=torch.bool))
+    )

@@ -26,8 +26,9 @@ from esper.tamiyo.policies import HeuristicConfig
 from esper.tolaria.environment import EnvConfig, GrowthEnv
 
 # Commits whatever reaches HOLDING: the margin makes any contribution beat the rent.
-COMMITTING = HeuristicConfig(warmup_ticks=1, plateau_patience=0, hold_ticks=1,
-                             fossilize_margin=-10.0)
+COMMITTING = HeuristicConfig(
+    warmup_ticks=1, plateau_patience=0, hold_ticks=1, fossilize_margin=-10.0
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +41,7 @@ def _metrics(run: GrowthRun) -> list[dict[str, float]]:
 # ---------------------------------------------------------------------------------------------
 # A seed's whole life, recorded
 # ---------------------------------------------------------------------------------------------
+
 
 def test_a_run_germinates_blends_and_commits_a_seed(tmp_path: Path) -> None:
     ticks = 12
@@ -83,6 +85,7 @@ def test_a_run_germinates_blends_and_commits_a_seed(tmp_path: Path) -> None:
 # Determinism
 # ---------------------------------------------------------------------------------------------
 
+
 def test_same_seed_same_run_other_seed_other_weights(tmp_path: Path) -> None:
     cfg = small_config(6)
     a = start_run(cfg, run_dir=tmp_path / "a").run()
@@ -124,8 +127,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> No
     cfg = small_config(ticks, checkpoint_every=3)
     run_dir = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(config_to_dict(cfg)),
-                              str(run_dir)], env=env, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, json.dumps(config_to_dict(cfg)), str(run_dir)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 90
     while child.poll() is None and time.monotonic() < deadline:
         if _complete_ticks(run_dir / "run.sqlite") >= 5:
@@ -175,8 +181,9 @@ def _rent_by_hand(slots: list[tuple[Stage, float, int]], p_host: int) -> float:
             alpha = 0.0
         elif stage is Stage.COMMITTED:
             alpha = 1.0
-        elif not (stage in (Stage.BLENDING, Stage.HOLDING) or
-                  (stage is Stage.PRUNED and alpha > 0)):
+        elif not (
+            stage in (Stage.BLENDING, Stage.HOLDING) or (stage is Stage.PRUNED and alpha > 0)
+        ):
             continue
         total += math.log(1 + (ECON.base_rent_fraction * p_host + alpha * p_seed) / p_host)
     return ECON.w_rent * total
@@ -189,8 +196,14 @@ def test_reward_is_task_minus_rent_minus_churn(tmp_path: Path) -> None:
     def look(env: GrowthEnv) -> None:
         in_slots = {id(p) for s in env.slots.values() for p in s.parameters()}
         p_host = sum(p.numel() for p in env.model.parameters() if id(p) not in in_slots)
-        slots = [(s.stage, 1.0 if s.phage is not None else s.alpha,
-                  sum(p.numel() for p in s.parameters())) for s in env.slots.values()]
+        slots = [
+            (
+                s.stage,
+                1.0 if s.phage is not None else s.alpha,
+                sum(p.numel() for p in s.parameters()),
+            )
+            for s in env.slots.values()
+        ]
         seen.append((slots, p_host))
 
     def at_tick_start(t: int, env: GrowthEnv) -> None:
@@ -224,6 +237,7 @@ def test_reward_is_task_minus_rent_minus_churn(tmp_path: Path) -> None:
 # The other tasks
 # ---------------------------------------------------------------------------------------------
 
+
 def test_text_task_runs_and_rewards_a_falling_bits_per_char(tmp_path: Path) -> None:
     cfg = text_config(ticks=4)
     run = start_run(cfg, task=tiny_text(), run_dir=tmp_path / "r")
@@ -252,8 +266,14 @@ def test_cifar10_task_from_a_binary_folder(tmp_path: Path) -> None:
     data = tmp_path / "cifar"
     data.mkdir()
     _fake_cifar(data)
-    cfg = small_config(3, task="cifar10", data_dir=str(data), host=HostConfig(width=4, depth=2),
-                       heuristic=FAST_HEURISTIC, env=EnvConfig(batches_per_tick=2, batch_size=16))
+    cfg = small_config(
+        3,
+        task="cifar10",
+        data_dir=str(data),
+        host=HostConfig(width=4, depth=2),
+        heuristic=FAST_HEURISTIC,
+        env=EnvConfig(batches_per_tick=2, batch_size=16),
+    )
     run = start_run(cfg, run_dir=tmp_path / "r")
     result = run.run()
     assert run.task.name == "cifar10" and len(run.task.train_x) == 100

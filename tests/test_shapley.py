@@ -40,14 +40,14 @@ def brute_force_shapley(players: list[str], v) -> dict[str, float]:
 def games(draw, max_players: int = 4):
     n = draw(st.integers(1, max_players))
     players = [f"p{i}" for i in range(n)]
-    values = draw(st.lists(st.floats(-10, 10, allow_nan=False), min_size=2 ** n,
-                           max_size=2 ** n))
+    values = draw(st.lists(st.floats(-10, 10, allow_nan=False), min_size=2**n, max_size=2**n))
     return players, table_game(players, values)
 
 
 # ---------------------------------------------------------------------------------------------
 # Exact Shapley: the axioms and the definition
 # ---------------------------------------------------------------------------------------------
+
 
 @settings(max_examples=60, deadline=None)
 @given(games())
@@ -96,6 +96,7 @@ def test_players_must_be_distinct() -> None:
 # Banzhaf and interaction on a hand-computed game
 # ---------------------------------------------------------------------------------------------
 
+
 def test_banzhaf_and_interaction_on_a_two_player_game() -> None:
     # v(∅)=0, v(a)=1, v(b)=2, v(ab)=6: a synergy of 3.
     table = table_game(["a", "b"], [0.0, 1.0, 2.0, 6.0])
@@ -126,13 +127,18 @@ def test_interaction_on_a_three_player_game() -> None:
 # Permutation sampling
 # ---------------------------------------------------------------------------------------------
 
+
 def test_permutation_estimate_converges_and_is_seeded() -> None:
     players = ["a", "b", "c", "d"]
     weights = {"a": 1.0, "b": 2.0, "c": -1.5, "d": 0.5}
 
     def v(s: frozenset) -> float:  # additive part plus interactions that make orders matter
-        return (sum(weights[p] for p in s) + 4.0 * ({"a", "b"} <= s) - 3.0 * ({"c", "d"} <= s)
-                + 2.0 * (len(s) == 3))
+        return (
+            sum(weights[p] for p in s)
+            + 4.0 * ({"a", "b"} <= s)
+            - 3.0 * ({"c", "d"} <= s)
+            + 2.0 * (len(s) == 3)
+        )
 
     exact = exact_shapley(players, v)
 

@@ -38,14 +38,19 @@ from esper.kasmina import (
 HOST_CASES = {
     "cnn": (lambda: CNNHost(), lambda g: torch.randn(4, 1, 8, 8, generator=g)),
     "mlp": (lambda: MLPHost(), lambda g: torch.randn(4, 64, generator=g)),
-    "transformer": (lambda: TransformerHost(), lambda g: torch.randint(0, 256, (2, 16),
-                                                                        generator=g)),
+    "transformer": (
+        lambda: TransformerHost(),
+        lambda g: torch.randint(0, 256, (2, 16), generator=g),
+    ),
 }
 
 
 def _features_for(slot: SeedSlot) -> torch.Tensor:
-    shape = {Topology.CNN: (2, slot.channels, 4, 4), Topology.SEQ: (2, 5, slot.channels),
-             Topology.VEC: (2, slot.channels)}[slot.topology]
+    shape = {
+        Topology.CNN: (2, slot.channels, 4, 4),
+        Topology.SEQ: (2, 5, slot.channels),
+        Topology.VEC: (2, slot.channels),
+    }[slot.topology]
     return torch.randn(shape)
 
 
@@ -83,6 +88,7 @@ def test_germinated_slot_is_still_identity() -> None:
 # ---------------------------------------------------------------------------------------------
 # G2 maturity gate
 # ---------------------------------------------------------------------------------------------
+
 
 def _training_cnn(spec: SeedSpec | None = None) -> tuple[nn.Module, SeedSlot, torch.Tensor]:
     """A small CNN host whose slots.b0 has just entered TRAINING (CONV_LIGHT by default)."""
@@ -219,6 +225,7 @@ def test_noop_gate_needs_only_the_probe() -> None:
 # Commit (FOSSILIZE): α folded into a phage, isolation ends
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("style", list(Style))
 @pytest.mark.parametrize("blueprint", [Blueprint.CONV_LIGHT, Blueprint.NORM, Blueprint.ATTENTION])
 def test_commit_folds_alpha_and_ends_isolation(style: Style, blueprint: Blueprint) -> None:
@@ -250,8 +257,7 @@ def test_commit_folds_alpha_and_ends_isolation(style: Style, blueprint: Blueprin
     seed_before = [p.detach().clone() for p in phage.parameters()]
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert not torch.equal(model.stem[0].weight, stem_before)
-    assert all(not torch.equal(p, q) for p, q in zip(phage.parameters(), seed_before,
-                                                      strict=True))
+    assert all(not torch.equal(p, q) for p, q in zip(phage.parameters(), seed_before, strict=True))
 
 
 def test_isolation_holds_before_commit() -> None:
@@ -282,6 +288,7 @@ def test_isolation_holds_before_commit() -> None:
 # ---------------------------------------------------------------------------------------------
 # Prune
 # ---------------------------------------------------------------------------------------------
+
 
 def _holding_slot(**kw: object) -> SeedSlot:
     """slots.b0 of a small CNN host, HOLDING a CONV_LIGHT seed at α = 0.7."""
@@ -357,10 +364,13 @@ def test_emrakul_lysis_of_committed_slot_fades_from_current_sedation() -> None:
 
 def test_emrakul_may_only_sedate_lift_lyse_committed() -> None:
     slot = _holding_slot()
-    for call in (lambda: slot.sedate([0]), lambda: slot.lift([0]),
-                 lambda: slot.prune(actor=Actor.EMRAKUL),
-                 lambda: slot.fossilize(actor=Actor.EMRAKUL),
-                 lambda: slot.set_alpha_target(0.5, 3, actor=Actor.EMRAKUL)):
+    for call in (
+        lambda: slot.sedate([0]),
+        lambda: slot.lift([0]),
+        lambda: slot.prune(actor=Actor.EMRAKUL),
+        lambda: slot.fossilize(actor=Actor.EMRAKUL),
+        lambda: slot.set_alpha_target(0.5, 3, actor=Actor.EMRAKUL),
+    ):
         with pytest.raises(IllegalTransition, match="emrakul"):
             call()
         assert slot.stage is Stage.HOLDING
@@ -400,6 +410,7 @@ def test_tamiyo_may_not_touch_committed() -> None:
 # ---------------------------------------------------------------------------------------------
 # Telemetry
 # ---------------------------------------------------------------------------------------------
+
 
 def test_telemetry_reports_the_seed() -> None:
     model, slot, x = _training_cnn()

@@ -19,10 +19,16 @@ from esper.train_policy import TrainPolicyConfig, train_policy
 
 def _cfg(out: Path, updates: int) -> TrainPolicyConfig:
     """Tiny, with the default warm start: 2 heuristic episodes (one rollout), cloned."""
-    return TrainPolicyConfig(num_envs=2, episode_ticks=3, num_steps=3, updates=updates,
-                             out=str(out), env=EnvConfig(batches_per_tick=2),
-                             backend="inprocess",
-                             imitation=ImitationConfig(episodes=2, epochs=5))
+    return TrainPolicyConfig(
+        num_envs=2,
+        episode_ticks=3,
+        num_steps=3,
+        updates=updates,
+        out=str(out),
+        env=EnvConfig(batches_per_tick=2),
+        backend="inprocess",
+        imitation=ImitationConfig(episodes=2, epochs=5),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +60,9 @@ def test_resume_continues_at_the_update_boundary(tmp_path: Path) -> None:
         assert store.last_complete_tick() == 3 * 3 - 1
 
 
-def test_deployed_policy_grows_and_acts_legally(trained: tuple[Path, list[dict]],
-                                                tmp_path: Path) -> None:
+def test_deployed_policy_grows_and_acts_legally(
+    trained: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
     path, _ = trained
     cfg = GrowConfig(policy=str(path), ticks=3, env=EnvConfig(batches_per_tick=2))
     run = start_run(cfg, run_dir=tmp_path / "run")
@@ -71,8 +78,18 @@ def test_incompatible_host_is_refused(trained: tuple[Path, list[dict]], tmp_path
     cfg = GrowConfig(policy=str(path), ticks=2, host=HostConfig(depth=2))
     with pytest.raises(PolicyLoadError, match="slot"):
         start_run(cfg, run_dir=tmp_path / "run")
-    r = CliRunner().invoke(app, ["grow", "--policy", str(path), "--out", str(tmp_path / "o"),
-                                 "--config", str(_write(tmp_path, "[host]\ndepth = 2\n"))])
+    r = CliRunner().invoke(
+        app,
+        [
+            "grow",
+            "--policy",
+            str(path),
+            "--out",
+            str(tmp_path / "o"),
+            "--config",
+            str(_write(tmp_path, "[host]\ndepth = 2\n")),
+        ],
+    )
     assert r.exit_code == 2 and "Traceback" not in r.output and "slot" in r.output
 
 
@@ -82,26 +99,37 @@ def _write(tmp: Path, text: str) -> Path:
     return p
 
 
-
 def test_periodic_held_out_evaluation(tmp_path: Path) -> None:
     logs: list[dict] = []
-    cfg = TrainPolicyConfig(num_envs=2, episode_ticks=2, num_steps=2, updates=2, eval_every=1,
-                            eval_envs=2, out=str(tmp_path), env=EnvConfig(batches_per_tick=1),
-                            backend="inprocess", imitation=ImitationConfig(teacher=None))
+    cfg = TrainPolicyConfig(
+        num_envs=2,
+        episode_ticks=2,
+        num_steps=2,
+        updates=2,
+        eval_every=1,
+        eval_envs=2,
+        out=str(tmp_path),
+        env=EnvConfig(batches_per_tick=1),
+        backend="inprocess",
+        imitation=ImitationConfig(teacher=None),
+    )
     train_policy(cfg, log=lambda u, info: logs.append(info))
     assert all("heldout_metric" in info for info in logs)
     assert all(0.0 <= info["heldout_metric"] <= 1.0 for info in logs)
     # the held-out episodes must not move the training stream: a run without them logs the
     # same training returns
     plain: list[dict] = []
-    train_policy(TrainPolicyConfig(**{**cfg.__dict__, "eval_every": 0, "out": str(tmp_path / "b")}),
-                 log=lambda u, info: plain.append(info))
+    train_policy(
+        TrainPolicyConfig(**{**cfg.__dict__, "eval_every": 0, "out": str(tmp_path / "b")}),
+        log=lambda u, info: plain.append(info),
+    )
     assert [i["return_mean"] for i in logs] == [i["return_mean"] for i in plain]
 
 
 # ---------------------------------------------------------------------------------------------
 # The critic as a reward term
 # ---------------------------------------------------------------------------------------------
+
 
 class _FakeCritic:
     lag = 2
@@ -152,8 +180,10 @@ def test_sample_actions_deploys_the_stochastic_policy(trained: tuple[Path, list[
 # The warm start: the heuristic's episodes, recorded and cloned
 # ---------------------------------------------------------------------------------------------
 
+
 def test_warm_start_records_the_teacher_and_saves_the_clone(
-        trained: tuple[Path, list[dict]]) -> None:
+    trained: tuple[Path, list[dict]],
+) -> None:
     import json
 
     path, logs = trained

@@ -28,9 +28,17 @@ def cnn_host(spec: EnvSpec) -> CNNHost:
 
 
 def make_venv(backend: str = "inprocess", episode_ticks: int = 3) -> VectorEnv:
-    return VectorEnv(digits(), K, spec_stream(seed=SPEC_SEED), env_cfg=ENV_CFG,
-                     episode_ticks=episode_ticks, build_host=cnn_host, validator=illegal_reason,
-                     backend=backend, workers=2)
+    return VectorEnv(
+        digits(),
+        K,
+        spec_stream(seed=SPEC_SEED),
+        env_cfg=ENV_CFG,
+        episode_ticks=episode_ticks,
+        build_host=cnn_host,
+        validator=illegal_reason,
+        backend=backend,
+        workers=2,
+    )
 
 
 def random_policy(k: int = K) -> Policy:
@@ -38,8 +46,9 @@ def random_policy(k: int = K) -> Policy:
     return lambda obs: [p.act(o).action for p, o in zip(policies, obs, strict=True)]
 
 
-def rollout(venv: VectorEnv, policy: Policy, ticks: int
-            ) -> tuple[list[list[Observation]], list[StepResult]]:
+def rollout(
+    venv: VectorEnv, policy: Policy, ticks: int
+) -> tuple[list[list[Observation]], list[StepResult]]:
     observations, results = [], []
     with venv:
         for _ in range(ticks):
@@ -89,17 +98,28 @@ def test_specs_differ_per_environment() -> None:
 
 def test_lifecycle_config_reaches_every_slot() -> None:
     lifecycle = LifecycleConfig(embargo_ticks=7, reset_ticks=2)
-    venv = VectorEnv(digits(), K, spec_stream(seed=SPEC_SEED), env_cfg=ENV_CFG,
-                     lifecycle_cfg=lifecycle, episode_ticks=2, build_host=cnn_host,
-                     validator=illegal_reason, backend="inprocess")
+    venv = VectorEnv(
+        digits(),
+        K,
+        spec_stream(seed=SPEC_SEED),
+        env_cfg=ENV_CFG,
+        lifecycle_cfg=lifecycle,
+        episode_ticks=2,
+        build_host=cnn_host,
+        validator=illegal_reason,
+        backend="inprocess",
+    )
     for runner in venv._envs.runners:
         assert all(s.lifecycle.config == lifecycle for s in slots_of(runner.env.model).values())
 
 
 def test_illegal_actions_run_as_wait_and_are_reported() -> None:
     # FOSSILIZE on a DORMANT slot and a slot index out of range: both illegal at tick 0.
-    illegal = [FactoredAction(op=Op.FOSSILIZE, slot=0), FactoredAction(op=Op.GERMINATE, slot=9),
-               FactoredAction(op=Op.WAIT)]
+    illegal = [
+        FactoredAction(op=Op.FOSSILIZE, slot=0),
+        FactoredAction(op=Op.GERMINATE, slot=9),
+        FactoredAction(op=Op.WAIT),
+    ]
     _, bad = rollout(make_venv(), lambda obs: list(illegal), ticks=2)
     _, wait = rollout(make_venv(), lambda obs: [FactoredAction()] * K, ticks=2)
     reasons = [i.rejected for i in bad[0].infos]
@@ -113,8 +133,9 @@ def test_illegal_actions_run_as_wait_and_are_reported() -> None:
 
 def test_reward_of_a_host_that_never_grows_is_its_metric() -> None:
     # Known answer: no seed, so no rent and no churn; R_task = accuracy (the `level` reward).
-    observations, results = rollout(make_venv(episode_ticks=5),
-                                    lambda obs: [FactoredAction()] * K, ticks=3)
+    observations, results = rollout(
+        make_venv(episode_ticks=5), lambda obs: [FactoredAction()] * K, ticks=3
+    )
     for i in range(K):
         expected = [obs[i].metric for obs in observations]
         assert [r.rewards[i].item() for r in results] == pytest.approx(expected, abs=1e-12)
@@ -174,8 +195,9 @@ def test_split_train_and_evaluate_equal_the_fused_calls() -> None:
 
     def env() -> GrowthEnv:
         torch.manual_seed(spec.host_seed)
-        return GrowthEnv(cnn_host(spec), digits(), ENV_CFG, device=torch.device("cpu"),
-                         seed=spec.data_seed)
+        return GrowthEnv(
+            cnn_host(spec), digits(), ENV_CFG, device=torch.device("cpu"), seed=spec.data_seed
+        )
 
     a, b = env(), env()
     assert a.train_tick() == b.finish_train(b.train_tick_async())
@@ -191,9 +213,18 @@ def test_cuda_overlap_matches_serial() -> None:
     task = load_task("digits", seed=0, device="cuda")
 
     def run(overlap: bool) -> tuple[list[list[Observation]], list[StepResult]]:
-        venv = VectorEnv(task, 4, spec_stream(seed=SPEC_SEED), env_cfg=ENV_CFG, episode_ticks=3,
-                         device="cuda", build_host=cnn_host, validator=illegal_reason,
-                         backend="inprocess", overlap=overlap)
+        venv = VectorEnv(
+            task,
+            4,
+            spec_stream(seed=SPEC_SEED),
+            env_cfg=ENV_CFG,
+            episode_ticks=3,
+            device="cuda",
+            build_host=cnn_host,
+            validator=illegal_reason,
+            backend="inprocess",
+            overlap=overlap,
+        )
         assert venv.overlap is overlap
         return rollout(venv, random_policy(4), ticks=5)
 
@@ -208,7 +239,8 @@ def test_cuda_overlap_matches_serial() -> None:
     for xs, ys in zip(obs_a, obs_b, strict=True):
         for x, y in zip(xs, ys, strict=True):
             assert (x.metric, x.val_loss, x.train_loss) == pytest.approx(
-                (y.metric, y.val_loss, y.train_loss), abs=1e-6)
+                (y.metric, y.val_loss, y.train_loss), abs=1e-6
+            )
             assert [s.stage for s in x.slots] == [s.stage for s in y.slots]
             assert [s.gate_passed for s in x.slots] == [s.gate_passed for s in y.slots]
     assert any(i.ops for r in res_a for i in r.infos), "the random policy should have grown"

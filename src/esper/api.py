@@ -25,18 +25,33 @@ def _tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def grow(model: nn.Module, train: Data, val: Data, *, policy: str = "heuristic",
-         ticks: int | None = None, seed: int = 0, run_dir: str | Path | None = None,
-         config: GrowConfig | None = None, callbacks: Iterable[Callback] = (),
-         **overrides: Any) -> tuple[nn.Module, GrowResult]:
+def grow(
+    model: nn.Module,
+    train: Data,
+    val: Data,
+    *,
+    policy: str = "heuristic",
+    ticks: int | None = None,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    config: GrowConfig | None = None,
+    callbacks: Iterable[Callback] = (),
+    **overrides: Any,
+) -> tuple[nn.Module, GrowResult]:
     """Grow `model` (which must contain SeedSlots, see `esper.kasmina.insert_slots`) on
     classification data `train`/`val` — (x, y) tensors or DataLoaders — and return the grown
     model and the run's result. `overrides` are dotted config keys, e.g. `**{"economy.w_rent":
     0.1}`. For bit-reproducible runs, build the model after `torch.manual_seed(seed)`."""
-    cfg = override(config or GrowConfig(), policy=policy, ticks=ticks, seed=seed,
-                   task="custom", **overrides)
+    cfg = override(
+        config or GrowConfig(), policy=policy, ticks=ticks, seed=seed, task="custom", **overrides
+    )
     device = pick_device(cfg.device)
     task = from_tensors(*_tensors(train), *_tensors(val), device=device)
-    run = start_run(cfg, model=model, task=task,
-                    run_dir=Path(run_dir) if run_dir is not None else None, callbacks=callbacks)
+    run = start_run(
+        cfg,
+        model=model,
+        task=task,
+        run_dir=Path(run_dir) if run_dir is not None else None,
+        callbacks=callbacks,
+    )
     return run.env.model, run.run()

@@ -34,18 +34,32 @@ from esper.tolaria.data import TASK_NAMES, TaskError
 from esper.tolaria.governor import GovernorError
 from esper.train_policy import TrainPolicyConfig, train_policy
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Esper: grow neural networks while they train.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Esper: grow neural networks while they train."
+)
+
+
 def _out() -> Console:
     return Console()  # made per call, so the terminal width is read when printing
 
-KNOWN_ERRORS = (ConfigError, TaskError, RecorderError, CheckpointError, BlueprintError,
-                GovernorError, PolicyLoadError, ValueError, OSError)
+
+KNOWN_ERRORS = (
+    ConfigError,
+    TaskError,
+    RecorderError,
+    CheckpointError,
+    BlueprintError,
+    GovernorError,
+    PolicyLoadError,
+    ValueError,
+    OSError,
+)
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[red]esper: error:[/red] {message}",
-                                               highlight=False)
+    Console(stderr=True, soft_wrap=True).print(
+        f"[red]esper: error:[/red] {message}", highlight=False
+    )
     raise typer.Exit(2)
 
 
@@ -55,16 +69,22 @@ def _config(config: Path | None, **flags: object) -> GrowConfig:
     if cfg.task not in TASK_NAMES:
         raise ConfigError(f"unknown task {cfg.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
     if cfg.policy not in (*POLICIES, "learned") and not Path(cfg.policy).is_file():
-        raise ConfigError(f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}"
-                          ", or the path of a trained policy file")
+        raise ConfigError(
+            f"unknown policy {cfg.policy!r}; valid policies: {', '.join(POLICIES)}"
+            ", or the path of a trained policy file"
+        )
     return cfg
 
 
 @app.command()
 def grow(
     task: Annotated[str | None, typer.Option(help="digits, text or cifar10")] = None,
-    policy: Annotated[str | None, typer.Option(
-        help="heuristic, random, none, learned (the shipped PPO policy) or a policy file")] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            help="heuristic, random, none, learned (the shipped PPO policy) or a policy file"
+        ),
+    ] = None,
     ticks: Annotated[int | None, typer.Option(help="control ticks")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for every RNG")] = None,
     w_rent: Annotated[float | None, typer.Option(help="rent weight W_rent")] = None,
@@ -81,10 +101,17 @@ def grow(
         if resume is not None:
             run = resume_run(resume)
         else:
-            cfg = _config(config, task=task, policy=policy, ticks=ticks, seed=seed,
-                          device=device, out=out, data_dir=data_dir,
-                          **{"economy.w_rent": w_rent, "economy.w_churn": w_churn,
-                             "host.width": host_width})
+            cfg = _config(
+                config,
+                task=task,
+                policy=policy,
+                ticks=ticks,
+                seed=seed,
+                device=device,
+                out=out,
+                data_dir=data_dir,
+                **{"economy.w_rent": w_rent, "economy.w_churn": w_churn, "host.width": host_width},
+            )
             run = start_run(cfg)
         result = _run_with_progress(run)
     except KNOWN_ERRORS as e:
@@ -97,16 +124,29 @@ def grow(
 
 def _run_with_progress(run: GrowthRun) -> GrowResult:
     cfg = run.cfg
-    columns = (TextColumn("[bold]growing[/bold] {task.description}"), BarColumn(),
-               MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
-    with Progress(*columns, console=_out(), transient=True,
-                  disable=not sys.stderr.isatty() and not sys.stdout.isatty()) as bar:
-        job = bar.add_task(f"{cfg.task} ({cfg.policy})", total=cfg.ticks,
-                           completed=run.start_tick, status="")
+    columns = (
+        TextColumn("[bold]growing[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(
+        *columns,
+        console=_out(),
+        transient=True,
+        disable=not sys.stderr.isatty() and not sys.stdout.isatty(),
+    ) as bar:
+        job = bar.add_task(
+            f"{cfg.task} ({cfg.policy})", total=cfg.ticks, completed=run.start_tick, status=""
+        )
 
         def update(t: int, m: dict[str, float]) -> None:
-            bar.update(job, completed=t + 1,
-                       status=f"metric {m['metric']:.4f}  seed params {int(m['seed_params'])}")
+            bar.update(
+                job,
+                completed=t + 1,
+                status=f"metric {m['metric']:.4f}  seed params {int(m['seed_params'])}",
+            )
 
         return run.run(progress=update)
 
@@ -119,10 +159,14 @@ def _print_summary(r: GrowResult) -> None:
     rows = [
         (f"{r.metric_name}, host at first tick", f"{r.start_metric:.4f}"),
         (f"{r.metric_name}, grown model at end", f"{r.final_metric:.4f}"),
-        ("parameters", f"{r.params_start:,} → {r.params_end:,} "
-                       f"(+{r.params_end - r.params_start:,})"),
-        ("FLOPs per sample", f"{r.flops_start:,} → {r.flops_end:,} "
-                             f"({r.flops_end - r.flops_start:+,})"),
+        (
+            "parameters",
+            f"{r.params_start:,} → {r.params_end:,} (+{r.params_end - r.params_start:,})",
+        ),
+        (
+            "FLOPs per sample",
+            f"{r.flops_start:,} → {r.flops_end:,} ({r.flops_end - r.flops_start:+,})",
+        ),
         ("germinated", count(r.germinated)),
         ("committed", count(r.committed)),
         ("pruned", count(r.pruned)),
@@ -134,14 +178,18 @@ def _print_summary(r: GrowResult) -> None:
     for k, v in rows:
         table.add_row(k, v)
     for seed, acc in r.seed_accounts.items():
-        table.add_row(f"  {seed}", f"rent {acc['rent_paid']:.4f}, churn {acc['churn_paid']:.4f}, "
-                                   f"{int(acc['ticks_alive'])} ticks")
+        table.add_row(
+            f"  {seed}",
+            f"rent {acc['rent_paid']:.4f}, churn {acc['churn_paid']:.4f}, "
+            f"{int(acc['ticks_alive'])} ticks",
+        )
     _out().print(table)
 
 
 @app.command()
-def runs(root: Annotated[Path, typer.Option(help="where run directories live")] = Path("runs")
-         ) -> None:
+def runs(
+    root: Annotated[Path, typer.Option(help="where run directories live")] = Path("runs"),
+) -> None:
     """List recorded runs."""
     found = list_runs(root)
     if not found:
@@ -149,8 +197,14 @@ def runs(root: Annotated[Path, typer.Option(help="where run directories live")] 
         return
     table = Table("run", "created", "task", "policy", "last tick", "note")
     for r in found:
-        table.add_row(r.id, str(r.created_at or ""), str(r.task or ""), str(r.policy or ""),
-                      "" if r.last_tick is None else str(r.last_tick), r.problem or "")
+        table.add_row(
+            r.id,
+            str(r.created_at or ""),
+            str(r.task or ""),
+            str(r.policy or ""),
+            "" if r.last_tick is None else str(r.last_tick),
+            r.problem or "",
+        )
     _out().print(table)
 
 
@@ -164,12 +218,16 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
     with store:
         cfg = store.manifest()["config"]
         metrics = store.metrics()
-        _out().print(f"[bold]{run_dir}[/bold]  task={cfg['task']} policy={cfg['policy']} "
-                      f"seed={cfg['seed']} ticks={len(metrics)}/{cfg['ticks']}")
+        _out().print(
+            f"[bold]{run_dir}[/bold]  task={cfg['task']} policy={cfg['policy']} "
+            f"seed={cfg['seed']} ticks={len(metrics)}/{cfg['ticks']}"
+        )
         if metrics:
             first, last = metrics[0][1], metrics[-1][1]
-            _out().print(f"metric {first['metric']:.4f} (tick 0) → {last['metric']:.4f} "
-                          f"(tick {metrics[-1][0]}); seed params {int(last['seed_params'])}")
+            _out().print(
+                f"metric {first['metric']:.4f} (tick 0) → {last['metric']:.4f} "
+                f"(tick {metrics[-1][0]}); seed params {int(last['seed_params'])}"
+            )
         table = Table("tick", "slot", "event", "detail")
         for e in store.events():
             if e.kind == "decision":
@@ -183,15 +241,17 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
 def evaluate_cmd(
     policies: Annotated[list[str], typer.Argument(help="none, random, heuristic, policy files")],
     seeds: Annotated[int, typer.Option(help="held-out seeds (1000, 1001, ...)")] = 10,
-    first_seed: Annotated[int, typer.Option(
-        help="the first held-out seed (>= 1000: training never draws those)")] = 1000,
+    first_seed: Annotated[
+        int, typer.Option(help="the first held-out seed (>= 1000: training never draws those)")
+    ] = 1000,
     ticks: Annotated[int | None, typer.Option(help="control ticks per run")] = None,
     task: Annotated[str | None, typer.Option()] = None,
     host_width: Annotated[int | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
     out: Annotated[Path, typer.Option(help="where runs and the table go")] = Path("evaluation"),
-    sample: Annotated[bool, typer.Option(
-        help="also run each learned policy sampling its actions, as in training")] = False,
+    sample: Annotated[
+        bool, typer.Option(help="also run each learned policy sampling its actions, as in training")
+    ] = False,
 ) -> None:
     """Run policies on held-out seeds at matched ticks; print and save the paper's §7 table."""
     try:
@@ -199,13 +259,22 @@ def evaluate_cmd(
         for p in policies:
             _config(None, policy=p)  # validates each name or file
         if first_seed < HELD_OUT_SEEDS[0]:
-            _fail(f"--first-seed {first_seed}: seeds below {HELD_OUT_SEEDS[0]} are drawn in "
-                  "training, so they are not held out")
+            _fail(
+                f"--first-seed {first_seed}: seeds below {HELD_OUT_SEEDS[0]} are drawn in "
+                "training, so they are not held out"
+            )
         chosen = list(range(first_seed, first_seed + seeds))
-        rows = evaluate(policies, chosen, cfg, out, sample=sample,
-                        progress=lambda p, s, r: _out().print(
-                            f"{Path(p).name:>12s} seed {s}: {r.metric_name} "
-                            f"{r.final_metric:.4f}, reward {r.reward_total:+.3f}"))
+        rows = evaluate(
+            policies,
+            chosen,
+            cfg,
+            out,
+            sample=sample,
+            progress=lambda p, s, r: _out().print(
+                f"{Path(p).name:>12s} seed {s}: {r.metric_name} "
+                f"{r.final_metric:.4f}, reward {r.reward_total:+.3f}"
+            ),
+        )
     except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     _out().print((out / "evaluation.md").read_text())
@@ -220,29 +289,50 @@ def train_policy_cmd(
     seed: Annotated[int | None, typer.Option()] = None,
     out: Annotated[str | None, typer.Option(help="policy and training-run directory")] = None,
     resume: Annotated[bool, typer.Option(help="continue the training in --out")] = False,
-    critic: Annotated[str | None, typer.Option(
-        help="critic file (esper train-critic): its predicted φ of each seed joins the reward")
+    critic: Annotated[
+        str | None,
+        typer.Option(
+            help="critic file (esper train-critic): its predicted φ of each seed joins the reward"
+        ),
     ] = None,
     critic_weight: Annotated[float | None, typer.Option(help="weight of the critic's φ")] = None,
-    teacher: Annotated[str, typer.Option(
-        help="warm start: clone this policy's decisions before PPO ('none': no warm start)")
+    teacher: Annotated[
+        str,
+        typer.Option(
+            help="warm start: clone this policy's decisions before PPO ('none': no warm start)"
+        ),
     ] = "heuristic",
-    demo_episodes: Annotated[int | None, typer.Option(
-        help="teacher episodes recorded for the warm start")] = None,
+    demo_episodes: Annotated[
+        int | None, typer.Option(help="teacher episodes recorded for the warm start")
+    ] = None,
 ) -> None:
     """Phase 1: train a growth policy with PPO over vectorised digits environments."""
-    changes = {"updates": updates, "num_envs": envs, "budget_minutes": budget_minutes,
-               "seed": seed, "out": out, "critic": critic, "critic_weight": critic_weight}
+    changes = {
+        "updates": updates,
+        "num_envs": envs,
+        "budget_minutes": budget_minutes,
+        "seed": seed,
+        "out": out,
+        "critic": critic,
+        "critic_weight": critic_weight,
+    }
     try:  # teacher "none": no warm start (cloning `none` would only teach WAIT)
-        imitation = ImitationConfig(teacher=None if teacher == "none" else teacher,
-                                    **({} if demo_episodes is None
-                                       else {"episodes": demo_episodes}))
-        cfg = TrainPolicyConfig(**{k: v for k, v in changes.items() if v is not None},
-                                imitation=imitation)
+        imitation = ImitationConfig(
+            teacher=None if teacher == "none" else teacher,
+            **({} if demo_episodes is None else {"episodes": demo_episodes}),
+        )
+        cfg = TrainPolicyConfig(
+            **{k: v for k, v in changes.items() if v is not None}, imitation=imitation
+        )
     except ValueError as e:
         _fail(str(e))
-    columns = (TextColumn("[bold]training[/bold]"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]training[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    )
     try:
         with Progress(*columns, console=_out()) as bar:
             job = bar.add_task("ppo", total=cfg.updates, status="")
@@ -253,18 +343,25 @@ def train_policy_cmd(
                     bar.console.print(
                         f"warm start: cloned {clone['decisions']} {teacher} decisions in "
                         f"{info['minutes']:.1f} min; NLL {clone['nll']:.3f}, agreement "
-                        + ", ".join(f"{op} {a:.0%}" for op, a in
-                                    clone["op_accuracy_by_op"].items()))
+                        + ", ".join(f"{op} {a:.0%}" for op, a in clone["op_accuracy_by_op"].items())
+                    )
                     return
                 metric = info["final_metric_mean"]
-                bar.update(job, completed=update + 1, status=(
-                    f"return {info['return_mean']:+.3f}  kl {info['approx_kl']:.4f}  "
-                    f"ev {info['explained_variance']:.2f}  H(op) {info['entropy_op']:.2f}"
-                    + (f"  final acc {metric:.3f}" if metric is not None else "")))
+                bar.update(
+                    job,
+                    completed=update + 1,
+                    status=(
+                        f"return {info['return_mean']:+.3f}  kl {info['approx_kl']:.4f}  "
+                        f"ev {info['explained_variance']:.2f}  H(op) {info['entropy_op']:.2f}"
+                        + (f"  final acc {metric:.3f}" if metric is not None else "")
+                    ),
+                )
                 if "heldout_metric" in info:
-                    bar.console.print(f"update {info['update']}: held-out return "
-                                      f"{info['heldout_return']:+.3f}, final metric "
-                                      f"{info['heldout_metric']:.4f}")
+                    bar.console.print(
+                        f"update {info['update']}: held-out return "
+                        f"{info['heldout_return']:+.3f}, final metric "
+                        f"{info['heldout_metric']:.4f}"
+                    )
                 for w in info["warnings"]:
                     bar.console.print(f"[yellow]health:[/yellow] {w}")
 
@@ -277,18 +374,26 @@ def train_policy_cmd(
 @app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a recorded run whose seeds to audit")],
-    more_runs: Annotated[list[Path] | None, typer.Argument(
-        help="with --compare: more audited runs, pooled", show_default=False)] = None,
+    more_runs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="with --compare: more audited runs, pooled", show_default=False),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="R: retrains per subset")] = 1,
     budget: Annotated[int, typer.Option(help="ticks of training per retrain")] = 10,
     metric: Annotated[str, typer.Option(help="metric, val_loss or train_loss")] = "metric",
     workers: Annotated[int | None, typer.Option(help="processes (default: the cores)")] = None,
-    backend: Annotated[str, typer.Option(
-        help="where retrains run: local (a process pool) or ray (Ray tasks)")] = "local",
-    ray_address: Annotated[str | None, typer.Option(
-        help="with --backend ray: the cluster to join (default: a local Ray instance)")] = None,
-    compare: Annotated[bool, typer.Option(
-        "--compare", help="compare cheaper estimators with the recorded exact φ")] = False,
+    backend: Annotated[
+        str, typer.Option(help="where retrains run: local (a process pool) or ray (Ray tasks)")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="with --backend ray: the cluster to join (default: a local Ray instance)"
+        ),
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="compare cheaper estimators with the recorded exact φ")
+    ] = False,
 ) -> None:
     """Exact Shapley credit of a run's germinated seeds (≤ 3) by full retrain of every subset.
 
@@ -311,18 +416,37 @@ def audit(
             raise ValueError(f"run {run_dir} germinated no seed: nothing to audit")
         last = max(c.germinate_tick for c in candidates)
         if budget <= last:
-            raise ValueError(f"--budget {budget} must exceed the last germination tick ({last}),"
-                             " so that every seed can be trained in")
-        protocol = AuditProtocol(task=cfg.task, config=cfg, ticks=budget, metric=metric,
-                                 repeats=repeats, base_seed=cfg.seed)
-        columns = (TextColumn(f"[bold]auditing[/bold] {len(candidates)} seeds, retrains of "
-                              f"{budget} ticks on {backend}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn())
+            raise ValueError(
+                f"--budget {budget} must exceed the last germination tick ({last}),"
+                " so that every seed can be trained in"
+            )
+        protocol = AuditProtocol(
+            task=cfg.task,
+            config=cfg,
+            ticks=budget,
+            metric=metric,
+            repeats=repeats,
+            base_seed=cfg.seed,
+        )
+        columns = (
+            TextColumn(
+                f"[bold]auditing[/bold] {len(candidates)} seeds, retrains of "
+                f"{budget} ticks on {backend}"
+            ),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=_out(), transient=True) as bar:
             job = bar.add_task("audit", total=2 ** len(candidates) * repeats)
             result = Audit(run_dir / "audit").run(
-                protocol, candidates, backend=backend, workers=workers, ray_address=ray_address,
-                progress=lambda done, total: bar.update(job, completed=done, total=total))
+                protocol,
+                candidates,
+                backend=backend,
+                workers=workers,
+                ray_address=ray_address,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
     except (*KNOWN_ERRORS, BackendUnavailable) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     _print_audit(result, run_dir, metric)
@@ -330,9 +454,14 @@ def audit(
 
 def _print_audit(result: AuditResult, run_dir: Path, metric: str) -> None:
     """φ ± CI and Banzhaf per seed, the pairwise interactions, and any failed retrain."""
-    table = Table("seed", "φ (Shapley)", "95% CI", "Banzhaf",
-                  title=f"audit of {run_dir} ({metric}, R={len(result.repeats_used)}, "
-                        f"{result.retrains} retrained, {result.cached} cached)")
+    table = Table(
+        "seed",
+        "φ (Shapley)",
+        "95% CI",
+        "Banzhaf",
+        title=f"audit of {run_dir} ({metric}, R={len(result.repeats_used)}, "
+        f"{result.retrains} retrained, {result.cached} cached)",
+    )
     for key in result.candidates:
         lo, hi = result.phi_ci95[key]
         ci = f"[{lo:+.4f}, {hi:+.4f}]" if lo == lo else "n/a (needs R ≥ 2)"  # NaN when R = 1
@@ -341,42 +470,62 @@ def _print_audit(result: AuditResult, run_dir: Path, metric: str) -> None:
     for (a, b), x in result.interactions.items():
         _out().print(f"interaction {a} × {b}: {x:+.4f}")
     for f in result.failures:
-        _out().print(f"[red]failed[/red] subset {list(f.subset)} repeat {f.repeat} after "
-                     f"{f.attempts} attempts: {f.error.splitlines()[0]}")
+        _out().print(
+            f"[red]failed[/red] subset {list(f.subset)} repeat {f.repeat} after "
+            f"{f.attempts} attempts: {f.error.splitlines()[0]}"
+        )
 
 
-def _audit_compare(run_dirs: list[Path], workers: int | None, backend: str,
-                   ray_address: str | None) -> None:
+def _audit_compare(
+    run_dirs: list[Path], workers: int | None, backend: str, ray_address: str | None
+) -> None:
     """`esper audit RUN [RUN...] --compare`: estimators against the recorded exact φ."""
     try:
         check_backend(backend, ray_address)
         with _out().status("estimating (cached retrains are reused)") as status:
             comparison = compare_audits(
-                run_dirs, workers=workers, backend=backend, ray_address=ray_address,
-                progress=lambda r: status.update(f"estimating {r} (cached retrains are reused)"))
+                run_dirs,
+                workers=workers,
+                backend=backend,
+                ray_address=ray_address,
+                progress=lambda r: status.update(f"estimating {r} (cached retrains are reused)"),
+            )
     except (*KNOWN_ERRORS, BackendUnavailable, RuntimeError) as e:  # RuntimeError: a retrain failed
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    table = Table(*ESTIMATOR_HEADERS, title=f"credit estimators vs exact Shapley φ over "
-                                            f"{len(run_dirs)} audited run(s)")
+    table = Table(
+        *ESTIMATOR_HEADERS,
+        title=f"credit estimators vs exact Shapley φ over {len(run_dirs)} audited run(s)",
+    )
     for row in format_estimator_rows(comparison):
         table.add_row(*row)
     _out().print(table)
-    _out().print("retrains: what each estimator needs alone (exact: 2^n·R; cached ones were "
-                 "reused); tick-equivalent: retrains × their ticks / the audit budget; "
-                 "MAE — : credit in other units (ablation under a loss metric)")
+    _out().print(
+        "retrains: what each estimator needs alone (exact: 2^n·R; cached ones were "
+        "reused); tick-equivalent: retrains × their ticks / the audit budget; "
+        "MAE — : credit in other units (ablation under a loss metric)"
+    )
 
 
 @app.command("train-critic")
 def train_critic_cmd(
     runs: Annotated[list[Path], typer.Argument(help="audited runs (labelled by `esper audit`)")],
     out: Annotated[Path, typer.Option(help="the critic file")] = Path("critic.safetensors"),
-    lag: Annotated[int, typer.Option(help="ticks after germination to read telemetry")
-                   ] = DEFAULT_LAG,
-    l2: Annotated[float | None, typer.Option(
-        help="ridge strength (default: chosen by leave-one-run-out)", show_default=False)] = None,
-    folds: Annotated[int | None, typer.Option(
-        help="k folds of whole runs for the held-out score (default: leave one run out)",
-        show_default=False)] = None,
+    lag: Annotated[
+        int, typer.Option(help="ticks after germination to read telemetry")
+    ] = DEFAULT_LAG,
+    l2: Annotated[
+        float | None,
+        typer.Option(
+            help="ridge strength (default: chosen by leave-one-run-out)", show_default=False
+        ),
+    ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            help="k folds of whole runs for the held-out score (default: leave one run out)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train a critic that predicts exact Shapley φ from cheap recorded telemetry (ridge)."""
     try:
@@ -387,19 +536,37 @@ def train_critic_cmd(
         score = held_out(rows, folds, l2, lag) if n_runs >= 2 else None
         critic = fit_critic(rows, l2, lag)
         if score is not None:
-            critic.meta["held_out"] = {"spearman": score.spearman, "mae": score.mae,
-                                       "n": score.n, "folds": score.folds}
+            critic.meta["held_out"] = {
+                "spearman": score.spearman,
+                "mae": score.mae,
+                "n": score.n,
+                "folds": score.folds,
+            }
         path = critic.save(out)
     except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    table = Table("rows", "runs", "features", "L2", "held-out Spearman ρ", "held-out MAE",
-                  title=f"critic of exact φ, telemetry {lag} ticks after germination")
-    rho = "n/a (needs 2 runs)" if score is None else "{} (n={}, {} folds by run)".format(
-        "— (constant)" if score.spearman != score.spearman else f"{score.spearman:+.3f}",
-        score.n, score.folds)  # NaN: φ or the predictions are all equal
+    table = Table(
+        "rows",
+        "runs",
+        "features",
+        "L2",
+        "held-out Spearman ρ",
+        "held-out MAE",
+        title=f"critic of exact φ, telemetry {lag} ticks after germination",
+    )
+    rho = (
+        "n/a (needs 2 runs)"
+        if score is None
+        else "{} (n={}, {} folds by run)".format(
+            "— (constant)" if score.spearman != score.spearman else f"{score.spearman:+.3f}",
+            score.n,
+            score.folds,
+        )
+    )  # NaN: φ or the predictions are all equal
     mae = "n/a" if score is None else f"{score.mae:.4f}"
-    table.add_row(str(len(rows)), str(n_runs), str(len(critic.features)), f"{critic.l2:g}", rho,
-                  mae)
+    table.add_row(
+        str(len(rows)), str(n_runs), str(len(critic.features)), f"{critic.l2:g}", rho, mae
+    )
     _out().print(table)
     _out().print(f"critic written to {path}")
 

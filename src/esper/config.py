@@ -42,11 +42,13 @@ class HostConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in HOST_KINDS:
-            raise ConfigError(f"host.kind must be one of {', '.join(HOST_KINDS)}, "
-                              f"got {self.kind!r}")
+            raise ConfigError(
+                f"host.kind must be one of {', '.join(HOST_KINDS)}, got {self.kind!r}"
+            )
         if self.width < 1 or self.depth < 1:
-            raise ConfigError(f"host.width and host.depth must be >= 1, got {self.width}, "
-                              f"{self.depth}")
+            raise ConfigError(
+                f"host.width and host.depth must be >= 1, got {self.width}, {self.depth}"
+            )
 
 
 @dataclass(frozen=True)
@@ -94,8 +96,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         table = f" in [{where}]" if where else ""
-        raise ConfigError(f"unknown config key {key!r}; valid keys{table}: "
-                          f"{', '.join(sorted(names))}")
+        raise ConfigError(
+            f"unknown config key {key!r}; valid keys{table}: {', '.join(sorted(names))}"
+        )
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -172,9 +175,9 @@ def override(cfg: GrowConfig, **changes: Any) -> GrowConfig:
         node = data
         for i, part in enumerate(path):
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"unknown config table {'.'.join(path[:i + 1])!r} in "
-                                  f"override {key!r}")
+                raise ConfigError(
+                    f"unknown config table {'.'.join(path[: i + 1])!r} in override {key!r}"
+                )
             node = node[part]
         node[last] = value
     return config_from_dict(data)
-

@@ -49,8 +49,9 @@ def q25(xs: Sequence[float]) -> float:
     return statistics.quantiles(xs, n=4, method="inclusive")[0] if len(xs) > 1 else xs[0]
 
 
-def bootstrap_ci(diffs: Sequence[float], *, resamples: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ci(
+    diffs: Sequence[float], *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """(mean, low, high): percentile bootstrap of the mean of paired differences."""
     rng = random.Random(seed)
     n = len(diffs)
@@ -63,13 +64,20 @@ def bootstrap_ci(diffs: Sequence[float], *, resamples: int = 2000, seed: int = 0
 def _row(policy: str, results: list[GrowResult], bases: dict[str, list[GrowResult]]) -> PolicyRow:
     metric = [r.final_metric for r in results]
     reward = [r.reward_total for r in results]
-    diffs = {name: bootstrap_ci([a.reward_total - b.reward_total
-                                 for a, b in zip(results, base, strict=True)])
-             for name, base in bases.items() if name != policy}
+    diffs = {
+        name: bootstrap_ci(
+            [a.reward_total - b.reward_total for a, b in zip(results, base, strict=True)]
+        )
+        for name, base in bases.items()
+        if name != policy
+    }
     return PolicyRow(
-        policy=policy, seeds=len(results),
-        metric_median=statistics.median(metric), metric_q25=q25(metric),
-        reward_median=statistics.median(reward), reward_q25=q25(reward),
+        policy=policy,
+        seeds=len(results),
+        metric_median=statistics.median(metric),
+        metric_q25=q25(metric),
+        reward_median=statistics.median(reward),
+        reward_q25=q25(reward),
         params_added_median=statistics.median(r.params_end - r.params_start for r in results),
         flops_delta_median=statistics.median(r.flops_end - r.flops_start for r in results),
         committed=dict(Counter(b for r in results for b in r.committed)),
@@ -92,9 +100,14 @@ def variants(policies: Sequence[str], sample: bool) -> list[tuple[str, str, bool
     return rows
 
 
-def evaluate(policies: Sequence[str], seeds: Sequence[int], base: GrowConfig, out: Path,
-             progress: Callable[[str, int, GrowResult], None] | None = None,
-             sample: bool = False) -> list[PolicyRow]:
+def evaluate(
+    policies: Sequence[str],
+    seeds: Sequence[int],
+    base: GrowConfig,
+    out: Path,
+    progress: Callable[[str, int, GrowResult], None] | None = None,
+    sample: bool = False,
+) -> list[PolicyRow]:
     """Run every policy on every seed; write `evaluation.json` and `evaluation.md` to `out`.
     `sample`: also run each learned policy sampling its actions (a row "NAME (sampled)")."""
     rows_of = variants(policies, sample)
@@ -118,20 +131,30 @@ def evaluate(policies: Sequence[str], seeds: Sequence[int], base: GrowConfig, ou
 
 def to_markdown(rows: Sequence[PolicyRow], cfg: GrowConfig, seeds: Sequence[int]) -> str:
     bases = [b for b in BASELINES if any(r.policy == b or b in r.reward_diffs for r in rows)]
-    head = (f"{cfg.task}, host width {cfg.host.width}, {cfg.ticks} ticks, "
-            f"{cfg.economy.task_reward} task reward, W_rent {cfg.economy.w_rent}, seeds "
-            f"{seeds[0]}..{seeds[-1]} ({len(seeds)})\n\n"
-            "| policy | metric median / q25 | reward median / q25 | params added | "
-            "FLOPs delta | committed blueprints | rent | churn | "
-            + "".join(f"Δreward vs {b} (95% CI) | " for b in bases)
-            + "\n|" + "---|" * (8 + len(bases)) + "\n")
+    head = (
+        f"{cfg.task}, host width {cfg.host.width}, {cfg.ticks} ticks, "
+        f"{cfg.economy.task_reward} task reward, W_rent {cfg.economy.w_rent}, seeds "
+        f"{seeds[0]}..{seeds[-1]} ({len(seeds)})\n\n"
+        "| policy | metric median / q25 | reward median / q25 | params added | "
+        "FLOPs delta | committed blueprints | rent | churn | "
+        + "".join(f"Δreward vs {b} (95% CI) | " for b in bases)
+        + "\n|"
+        + "---|" * (8 + len(bases))
+        + "\n"
+    )
     lines = []
     for r in rows:
-        diffs = "".join("— | " if b not in r.reward_diffs else
-                        "{:+.3f} [{:+.3f}, {:+.3f}] | ".format(*r.reward_diffs[b]) for b in bases)
+        diffs = "".join(
+            "— | "
+            if b not in r.reward_diffs
+            else "{:+.3f} [{:+.3f}, {:+.3f}] | ".format(*r.reward_diffs[b])
+            for b in bases
+        )
         dist = ", ".join(f"{k}×{v}" for k, v in sorted(r.committed.items())) or "none"
-        lines.append(f"| {Path(r.policy).name} | {r.metric_median:.4f} / {r.metric_q25:.4f} | "
-                     f"{r.reward_median:.3f} / {r.reward_q25:.3f} | "
-                     f"{r.params_added_median:.0f} | {r.flops_delta_median:.0f} | {dist} | "
-                     f"{r.rent_median:.3f} | {r.churn_median:.3f} | {diffs}")
+        lines.append(
+            f"| {Path(r.policy).name} | {r.metric_median:.4f} / {r.metric_q25:.4f} | "
+            f"{r.reward_median:.3f} / {r.reward_q25:.3f} | "
+            f"{r.params_added_median:.0f} | {r.flops_delta_median:.0f} | {dist} | "
+            f"{r.rent_median:.3f} | {r.churn_median:.3f} | {diffs}"
+        )
     return head + "\n".join(lines) + "\n"

@@ -34,8 +34,12 @@ from esper.tolaria.determinism import pick_device, seed_everything
 from esper.tolaria.environment import GrowthEnv
 from esper.tolaria.governor import Governor
 
-SPEC_VERSIONS = {"obs": "obs-v1", "reward": "simic-v2", "blueprints": "kasmina-13-v1",
-                 "actions": "factored-8-v1"}
+SPEC_VERSIONS = {
+    "obs": "obs-v1",
+    "reward": "simic-v2",
+    "blueprints": "kasmina-13-v1",
+    "actions": "factored-8-v1",
+}
 Callback = Callable[[int, GrowthEnv], None]
 SHIPPED_POLICY = Path(__file__).parent / "tamiyo" / "trained" / "digits.safetensors"
 """The PPO policy trained on digits (`make policy`); `--policy learned` deploys it."""
@@ -44,6 +48,7 @@ SHIPPED_POLICY = Path(__file__).parent / "tamiyo" / "trained" / "digits.safetens
 # ---------------------------------------------------------------------------------------------
 # Hosts for the built-in tasks
 # ---------------------------------------------------------------------------------------------
+
 
 def build_host(cfg: GrowConfig, task: TaskData) -> nn.Module:
     h, kind = cfg.host, cfg.host.kind
@@ -54,8 +59,13 @@ def build_host(cfg: GrowConfig, task: TaskData) -> nn.Module:
         c, size = task.input_shape[0], task.input_shape[-1]
         return CNNHost(h.width, h.depth, c, task.num_outputs, size, **slot_kw)
     if kind == "mlp":
-        return MLPHost(int(torch.tensor(task.input_shape).prod()), h.width, h.depth,
-                       task.num_outputs, **slot_kw)
+        return MLPHost(
+            int(torch.tensor(task.input_shape).prod()),
+            h.width,
+            h.depth,
+            task.num_outputs,
+            **slot_kw,
+        )
     if kind == "transformer":
         d = h.width if h.width >= 8 else 64
         return TransformerHost(task.num_outputs, d, h.depth, 4, task.train_x.shape[1], **slot_kw)
@@ -69,10 +79,13 @@ def load_policy(cfg: GrowConfig, slot_names: list[str]) -> Policy:
         return make_policy(cfg.policy, cfg.seed, cfg.heuristic)
     path = SHIPPED_POLICY if cfg.policy == "learned" else Path(cfg.policy)
     if path.suffix == ".safetensors" or path.is_file():
-        return LearnedPolicy.load(path, expect_slots=slot_names, seed=cfg.seed,
-                                  deterministic=not cfg.sample_actions)
-    raise ValueError(f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, learned, "
-                     "or the path of a trained policy (.safetensors)")
+        return LearnedPolicy.load(
+            path, expect_slots=slot_names, seed=cfg.seed, deterministic=not cfg.sample_actions
+        )
+    raise ValueError(
+        f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, learned, "
+        "or the path of a trained policy (.safetensors)"
+    )
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -92,6 +105,7 @@ def _cost(model: nn.Module, task: TaskData) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Result
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class GrowResult:
@@ -122,11 +136,20 @@ class GrowResult:
 # The run
 # ---------------------------------------------------------------------------------------------
 
+
 class GrowthRun:
     """Owns every moving part of one run; `run()` loops the control tick."""
 
-    def __init__(self, cfg: GrowConfig, model: nn.Module, task: TaskData, run_dir: Path,
-                 *, store: RunStore, callbacks: Iterable[Callback] = ()) -> None:
+    def __init__(
+        self,
+        cfg: GrowConfig,
+        model: nn.Module,
+        task: TaskData,
+        run_dir: Path,
+        *,
+        store: RunStore,
+        callbacks: Iterable[Callback] = (),
+    ) -> None:
         self.cfg, self.task, self.run_dir, self.store = cfg, task, run_dir, store
         self.device = pick_device(cfg.device)
         self.env = GrowthEnv(model, task, cfg.env, device=self.device, seed=cfg.seed)
@@ -143,9 +166,14 @@ class GrowthRun:
     # -- state: everything a resumed run needs --------------------------------------------------
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         info, tensors = self.env.state_dict()
-        info.update(policy=self.policy.state_dict(), economy=self.economy.state_dict(),
-                    governor=self.governor.state_dict(), start_metric=self.start_metric,
-                    params_start=self.params_start, flops_start=self.flops_start)
+        info.update(
+            policy=self.policy.state_dict(),
+            economy=self.economy.state_dict(),
+            governor=self.governor.state_dict(),
+            start_metric=self.start_metric,
+            params_start=self.params_start,
+            flops_start=self.flops_start,
+        )
         return info, tensors
 
     def load_state(self, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -161,8 +189,11 @@ class GrowthRun:
         path = self.run_dir / "checkpoints" / f"tick_{tick:05d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"esper_run": json.dumps({**info, "tick": tick})})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"esper_run": json.dumps({**info, "tick": tick})},
+        )
         tmp.replace(path)  # atomic: a kill never leaves a half-written checkpoint behind
         return str(path.relative_to(self.run_dir)), hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -213,16 +244,34 @@ class GrowthRun:
         ops = self._execute(decision, obs, events)
         before = {n: s.stage for n, s in env.slots.items()}
         env.advance_clock(t)
-        events += [("lifecycle", {"stage": s.stage.name, "from": before[n].name}, n)
-                   for n, s in env.slots.items() if s.stage is not before[n]]
-        r = self.economy.step(t, env.slot_economics(), ops, env.host_params(),
-                              env.history[-2] if len(env.history) > 1 else None, ev.metric)
-        obs_after = env.observe(t, self.cfg.ticks, ev, train, self.economy.last_rents,
-                                self.economy.ledger.totals().rent)
+        events += [
+            ("lifecycle", {"stage": s.stage.name, "from": before[n].name}, n)
+            for n, s in env.slots.items()
+            if s.stage is not before[n]
+        ]
+        r = self.economy.step(
+            t,
+            env.slot_economics(),
+            ops,
+            env.host_params(),
+            env.history[-2] if len(env.history) > 1 else None,
+            ev.metric,
+        )
+        obs_after = env.observe(
+            t, self.cfg.ticks, ev, train, self.economy.last_rents, self.economy.ledger.totals().rent
+        )
         self.governor.keep(t, self.state())
-        metrics = {"train_loss": train.loss, "val_loss": ev.loss, "metric": ev.metric,
-                   "reward": r.total, "reward_task": r.task, "rent": r.rent, "churn": r.churn,
-                   "seed_params": obs_after.seed_params, "host_params": obs_after.host_params}
+        metrics = {
+            "train_loss": train.loss,
+            "val_loss": ev.loss,
+            "metric": ev.metric,
+            "reward": r.total,
+            "reward_task": r.task,
+            "rent": r.rent,
+            "churn": r.churn,
+            "seed_params": obs_after.seed_params,
+            "host_params": obs_after.host_params,
+        }
         if t == self.cfg.ticks - 1:  # the run's books, per seed, as its last event
             events.append(("seed_accounts", self._seed_accounts(), None))
         self._record(t, decision, obs, obs_after, r.total, metrics, events)
@@ -234,21 +283,35 @@ class GrowthRun:
         train = env.train_tick()
         verdict = self.governor.check(train.loss, env.model, env.slots)
         while verdict is not None:
-            events.append((f"governor_{verdict.kind}", {"detail": verdict.detail,
-                                                         "offender": verdict.offender}, None))
+            events.append(
+                (
+                    f"governor_{verdict.kind}",
+                    {"detail": verdict.detail, "offender": verdict.offender},
+                    None,
+                )
+            )
             snap_tick, state = self.governor.rollback()  # raises GovernorError when hopeless
             self.load_state(*state)
             self.rollbacks += 1
             events.append(("governor_rollback", {"to_tick": snap_tick}, None))
             slot = env.slots.get(verdict.offender) if verdict.offender else None
-            if slot is not None and slot.stage in (Stage.GERMINATED, Stage.TRAINING,
-                                                   Stage.BLENDING, Stage.HOLDING,
-                                                   Stage.COMMITTED):
+            if slot is not None and slot.stage in (
+                Stage.GERMINATED,
+                Stage.TRAINING,
+                Stage.BLENDING,
+                Stage.HOLDING,
+                Stage.COMMITTED,
+            ):
                 blueprint = slot.spec.blueprint.name if slot.spec else None
                 slot.prune(actor=Actor.TOLARIA)
                 env.sync_optimizer()
-                events.append(("governor_lobotomy", {"blueprint": blueprint,
-                                                     "seed_id": slot.seed_id}, slot.name))
+                events.append(
+                    (
+                        "governor_lobotomy",
+                        {"blueprint": blueprint, "seed_id": slot.seed_id},
+                        slot.name,
+                    )
+                )
             train = env.train_tick()
             verdict = self.governor.check(train.loss, env.model, env.slots)
         self.governor.accept(train.loss)
@@ -264,23 +327,43 @@ class GrowthRun:
             return []
         slot = self.env.slot_at(action.slot)
         ops = self.env.execute(action)
-        payload = {"reason": decision.reason, "seed_id": slot.seed_id,
-                   "blueprint": slot.spec.blueprint.name if slot.spec else None}
+        payload = {
+            "reason": decision.reason,
+            "seed_id": slot.seed_id,
+            "blueprint": slot.spec.blueprint.name if slot.spec else None,
+        }
         events.append((action.op.name.lower(), payload, slot.name))
         return ops
 
     def _seed_accounts(self) -> dict[str, dict[str, float]]:
-        return {k: {"rent_paid": a.rent_paid, "churn_paid": a.churn_paid,
-                    "ticks_alive": a.ticks_alive}
-                for k, a in sorted(self.economy.ledger.per_seed().items())}
+        return {
+            k: {"rent_paid": a.rent_paid, "churn_paid": a.churn_paid, "ticks_alive": a.ticks_alive}
+            for k, a in sorted(self.economy.ledger.per_seed().items())
+        }
 
-    def _record(self, t: int, decision: Decision, obs: Any, obs_after: Any, reward: float,
-                metrics: dict[str, float], events: list) -> None:
+    def _record(
+        self,
+        t: int,
+        decision: Decision,
+        obs: Any,
+        obs_after: Any,
+        reward: float,
+        metrics: dict[str, float],
+        events: list,
+    ) -> None:
         rec = DecisionRecord(
-            env=0, tick=t, policy=self.policy.name, action=action_names(decision.action),
-            slot_states=[slot_state(s) for s in obs.slots], obs_before=obs_vector(obs),
-            obs_after=obs_vector(obs_after), mask=decision.mask, probs=decision.probs,
-            entropy=decision.entropy, value=decision.value, reward=reward,
+            env=0,
+            tick=t,
+            policy=self.policy.name,
+            action=action_names(decision.action),
+            slot_states=[slot_state(s) for s in obs.slots],
+            obs_before=obs_vector(obs),
+            obs_after=obs_vector(obs_after),
+            mask=decision.mask,
+            probs=decision.probs,
+            entropy=decision.entropy,
+            value=decision.value,
+            reward=reward,
             spec_versions=SPEC_VERSIONS,
         )
         ckpt = None
@@ -297,39 +380,70 @@ class GrowthRun:
     def result(self, wall: float) -> GrowResult:
         params, flops = _cost(self.env.model, self.task)
         events = self.store.events()
-        by = {k: [e.payload.get("blueprint") for e in events if e.kind == k]
-              for k in ("germinate", "fossilize", "prune")}
+        by = {
+            k: [e.payload.get("blueprint") for e in events if e.kind == k]
+            for k in ("germinate", "fossilize", "prune")
+        }
         totals = self.economy.ledger.totals()
         return GrowResult(
-            run_dir=self.run_dir, metric_name=self.task.metric,
+            run_dir=self.run_dir,
+            metric_name=self.task.metric,
             start_metric=self.start_metric if self.start_metric is not None else float("nan"),
             final_metric=self.env.history[-1] if self.env.history else float("nan"),
-            params_start=self.params_start, params_end=params,
-            flops_start=self.flops_start, flops_end=flops,
-            germinated=by["germinate"], committed=by["fossilize"], pruned=by["prune"],
-            rent_paid=totals.rent, churn_paid=totals.churn, reward_total=totals.total,
-            rollbacks=sum(e.kind == "governor_rollback" for e in events), wall_time=wall,
+            params_start=self.params_start,
+            params_end=params,
+            flops_start=self.flops_start,
+            flops_end=flops,
+            germinated=by["germinate"],
+            committed=by["fossilize"],
+            pruned=by["prune"],
+            rent_paid=totals.rent,
+            churn_paid=totals.churn,
+            reward_total=totals.total,
+            rollbacks=sum(e.kind == "governor_rollback" for e in events),
+            wall_time=wall,
             seed_accounts=self._seed_accounts(),
-            weights_hash=weights_hash(self.env.model), event_log_hash=self.store.event_log_hash(),
+            weights_hash=weights_hash(self.env.model),
+            event_log_hash=self.store.event_log_hash(),
         )
 
 
 def action_names(a: FactoredAction) -> dict[str, str]:
-    return {"op": a.op.name, "slot": str(a.slot), "blueprint": a.blueprint.name,
-            "style": a.style.name, "tempo": a.tempo.name, "alpha_target": a.alpha_target.name,
-            "alpha_speed": a.alpha_speed.name, "alpha_curve": a.alpha_curve.name}
+    return {
+        "op": a.op.name,
+        "slot": str(a.slot),
+        "blueprint": a.blueprint.name,
+        "style": a.style.name,
+        "tempo": a.tempo.name,
+        "alpha_target": a.alpha_target.name,
+        "alpha_speed": a.alpha_speed.name,
+        "alpha_curve": a.alpha_curve.name,
+    }
 
 
 def slot_state(s: Any) -> dict[str, Any]:
-    return {"name": s.name, "stage": s.stage.name, "alpha": s.alpha,
-            "blueprint": s.spec.blueprint.name if s.spec else None,
-            "ticks_in_stage": s.ticks_in_stage, "contribution": s.contribution, "rent": s.rent}
+    return {
+        "name": s.name,
+        "stage": s.stage.name,
+        "alpha": s.alpha,
+        "blueprint": s.spec.blueprint.name if s.spec else None,
+        "ticks_in_stage": s.ticks_in_stage,
+        "contribution": s.contribution,
+        "rent": s.rent,
+    }
 
 
 def obs_vector(obs: Any) -> list[float]:
     """A flat numeric view of the observation (the learned policy defines its own features)."""
-    v = [obs.tick / obs.max_ticks, obs.metric, obs.val_loss, obs.train_loss,
-         float(obs.host_params), float(obs.seed_params), obs.rent_paid]
+    v = [
+        obs.tick / obs.max_ticks,
+        obs.metric,
+        obs.val_loss,
+        obs.train_loss,
+        float(obs.host_params),
+        float(obs.seed_params),
+        obs.rent_paid,
+    ]
     for s in obs.slots:
         v += [float(s.stage), s.alpha, float(s.ticks_in_stage), s.contribution or 0.0, s.rent]
     return v
@@ -338,6 +452,7 @@ def obs_vector(obs: Any) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
+
 
 def new_run_dir(cfg: GrowConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -348,14 +463,24 @@ def new_run_dir(cfg: GrowConfig) -> Path:
     return path
 
 
-def start_run(cfg: GrowConfig, *, model: nn.Module | None = None, task: TaskData | None = None,
-              run_dir: Path | None = None, callbacks: Iterable[Callback] = ()) -> GrowthRun:
+def start_run(
+    cfg: GrowConfig,
+    *,
+    model: nn.Module | None = None,
+    task: TaskData | None = None,
+    run_dir: Path | None = None,
+    callbacks: Iterable[Callback] = (),
+) -> GrowthRun:
     """Seed everything, build task and host (unless given), create the run directory."""
     device = pick_device(cfg.device)
     seed_everything(cfg.seed, device)
     if task is None:
-        task = load_task(cfg.task, seed=cfg.seed, device=device,
-                         data_dir=Path(cfg.data_dir) if cfg.data_dir else None)
+        task = load_task(
+            cfg.task,
+            seed=cfg.seed,
+            device=device,
+            data_dir=Path(cfg.data_dir) if cfg.data_dir else None,
+        )
     if model is None:
         model = build_host(cfg, task)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
@@ -371,9 +496,12 @@ def resume_run(run_dir: Path, callbacks: Iterable[Callback] = ()) -> GrowthRun:
     cfg = config_from_dict(store.manifest()["config"])
     device = pick_device(cfg.device)
     seed_everything(cfg.seed, device)
-    task = load_task(cfg.task, seed=cfg.seed, device=device,
-                     data_dir=Path(cfg.data_dir) if cfg.data_dir else None)
+    task = load_task(
+        cfg.task,
+        seed=cfg.seed,
+        device=device,
+        data_dir=Path(cfg.data_dir) if cfg.data_dir else None,
+    )
     run = GrowthRun(cfg, build_host(cfg, task), task, run_dir, store=store, callbacks=callbacks)
     run.resume()
     return run
-

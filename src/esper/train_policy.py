@@ -99,8 +99,11 @@ class TrainPolicyConfig:
     """One epoch per tick, as `esper grow`: shorter ticks end episodes before the width-2 host
     plateaus, and growth cannot pay before then (bench/RESULTS.md)."""
     economy: EconomyConfig = field(default_factory=EconomyConfig)
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        clip_vloss=False, lr=3e-4, update_epochs=4, ent_coef=0.001))
+    ppo: PPOConfig = field(
+        default_factory=lambda: PPOConfig(
+            clip_vloss=False, lr=3e-4, update_epochs=4, ent_coef=0.001
+        )
+    )
     """Tuned for fine-tuning the warm start in ~50 updates: small steps (lr 3e-4, 4 epochs) and
     a small entropy bonus (summed over up to 8 heads) so PPO refines the clone rather than
     washing it out; value clipping off (it holds V within ±clip_coef of the rollout's values
@@ -116,16 +119,35 @@ def _host(in_channels: int, classes: int, size: int, depth: int, spec: EnvSpec) 
     return CNNHost(spec.width, depth, in_channels, classes, size, lifecycle=LifecycleConfig())
 
 
-def _record(store: RunStore, tick: int, obs: list[Observation], decisions: list[Any],
-            rewards: torch.Tensor, metrics: dict[str, float], policy: str = "learned") -> None:
+def _record(
+    store: RunStore,
+    tick: int,
+    obs: list[Observation],
+    decisions: list[Any],
+    rewards: torch.Tensor,
+    metrics: dict[str, float],
+    policy: str = "learned",
+) -> None:
     with store.tick(tick) as tx:
         tx.metrics(metrics)
         for i, (o, d) in enumerate(zip(obs, decisions, strict=True)):
-            tx.decision(DecisionRecord(
-                env=i, tick=tick, policy=policy, action=action_names(d.action),
-                slot_states=[slot_state(s) for s in o.slots], obs_before=obs_vector(o),
-                obs_after=None, mask=d.mask, probs=d.probs, entropy=d.entropy, value=d.value,
-                reward=float(rewards[i]), spec_versions=SPEC_VERSIONS))
+            tx.decision(
+                DecisionRecord(
+                    env=i,
+                    tick=tick,
+                    policy=policy,
+                    action=action_names(d.action),
+                    slot_states=[slot_state(s) for s in o.slots],
+                    obs_before=obs_vector(o),
+                    obs_after=None,
+                    mask=d.mask,
+                    probs=d.probs,
+                    entropy=d.entropy,
+                    value=d.value,
+                    reward=float(rewards[i]),
+                    spec_versions=SPEC_VERSIONS,
+                )
+            )
 
 
 class CriticBonus:
@@ -157,41 +179,52 @@ class CriticBonus:
         return out
 
 
-def _held_out(cfg: TrainPolicyConfig, task: Any, build: Callable[[EnvSpec], nn.Module],
-              policy: LearnedPolicy) -> dict[str, float]:
+def _held_out(
+    cfg: TrainPolicyConfig, task: Any, build: Callable[[EnvSpec], nn.Module], policy: LearnedPolicy
+) -> dict[str, float]:
     """One episode per held-out environment with the policy's most probable actions."""
-    specs = [EnvSpec(1000 + s.host_seed, 1000 + s.data_seed, s.width)
-             for s in sample_specs(cfg.eval_envs, seed=cfg.seed + 1, widths=cfg.widths,
-                                   seed_bound=1000)]
+    specs = [
+        EnvSpec(1000 + s.host_seed, 1000 + s.data_seed, s.width)
+        for s in sample_specs(cfg.eval_envs, seed=cfg.seed + 1, widths=cfg.widths, seed_bound=1000)
+    ]
     saved = policy.deterministic, policy.update_normalizers
     policy.deterministic, policy.update_normalizers = True, False
     returns, metrics = torch.zeros(cfg.eval_envs), []
     try:
-        with VectorEnv(task, cfg.eval_envs, iter(specs * 2), env_cfg=cfg.env,
-                       economy_cfg=cfg.economy, episode_ticks=cfg.episode_ticks,
-                       build_host=build, validator=illegal_reason,
-                       backend="inprocess") as venv:
+        with VectorEnv(
+            task,
+            cfg.eval_envs,
+            iter(specs * 2),
+            env_cfg=cfg.env,
+            economy_cfg=cfg.economy,
+            episode_ticks=cfg.episode_ticks,
+            build_host=build,
+            validator=illegal_reason,
+            backend="inprocess",
+        ) as venv:
             for _ in range(cfg.episode_ticks):
                 obs = venv.step_train()
                 result = venv.act([d.action for d in policy.act_batch(obs)])
                 returns += result.rewards.float()
-                metrics += [i.metric for i, d in zip(result.infos, result.dones, strict=True)
-                            if d]
+                metrics += [i.metric for i, d in zip(result.infos, result.dones, strict=True) if d]
     finally:
         policy.deterministic, policy.update_normalizers = saved
-    return {"heldout_return": float(returns.mean()),
-            "heldout_metric": sum(metrics) / len(metrics)}
+    return {"heldout_return": float(returns.mean()), "heldout_metric": sum(metrics) / len(metrics)}
 
 
 def _demo_rollouts(cfg: TrainPolicyConfig) -> int:
     """Whole rollouts (num_steps × num_envs ticks) that hold `imitation.episodes` episodes."""
-    return math.ceil(cfg.imitation.episodes * cfg.episode_ticks
-                     / (cfg.num_envs * cfg.num_steps))
+    return math.ceil(cfg.imitation.episodes * cfg.episode_ticks / (cfg.num_envs * cfg.num_steps))
 
 
-def _demonstrate(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy,
-                 store: RunStore, obs: list[Observation], scaler: RewardScaler
-                 ) -> tuple[Demonstrations, list[Observation], torch.Tensor]:
+def _demonstrate(
+    cfg: TrainPolicyConfig,
+    venv: VectorEnv,
+    policy: LearnedPolicy,
+    store: RunStore,
+    obs: list[Observation],
+    scaler: RewardScaler,
+) -> tuple[Demonstrations, list[Observation], torch.Tensor]:
     """Whole rollouts of the teacher (one fresh teacher per episode) in `venv`, recorded to
     `store`; folds their features into the policy's normalisers. Returns the demonstrations,
     and the observations and done flags for PPO to continue from."""
@@ -215,21 +248,30 @@ def _demonstrate(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy,
         ss.append(s)
         actions.append(action_indices([d.action for d in decisions]))
         masks.append({h: torch.tensor([d.mask[h] for d in decisions]) for h in decisions[0].mask})
-        _record(store, t, obs, decisions, result.rewards,
-                {"reward_mean": float(result.rewards.mean())}, policy=teacher)
+        _record(
+            store,
+            t,
+            obs,
+            decisions,
+            result.rewards,
+            {"reward_mean": float(result.rewards.mean())},
+            policy=teacher,
+        )
         dones[t] = next_done
         raw = result.rewards.float()
         rewards[t] = scaler(raw, result.dones) if cfg.ppo.scale_rewards else raw
         next_done = result.dones.float()
-        teachers = [fresh() if d else p for p, d in zip(teachers, result.dones.tolist(),
-                                                        strict=True)]
+        teachers = [
+            fresh() if d else p for p, d in zip(teachers, result.dones.tolist(), strict=True)
+        ]
         obs = venv.step_train()
     # Discounted returns of the teacher: GAE with V = 0 and λ = 1, bootstrapped with 0 where an
     # episode is cut by the end of the demonstrations (they end on an episode boundary when
     # episode_ticks divides num_steps, as in the defaults).
     zeros = torch.zeros(cfg.num_envs)
-    _, returns = compute_gae(rewards, torch.zeros_like(rewards), dones, zeros, next_done,
-                             cfg.ppo.gamma, 1.0)
+    _, returns = compute_gae(
+        rewards, torch.zeros_like(rewards), dones, zeros, next_done, cfg.ppo.gamma, 1.0
+    )
     g_all, s_all = torch.stack(gs), torch.stack(ss)  # (T, K, G), (T, K, S, F)
     policy.global_norm.update(g_all)
     policy.slot_norm.update(s_all)
@@ -239,13 +281,19 @@ def _demonstrate(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy,
         policy.slot_norm(s_all.reshape(n, *s_all.shape[2:])),
         torch.stack(actions).reshape(n, -1),
         {h: torch.stack([m[h] for m in masks]).reshape(n, -1) for h in masks[0]},
-        returns.reshape(n))
+        returns.reshape(n),
+    )
     return demos, obs, next_done
 
 
-def _warm_start(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy, out: Path,
-                obs: list[Observation], scaler: RewardScaler
-                ) -> tuple[dict[str, Any], list[Observation], torch.Tensor]:
+def _warm_start(
+    cfg: TrainPolicyConfig,
+    venv: VectorEnv,
+    policy: LearnedPolicy,
+    out: Path,
+    obs: list[Observation],
+    scaler: RewardScaler,
+) -> tuple[dict[str, Any], list[Observation], torch.Tensor]:
     """Demonstrations (recorded in `out/demos`), then behaviour cloning. The cloned policy is
     also saved alone as `out/warm_start.safetensors` (to evaluate what PPO added), with its
     statistics (returned as well) in `warm_start.json`."""
@@ -273,10 +321,18 @@ def _open_store(cfg: TrainPolicyConfig, out: Path, resume_at: int | None) -> Run
     return store
 
 
-def _rollout(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy, store: RunStore,
-             update: int, buf: RolloutBuffer, obs: list[Observation], next_done: torch.Tensor,
-             scaler: RewardScaler, bonus: CriticBonus | None
-             ) -> tuple[torch.Tensor, list[float], list[Observation], torch.Tensor]:
+def _rollout(
+    cfg: TrainPolicyConfig,
+    venv: VectorEnv,
+    policy: LearnedPolicy,
+    store: RunStore,
+    update: int,
+    buf: RolloutBuffer,
+    obs: list[Observation],
+    next_done: torch.Tensor,
+    scaler: RewardScaler,
+    bonus: CriticBonus | None,
+) -> tuple[torch.Tensor, list[float], list[Observation], torch.Tensor]:
     """`cfg.num_steps` ticks of every environment into `buf` (rewards scaled, plus the critic's
     bonus), each recorded. Returns the raw rewards (T, K), the final metrics of the episodes
     that ended, and the observations and done flags to continue from."""
@@ -288,8 +344,14 @@ def _rollout(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy, sto
         buf.add(t, step.g, step.s, step.out, next_done)
         raw[t] = result.rewards.float()
         finished += [i.metric for i, d in zip(result.infos, result.dones, strict=True) if d]
-        _record(store, update * cfg.num_steps + t, obs, step.decisions,
-                result.rewards, {"reward_mean": float(result.rewards.mean())})
+        _record(
+            store,
+            update * cfg.num_steps + t,
+            obs,
+            step.decisions,
+            result.rewards,
+            {"reward_mean": float(result.rewards.mean())},
+        )
         next_done = result.dones.float()
         obs = venv.step_train()
         if bonus is not None:  # credited to this step's action, as the reward is
@@ -300,8 +362,12 @@ def _rollout(cfg: TrainPolicyConfig, venv: VectorEnv, policy: LearnedPolicy, sto
     return raw, finished, obs, next_done
 
 
-def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
-                 log: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+def train_policy(
+    cfg: TrainPolicyConfig,
+    *,
+    resume: bool = False,
+    log: Callable[[int, dict[str, Any]], None] | None = None,
+) -> Path:
     """Train; returns the path of the final policy file."""
     out = Path(cfg.out)
     seed_everything(cfg.seed, torch.device("cpu"))
@@ -314,8 +380,11 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
     policy.update_normalizers = True
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.ppo.lr, eps=1e-5)
     scaler = RewardScaler(cfg.num_envs, cfg.ppo.gamma)
-    bonus = None if cfg.critic is None else CriticBonus(load_critic(cfg.critic),
-                                                        cfg.critic_weight, cfg.num_envs)
+    bonus = (
+        None
+        if cfg.critic is None
+        else CriticBonus(load_critic(cfg.critic), cfg.critic_weight, cfg.num_envs)
+    )
     start = 0
     if resume:
         start = _load_training_state(out, policy, optimizer, scaler)
@@ -324,32 +393,48 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
             next(specs)
     monitor = HealthMonitor()
     t0 = time.perf_counter()
-    with VectorEnv(task, cfg.num_envs, specs, env_cfg=cfg.env, economy_cfg=cfg.economy,
-                   episode_ticks=cfg.episode_ticks, build_host=build,
-                   validator=illegal_reason, backend=cfg.backend) as venv:
+    with VectorEnv(
+        task,
+        cfg.num_envs,
+        specs,
+        env_cfg=cfg.env,
+        economy_cfg=cfg.economy,
+        episode_ticks=cfg.episode_ticks,
+        build_host=build,
+        validator=illegal_reason,
+        backend=cfg.backend,
+    ) as venv:
         obs = venv.step_train()
         next_done = torch.zeros(cfg.num_envs)
         if not resume and cfg.imitation.teacher is not None:
             clone, obs, next_done = _warm_start(cfg, venv, policy, out, obs, scaler)
             _save_training_state(out, policy, optimizer, scaler, 0)
-            _log(out, log, -1, {"update": 0, "minutes": (time.perf_counter() - t0) / 60,
-                                "imitation": clone})
+            _log(
+                out,
+                log,
+                -1,
+                {"update": 0, "minutes": (time.perf_counter() - t0) / 60, "imitation": clone},
+            )
         with _open_store(cfg, out, start if resume else None) as store:
             for update in range(start, cfg.updates):
                 buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))
-                raw, finished, obs, next_done = _rollout(cfg, venv, policy, store, update,
-                                                         buf, obs, next_done, scaler, bonus)
+                raw, finished, obs, next_done = _rollout(
+                    cfg, venv, policy, store, update, buf, obs, next_done, scaler, bonus
+                )
                 stats = _ppo_step(cfg, policy, optimizer, buf, obs, next_done, update)
                 _save_training_state(out, policy, optimizer, scaler, update + 1)
-                info = {"update": update + 1, "approx_kl": stats.approx_kl,
-                        "clipfrac": stats.clipfrac,
-                        "explained_variance": stats.explained_variance,
-                        "entropy_op": stats.entropy.get("op", 0.0),
-                        "return_mean": float(raw.sum(0).mean()),
-                        "final_metric_mean": sum(finished) / len(finished) if finished else None,
-                        "op_distribution": stats.op_distribution,
-                        "warnings": monitor.check(stats),
-                        "minutes": (time.perf_counter() - t0) / 60}
+                info = {
+                    "update": update + 1,
+                    "approx_kl": stats.approx_kl,
+                    "clipfrac": stats.clipfrac,
+                    "explained_variance": stats.explained_variance,
+                    "entropy_op": stats.entropy.get("op", 0.0),
+                    "return_mean": float(raw.sum(0).mean()),
+                    "final_metric_mean": sum(finished) / len(finished) if finished else None,
+                    "op_distribution": stats.op_distribution,
+                    "warnings": monitor.check(stats),
+                    "minutes": (time.perf_counter() - t0) / 60,
+                }
                 last = update + 1 == cfg.updates or info["minutes"] > cfg.budget_minutes
                 if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or last):
                     info.update(_held_out(cfg, task, build, policy))
@@ -359,43 +444,63 @@ def train_policy(cfg: TrainPolicyConfig, *, resume: bool = False,
     return out / "policy.safetensors"
 
 
-def _ppo_step(cfg: TrainPolicyConfig, policy: LearnedPolicy, optimizer: torch.optim.Optimizer,
-              buf: RolloutBuffer, obs: list[Observation], next_done: torch.Tensor, update: int
-              ) -> UpdateStats:
+def _ppo_step(
+    cfg: TrainPolicyConfig,
+    policy: LearnedPolicy,
+    optimizer: torch.optim.Optimizer,
+    buf: RolloutBuffer,
+    obs: list[Observation],
+    next_done: torch.Tensor,
+    update: int,
+) -> UpdateStats:
     """GAE over the rollout in `buf` (bootstrapped from V of `obs`), then one PPO update."""
     with torch.no_grad():
         last_value = policy.value(obs)
-    adv, ret = compute_gae(buf.rewards, buf.values, buf.dones, last_value, next_done,
-                           cfg.ppo.gamma, cfg.ppo.gae_lambda)
+    adv, ret = compute_gae(
+        buf.rewards, buf.values, buf.dones, last_value, next_done, cfg.ppo.gamma, cfg.ppo.gae_lambda
+    )
     frac = 1.0 - update / cfg.updates if cfg.ppo.anneal_lr else 1.0
     return ppo_update(policy.net, optimizer, buf, adv, ret, cfg.ppo, lr_frac=frac)
 
 
-def _log(out: Path, log: Callable[[int, dict[str, Any]], None] | None, update: int,
-         info: dict[str, Any]) -> None:
+def _log(
+    out: Path, log: Callable[[int, dict[str, Any]], None] | None, update: int, info: dict[str, Any]
+) -> None:
     with (out / "train_log.jsonl").open("a") as f:
         f.write(json.dumps(info) + "\n")
     if log is not None:
         log(update, info)
 
 
-def _save_training_state(out: Path, policy: LearnedPolicy, optimizer: torch.optim.Optimizer,
-                         scaler: RewardScaler, updates: int) -> None:
+def _save_training_state(
+    out: Path,
+    policy: LearnedPolicy,
+    optimizer: torch.optim.Optimizer,
+    scaler: RewardScaler,
+    updates: int,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     policy.save(out / "policy.safetensors")
     opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": torch.as_tensor(v).clone() for i, st in opt["state"].items()
-               for k, v in st.items()}
-    meta = {"updates": updates, "param_groups": opt["param_groups"],
-            "policy_state": policy.state_dict(),
-            "reward_scaler": {k: v.tolist() for k, v in scaler.state_dict().items()}}
+    tensors = {
+        f"{i}.{k}": torch.as_tensor(v).clone()
+        for i, st in opt["state"].items()
+        for k, v in st.items()
+    }
+    meta = {
+        "updates": updates,
+        "param_groups": opt["param_groups"],
+        "policy_state": policy.state_dict(),
+        "reward_scaler": {k: v.tolist() for k, v in scaler.state_dict().items()},
+    }
     tmp = out / "training.tmp"
     save_file(tensors, str(tmp), metadata={"esper_training": json.dumps(meta)})
     tmp.replace(out / "training.safetensors")
 
 
-def _load_training_state(out: Path, policy: LearnedPolicy, optimizer: torch.optim.Optimizer,
-                         scaler: RewardScaler) -> int:
+def _load_training_state(
+    out: Path, policy: LearnedPolicy, optimizer: torch.optim.Optimizer, scaler: RewardScaler
+) -> int:
     path = out / "training.safetensors"
     if not path.is_file():
         raise ValueError(f"nothing to resume in {out}: {path.name} is missing")

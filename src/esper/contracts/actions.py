@@ -105,8 +105,9 @@ HEADS: tuple[str, ...] = (
 # Which heads matter for which op; the rest are masked from the loss and the entropy bonus.
 RELEVANT_HEADS: dict[Op, frozenset[str]] = {
     Op.WAIT: frozenset({"op"}),
-    Op.GERMINATE: frozenset({"op", "slot", "blueprint", "style", "tempo", "alpha_target",
-                             "alpha_curve"}),
+    Op.GERMINATE: frozenset(
+        {"op", "slot", "blueprint", "style", "tempo", "alpha_target", "alpha_curve"}
+    ),
     Op.SET_ALPHA_TARGET: frozenset({"op", "slot", "alpha_target", "alpha_speed", "alpha_curve"}),
     Op.ADVANCE: frozenset({"op", "slot"}),
     Op.PRUNE: frozenset({"op", "slot"}),

@@ -86,8 +86,10 @@ TRANSITIONS: dict[tuple[Stage, Op], Stage] = {
     (Stage.HOLDING, Op.FOSSILIZE): Stage.COMMITTED,
     **{(s, Op.PRUNE): Stage.PRUNED for s in _LIVE_SEED},
     (Stage.COMMITTED, Op.LYSE): Stage.PRUNED,
-    **{(s, Op.EMERGENCY_PRUNE): Stage.PRUNED
-       for s in _LIVE_SEED | {Stage.GERMINATED, Stage.COMMITTED}},
+    **{
+        (s, Op.EMERGENCY_PRUNE): Stage.PRUNED
+        for s in _LIVE_SEED | {Stage.GERMINATED, Stage.COMMITTED}
+    },
 }
 
 # Stages the engine's clock moves on by itself, once per tick, after a configured number of ticks.

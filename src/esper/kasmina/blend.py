@@ -27,8 +27,9 @@ from esper.kasmina.layers import pointwise
 class Blend(nn.Module):
     """The blend operator of one style; holds the learned gate for Style.GATE."""
 
-    def __init__(self, style: Style, channels: int, topology: Topology,
-                 learned: bool = True) -> None:
+    def __init__(
+        self, style: Style, channels: int, topology: Topology, learned: bool = True
+    ) -> None:
         super().__init__()
         self.style, self.topology = style, topology
         # The gate reads pooled maps on CNN, each position on SEQ (pooling over time would leak

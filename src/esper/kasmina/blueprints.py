@@ -94,7 +94,11 @@ class HiddenUnits(SeedModule):
     """s = out(mask(act(body(h)))): the shape of most blueprints; body's last layer makes units."""
 
     def __init__(
-        self, body: list[nn.Module], units: int, out: nn.Module, topology: Topology,
+        self,
+        body: list[nn.Module],
+        units: int,
+        out: nn.Module,
+        topology: Topology,
         act: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -150,7 +154,10 @@ class GatedMLP(HiddenUnits):
     def __init__(self, channels: int, width: int, topology: Topology) -> None:
         super().__init__(
             [prenorm(channels, topology), pointwise(channels, width, topology)],
-            width, pointwise(width, channels, topology), topology, act=nn.SiLU(),
+            width,
+            pointwise(width, channels, topology),
+            topology,
+            act=nn.SiLU(),
         )
         self.up = pointwise(channels, width, topology)
 
@@ -201,8 +208,10 @@ class CausalSelfAttention(SeedModule):
         if self.heads == 0:  # every head lysed: only the output bias is left
             return self.out(x.new_zeros(B, T, 0))
         n = self.norm(x)
-        q, k, v = (p(n).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q, self.k, self.v))  # (B, nh, T, hs)
+        q, k, v = (
+            p(n).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+            for p in (self.q, self.k, self.v)
+        )  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         return self.out(self.unit_mask(y))
@@ -248,8 +257,9 @@ def _attention(c: int, t: Topology, s: SeedSpec) -> SeedModule:
 
 def _lora(rank: int) -> Callable[[int, Topology, SeedSpec], SeedModule]:
     # Low-rank update B·A·h (no norm, no activation); B is small random, not zero, so A trains.
-    return lambda c, t, s: _hidden(c, t, max(1, round(rank * s.channel_width)), norm=False,
-                                   first="point", act=False)
+    return lambda c, t, s: _hidden(
+        c, t, max(1, round(rank * s.channel_width)), norm=False, first="point", act=False
+    )
 
 
 Builder = Callable[[int, Topology, SeedSpec], SeedModule]
@@ -258,23 +268,33 @@ _BUILDERS: dict[Blueprint, tuple[frozenset[Topology], Builder]] = {
     Blueprint.NORM: (_ALL, lambda c, t, s: NormSeed(c, t)),
     Blueprint.CONV_SMALL: (_SPATIAL, lambda c, t, s: ConvSmall(c, t)),
     Blueprint.CONV_LIGHT: (
-        _SPATIAL, lambda c, t, s: _hidden(c, t, _width(c, 1.0, s), norm=True, first="spatial")),
+        _SPATIAL,
+        lambda c, t, s: _hidden(c, t, _width(c, 1.0, s), norm=True, first="spatial"),
+    ),
     Blueprint.CONV_HEAVY: (
         _SPATIAL,
-        lambda c, t, s: _hidden(c, t, _width(c, 2.0, s), norm=True, first="spatial",
-                                extra="spatial")),
+        lambda c, t, s: _hidden(
+            c, t, _width(c, 2.0, s), norm=True, first="spatial", extra="spatial"
+        ),
+    ),
     Blueprint.DEPTHWISE: (_SPATIAL, lambda c, t, s: Depthwise(c, t)),
     Blueprint.BOTTLENECK: (
         _SPATIAL,
-        lambda c, t, s: _hidden(c, t, max(2, _width(c, 0.25, s)), norm=True, first="point",
-                                extra="spatial")),
+        lambda c, t, s: _hidden(
+            c, t, max(2, _width(c, 0.25, s)), norm=True, first="point", extra="spatial"
+        ),
+    ),
     Blueprint.ATTENTION: (_SPATIAL, _attention),
     Blueprint.LORA: (_ALL, _lora(4)),
     Blueprint.LORA_LARGE: (_ALL, _lora(16)),
     Blueprint.MLP_SMALL: (
-        _ALL, lambda c, t, s: _hidden(c, t, _width(c, 1.0, s), norm=True, first="point")),
+        _ALL,
+        lambda c, t, s: _hidden(c, t, _width(c, 1.0, s), norm=True, first="point"),
+    ),
     Blueprint.MLP: (
-        _ALL, lambda c, t, s: _hidden(c, t, _width(c, 4.0, s), norm=True, first="point")),
+        _ALL,
+        lambda c, t, s: _hidden(c, t, _width(c, 4.0, s), norm=True, first="point"),
+    ),
     Blueprint.GATED_MLP: (_ALL, lambda c, t, s: GatedMLP(c, _width(c, 8 / 3, s), t)),
 }
 
@@ -322,8 +342,9 @@ class Cost:
     attention; elementwise ops are not counted)."""
 
 
-def module_cost(module: nn.Module, sample_shape: tuple[int, ...],
-                dtype: torch.dtype = torch.float32) -> Cost:
+def module_cost(
+    module: nn.Module, sample_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> Cost:
     """Parameters and FLOPs for one sample of shape `sample_shape` (no batch dim); `dtype`
     int64 for token models."""
     p = next(iter(module.parameters()), None)

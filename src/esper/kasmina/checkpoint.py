@@ -33,25 +33,34 @@ class CheckpointError(RuntimeError):
 
 # -- slot state <-> JSON -------------------------------------------------------------------------
 
+
 def _phage_state(phage: Phage) -> dict[str, Any]:
-    return {"units": phage.units, "has_module": phage.module is not None,
-            "has_blend": phage.blend is not None, "module_sedated": phage.module_sedated,
-            "fade": list(phage.fade) if phage.fade else None}
+    return {
+        "units": phage.units,
+        "has_module": phage.module is not None,
+        "has_blend": phage.blend is not None,
+        "module_sedated": phage.module_sedated,
+        "fade": list(phage.fade) if phage.fade else None,
+    }
 
 
 def slot_state(slot: SeedSlot) -> dict[str, Any]:
     gate = slot.last_gate
     target, tempo, curve = slot.pending
     return {
-        "channels": slot.channels, "topology": slot.topology.value,
-        "stage": slot.stage.name, "ticks_in_stage": slot.lifecycle.ticks_in_stage,
+        "channels": slot.channels,
+        "topology": slot.topology.value,
+        "stage": slot.stage.name,
+        "ticks_in_stage": slot.lifecycle.ticks_in_stage,
         "last_tick": slot.lifecycle.last_tick,
         "spec": slot.spec.to_dict() if slot.spec else None,
-        "schedule": slot.schedule.to_dict(), "pending": [target, tempo, curve.name],
+        "schedule": slot.schedule.to_dict(),
+        "pending": [target, tempo, curve.name],
         "seed_units": slot.seed.units if slot.seed is not None else None,
         "phage": _phage_state(slot.phage) if slot.phage is not None else None,
         "gate": None if gate is None else [gate.passed, list(gate.reasons), gate.metrics],
-        "seed_id": slot.seed_id, "contribution": slot.contribution,
+        "seed_id": slot.seed_id,
+        "contribution": slot.contribution,
         "contribution_tick": slot.contribution_tick,
     }
 
@@ -75,11 +84,15 @@ def restore_slot(slot: SeedSlot, st: dict[str, Any]) -> None:
     if (st["channels"], st["topology"]) != (slot.channels, slot.topology.value):
         raise CheckpointError(
             f"slot {slot.name!r}: checkpoint has {st['channels']} channels on {st['topology']}, "
-            f"model has {slot.channels} on {slot.topology.value}")
+            f"model has {slot.channels} on {slot.topology.value}"
+        )
     slot._clear()
     lc = slot.lifecycle
     lc.stage, lc.ticks_in_stage, lc.last_tick = (
-        Stage[st["stage"]], st["ticks_in_stage"], st["last_tick"])
+        Stage[st["stage"]],
+        st["ticks_in_stage"],
+        st["last_tick"],
+    )
     if st["spec"] is not None:
         spec = SeedSpec.from_dict(st["spec"])
         seed, blend = slot.build(spec)
@@ -97,19 +110,29 @@ def restore_slot(slot: SeedSlot, st: dict[str, Any]) -> None:
         passed, reasons, metrics = st["gate"]
         slot.last_gate = GateReport(passed, tuple(reasons), metrics)
     slot.seed_id, slot.contribution, slot.contribution_tick = (
-        st["seed_id"], st["contribution"], st["contribution_tick"])
+        st["seed_id"],
+        st["contribution"],
+        st["contribution_tick"],
+    )
     slot._refresh()
 
 
 # -- model files ---------------------------------------------------------------------------------
 
+
 def model_metadata(model: nn.Module) -> dict[str, Any]:
     in_slots = {id(s.phage) for s in slots_of(model).values()}
-    host_phages = {path: _phage_state(m) for path, m in model.named_modules()
-                   if isinstance(m, Phage) and id(m) not in in_slots}
-    return {"format": FORMAT, "version": VERSION,
-            "slots": {name: slot_state(s) for name, s in slots_of(model).items()},
-            "host_phages": host_phages}
+    host_phages = {
+        path: _phage_state(m)
+        for path, m in model.named_modules()
+        if isinstance(m, Phage) and id(m) not in in_slots
+    }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "slots": {name: slot_state(s) for name, s in slots_of(model).items()},
+        "host_phages": host_phages,
+    }
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -134,8 +157,9 @@ def read_checkpoint(
             raw = (f.metadata() or {}).get("esper")
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file: {e}") \
-            from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a safetensors file: {e}"
+        ) from None
     if raw is None:
         raise CheckpointError(f"checkpoint {path} has no Esper metadata (not an Esper model file)")
     try:
@@ -145,8 +169,10 @@ def read_checkpoint(
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {path} has Esper metadata that is not an object")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path} is format {meta.get('format')} "
-                              f"v{meta.get('version')}; expected {FORMAT} v{VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} is format {meta.get('format')} "
+            f"v{meta.get('version')}; expected {FORMAT} v{VERSION}"
+        )
     return meta, tensors
 
 
@@ -164,21 +190,29 @@ def model_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return model_metadata(model), tensors
 
 
-def apply_model_state(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
-                      source: str = "snapshot") -> None:
+def apply_model_state(
+    model: nn.Module,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    source: str = "snapshot",
+) -> None:
     """Rebuild `model`'s slots and phages as `meta` describes, then load `tensors`."""
     slots = slots_of(model)
     unknown = sorted(set(meta["slots"]) - set(slots))
     missing = sorted(set(slots) - set(meta["slots"]))
     if unknown or missing:
-        raise CheckpointError(f"{source} does not fit this model: slots only in the "
-                              f"file {unknown}, slots only in the model {missing}")
+        raise CheckpointError(
+            f"{source} does not fit this model: slots only in the "
+            f"file {unknown}, slots only in the model {missing}"
+        )
     for p, st in meta["host_phages"].items():
         current = model.get_submodule(p)
         phage = current if isinstance(current, Phage) else wrap_in_phage(model, p)
         if phage.units < st["units"]:
-            raise CheckpointError(f"{source}: host phage {p!r} has {phage.units} units left, "
-                                  f"cannot restore {st['units']} (lysis is irreversible)")
+            raise CheckpointError(
+                f"{source}: host phage {p!r} has {phage.units} units left, "
+                f"cannot restore {st['units']} (lysis is irreversible)"
+            )
         _apply_phage_state(phage, st)
     for name, st in meta["slots"].items():
         restore_slot(slots[name], st)
@@ -186,5 +220,6 @@ def apply_model_state(model: nn.Module, meta: dict[str, Any], tensors: dict[str,
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"{source} does not fit this model: "
-                              f"{' '.join(x.strip() for x in first[:3])}") from None
+        raise CheckpointError(
+            f"{source} does not fit this model: {' '.join(x.strip() for x in first[:3])}"
+        ) from None

@@ -34,8 +34,12 @@ class Residual(nn.Module):
 def _branch(c: int, topology: Topology, width: int, first: str) -> HiddenUnits:
     """norm → conv3×3 or linear (C→W) → GELU → mask → linear (W→C)."""
     make = spatial if first == "spatial" else pointwise
-    return HiddenUnits([prenorm(c, topology), make(c, width, topology)], width,
-                       pointwise(width, c, topology), topology)
+    return HiddenUnits(
+        [prenorm(c, topology), make(c, width, topology)],
+        width,
+        pointwise(width, c, topology),
+        topology,
+    )
 
 
 class CNNHost(nn.Module):
@@ -44,18 +48,29 @@ class CNNHost(nn.Module):
     `width=2` is the "impaired" host: its 2-channel bottleneck leaves room to grow.
     """
 
-    def __init__(self, width: int = 8, depth: int = 3, in_channels: int = 1,
-                 num_classes: int = 10, image_size: int = 8, **slot_kw: object) -> None:
+    def __init__(
+        self,
+        width: int = 8,
+        depth: int = 3,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 8,
+        **slot_kw: object,
+    ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
             raise ValueError(f"CNNHost needs width >= 1 and depth >= 1, got {width}, {depth}")
         self.width, self.depth = width, depth
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.GELU())
         self.blocks = nn.ModuleList(
-            Residual(_branch(width, Topology.CNN, 2 * width, "spatial")) for _ in range(depth))
+            Residual(_branch(width, Topology.CNN, 2 * width, "spatial")) for _ in range(depth)
+        )
         self.slots = nn.ModuleDict(
-            {f"b{i}": SeedSlot(width, Topology.CNN, f"slots.b{i}", **slot_kw)  # type: ignore[arg-type]
-             for i in range(depth)})
+            {
+                f"b{i}": SeedSlot(width, Topology.CNN, f"slots.b{i}", **slot_kw)  # type: ignore[arg-type]
+                for i in range(depth)
+            }
+        )
         size, pools = image_size, []
         for _ in range(depth):  # halve the map after each block while it is larger than 2×2
             pools.append(nn.AvgPool2d(2) if size > 2 else nn.Identity())
@@ -73,15 +88,25 @@ class CNNHost(nn.Module):
 class MLPHost(nn.Module):
     """Vectors: flatten → linear → [residual MLP block → slot]×depth → linear."""
 
-    def __init__(self, in_features: int = 64, width: int = 32, depth: int = 2,
-                 num_classes: int = 10, **slot_kw: object) -> None:
+    def __init__(
+        self,
+        in_features: int = 64,
+        width: int = 32,
+        depth: int = 2,
+        num_classes: int = 10,
+        **slot_kw: object,
+    ) -> None:
         super().__init__()
         self.inp = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.GELU())
         self.blocks = nn.ModuleList(
-            Residual(_branch(width, Topology.VEC, 2 * width, "point")) for _ in range(depth))
+            Residual(_branch(width, Topology.VEC, 2 * width, "point")) for _ in range(depth)
+        )
         self.slots = nn.ModuleDict(
-            {f"b{i}": SeedSlot(width, Topology.VEC, f"slots.b{i}", **slot_kw)  # type: ignore[arg-type]
-             for i in range(depth)})
+            {
+                f"b{i}": SeedSlot(width, Topology.VEC, f"slots.b{i}", **slot_kw)  # type: ignore[arg-type]
+                for i in range(depth)
+            }
+        )
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,8 +119,15 @@ class MLPHost(nn.Module):
 class TransformerHost(nn.Module):
     """A small causal character-level transformer (pre-norm, learned positions)."""
 
-    def __init__(self, vocab_size: int = 256, d_model: int = 64, n_layers: int = 2,
-                 n_heads: int = 4, max_len: int = 64, **slot_kw: object) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        max_len: int = 64,
+        **slot_kw: object,
+    ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} must be divisible by n_heads {n_heads}")
@@ -104,11 +136,14 @@ class TransformerHost(nn.Module):
         self.pos = nn.Embedding(max_len, d_model)
         layers, slots = [], {}
         for i in range(n_layers):
-            layers += [Residual(CausalSelfAttention(d_model, n_heads, d_model // n_heads)),
-                       Residual(_branch(d_model, Topology.SEQ, 4 * d_model, "point"))]
+            layers += [
+                Residual(CausalSelfAttention(d_model, n_heads, d_model // n_heads)),
+                Residual(_branch(d_model, Topology.SEQ, 4 * d_model, "point")),
+            ]
             for part in ("attn", "mlp"):
-                slots[f"l{i}_{part}"] = SeedSlot(d_model, Topology.SEQ, f"slots.l{i}_{part}",
-                                                 **slot_kw)  # type: ignore[arg-type]
+                slots[f"l{i}_{part}"] = SeedSlot(
+                    d_model, Topology.SEQ, f"slots.l{i}_{part}", **slot_kw
+                )  # type: ignore[arg-type]
         self.layers = nn.ModuleList(layers)
         self.slots = nn.ModuleDict(slots)
         self.norm = nn.LayerNorm(d_model)
@@ -127,6 +162,7 @@ class TransformerHost(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Slots in any module
 # ---------------------------------------------------------------------------------------------
+
 
 def slots_of(model: nn.Module) -> dict[str, SeedSlot]:
     """Every SeedSlot in `model`, by module path (names unnamed slots after their path)."""
@@ -163,13 +199,20 @@ def _slot_home(modules: dict[str, nn.Module], point: str) -> nn.Module:
     for m in [*(modules[a] for a in ancestors), *inside]:
         if not isinstance(m, _CONTAINERS):
             return m
-    raise ValueError(f"cannot hold a slot for {point!r}: it, its ancestors and its layers are all "
-                     "containers (nn.Sequential/ModuleList/ModuleDict)")
+    raise ValueError(
+        f"cannot hold a slot for {point!r}: it, its ancestors and its layers are all "
+        "containers (nn.Sequential/ModuleList/ModuleDict)"
+    )
 
 
-def insert_slots(model: nn.Module, points: Sequence[str], example_input: torch.Tensor, *,
-                 lifecycle: LifecycleConfig | None = None,
-                 gate: GateConfig | None = None) -> dict[str, SeedSlot]:
+def insert_slots(
+    model: nn.Module,
+    points: Sequence[str],
+    example_input: torch.Tensor,
+    *,
+    lifecycle: LifecycleConfig | None = None,
+    gate: GateConfig | None = None,
+) -> dict[str, SeedSlot]:
     """Put a SeedSlot on the output of each named submodule of a user's model.
 
     The slot is applied by a forward hook on the point and stored as a child `<point>_slot`
@@ -181,11 +224,14 @@ def insert_slots(model: nn.Module, points: Sequence[str], example_input: torch.T
     modules = dict(model.named_modules())
     missing = [p for p in points if p not in modules or not p]
     if missing:
-        raise KeyError(f"no submodule named {missing}; some valid points: "
-                       f"{[n for n in modules if n][:12]}")
+        raise KeyError(
+            f"no submodule named {missing}; some valid points: {[n for n in modules if n][:12]}"
+        )
     shapes: dict[str, torch.Tensor] = {}
-    handles = [modules[p].register_forward_hook(
-        lambda m, i, o, p=p: shapes.__setitem__(p, o)) for p in points]
+    handles = [
+        modules[p].register_forward_hook(lambda m, i, o, p=p: shapes.__setitem__(p, o))
+        for p in points
+    ]
     with torch.no_grad():
         model(example_input)
     for h in handles:

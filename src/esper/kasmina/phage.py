@@ -111,11 +111,16 @@ class Phage(nn.Module):
         mask = m.unit_mask.mask
         live = [u for u in units if float(mask[u]) != 0.0]
         if live:
-            raise LysisError(f"phage {self.name!r}: units {live} are not fully sedated; "
-                             "only sedated units can be lysed")
+            raise LysisError(
+                f"phage {self.name!r}: units {live} are not fully sedated; "
+                "only sedated units can be lysed"
+            )
         gone = set(units)
-        keep = torch.tensor([u for u in range(m.unit_mask.units) if u not in gone],
-                            dtype=torch.long, device=mask.device)
+        keep = torch.tensor(
+            [u for u in range(m.unit_mask.units) if u not in gone],
+            dtype=torch.long,
+            device=mask.device,
+        )
         m.remove_units(keep)
         return before - self.param_count()
 
@@ -142,8 +147,10 @@ class Phage(nn.Module):
         m = self.module
         if _mask_of(m) is None:
             kind = "nothing (lysed)" if m is None else type(m).__name__
-            raise LysisError(f"phage {self.name!r} wraps {kind}, which has no sedatable units; "
-                             "target 'module' instead")
+            raise LysisError(
+                f"phage {self.name!r} wraps {kind}, which has no sedatable units; "
+                "target 'module' instead"
+            )
         return m
 
     def _units(self, target: int | Sequence[int]) -> list[int]:

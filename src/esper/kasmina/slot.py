@@ -140,8 +140,10 @@ class SeedSlot(nn.Module):
 
     def extra_repr(self) -> str:
         bp = self.spec.blueprint.name if self.spec else "-"
-        return (f"{self.name!r}, channels={self.channels}, topology={self.topology.value}, "
-                f"stage={self.stage.name}, blueprint={bp}, alpha={self.alpha:.3f}")
+        return (
+            f"{self.name!r}, channels={self.channels}, topology={self.topology.value}, "
+            f"stage={self.stage.name}, blueprint={bp}, alpha={self.alpha:.3f}"
+        )
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -171,9 +173,16 @@ class SeedSlot(nn.Module):
         self._ablation = multiplier
 
     # -- lifecycle operations ------------------------------------------------------------------
-    def germinate(self, spec: SeedSpec, *, actor: Actor = Actor.TAMIYO,
-                  alpha_target: float = 1.0, tempo_ticks: int = 5,
-                  alpha_curve: AlphaCurve = AlphaCurve.LINEAR, seed_id: str | None = None) -> None:
+    def germinate(
+        self,
+        spec: SeedSpec,
+        *,
+        actor: Actor = Actor.TAMIYO,
+        alpha_target: float = 1.0,
+        tempo_ticks: int = 5,
+        alpha_curve: AlphaCurve = AlphaCurve.LINEAR,
+        seed_id: str | None = None,
+    ) -> None:
         """Instantiate `spec` here (DORMANT → GERMINATED). The first ramp is fixed now."""
         self._check(actor, Op.GERMINATE)
         seed, blend = self.build(spec)
@@ -208,8 +217,14 @@ class SeedSlot(nn.Module):
         self._refresh()
         return self.stage
 
-    def set_alpha_target(self, target: float, ticks: int, curve: AlphaCurve = AlphaCurve.LINEAR,
-                         *, actor: Actor = Actor.TAMIYO) -> None:
+    def set_alpha_target(
+        self,
+        target: float,
+        ticks: int,
+        curve: AlphaCurve = AlphaCurve.LINEAR,
+        *,
+        actor: Actor = Actor.TAMIYO,
+    ) -> None:
         """Start a new ramp from the current α (continuous) to `target`."""
         self._check(actor, Op.SET_ALPHA_TARGET)
         self.schedule = self.schedule.retarget(target, ticks, curve)
@@ -223,8 +238,9 @@ class SeedSlot(nn.Module):
         seed, blend = self.seed, self.blend
         seed.scale_output_(blend.coefficient(self.alpha))
         self.seed = self.blend = None
-        self.phage = Phage(seed, blend if blend.style in (Style.VALVE, Style.GATE) else None,
-                           name=self.name)
+        self.phage = Phage(
+            seed, blend if blend.style in (Style.VALVE, Style.GATE) else None, name=self.name
+        )
         self.lifecycle.apply(actor, Op.FOSSILIZE)
         self._refresh()
         return self.phage
@@ -276,8 +292,9 @@ class SeedSlot(nn.Module):
         seed_rms, host_rms, ratio = self._gradient_health()
         metrics = {"seed_grad_rms": seed_rms, "host_grad_rms": host_rms, "grad_ratio": ratio}
         if self.lifecycle.ticks_in_stage < cfg.min_training_ticks:
-            reasons.append(f"only {self.lifecycle.ticks_in_stage} of {cfg.min_training_ticks} "
-                           "training ticks")
+            reasons.append(
+                f"only {self.lifecycle.ticks_in_stage} of {cfg.min_training_ticks} training ticks"
+            )
         if not _has_params(self.seed):
             pass  # nothing to train (NOOP): only the probe applies
         elif self._grad is None:
@@ -287,16 +304,20 @@ class SeedSlot(nn.Module):
         elif not seed_rms < cfg.exploding_grad:
             reasons.append(f"exploding seed gradient (rms {seed_rms:.2e})")
         elif not cfg.min_grad_ratio <= ratio <= cfg.max_grad_ratio:
-            reasons.append(f"seed/host gradient ratio {ratio:.2e} outside "
-                           f"[{cfg.min_grad_ratio:g}, {cfg.max_grad_ratio:g}]")
+            reasons.append(
+                f"seed/host gradient ratio {ratio:.2e} outside "
+                f"[{cfg.min_grad_ratio:g}, {cfg.max_grad_ratio:g}]"
+            )
         shift = self._probe_shift()
         if shift is None:
             reasons.append("no activation probe captured")
         else:
             metrics["probe_shift"] = shift
             if not shift <= cfg.max_probe_shift:
-                reasons.append(f"test blend at α={cfg.probe_alpha} shifts activations by "
-                               f"{shift:.3g} > {cfg.max_probe_shift}")
+                reasons.append(
+                    f"test blend at α={cfg.probe_alpha} shifts activations by "
+                    f"{shift:.3g} > {cfg.max_probe_shift}"
+                )
         self.last_gate = GateReport(not reasons, tuple(reasons), metrics)
         return self.last_gate
 
@@ -338,12 +359,19 @@ class SeedSlot(nn.Module):
     def telemetry(self) -> SlotTelemetry:
         seed_rms, host_rms, ratio = self._gradient_health()
         return SlotTelemetry(
-            name=self.name, stage=self.stage, ticks_in_stage=self.lifecycle.ticks_in_stage,
+            name=self.name,
+            stage=self.stage,
+            ticks_in_stage=self.lifecycle.ticks_in_stage,
             alpha=self.effective_alpha,
-            alpha_target=self.schedule.target, alpha_curve=self.schedule.curve,
-            alpha_ticks_left=self.schedule.ticks_left, seed_grad_norm=seed_rms,
-            host_grad_norm=host_rms, grad_ratio=ratio, param_count=self.seed_param_count(),
-            spec=self.spec, contribution=self.contribution,
+            alpha_target=self.schedule.target,
+            alpha_curve=self.schedule.curve,
+            alpha_ticks_left=self.schedule.ticks_left,
+            seed_grad_norm=seed_rms,
+            host_grad_norm=host_rms,
+            grad_ratio=ratio,
+            param_count=self.seed_param_count(),
+            spec=self.spec,
+            contribution=self.contribution,
             contribution_tick=self.contribution_tick,
             gate_passed=None if self.last_gate is None else self.last_gate.passed,
             seed_id=self.seed_id,
@@ -395,5 +423,7 @@ class SeedSlot(nn.Module):
         x = x.to(self.coef.device)
         y = seed(x)
         if y.shape != x.shape or not torch.isfinite(y).all():
-            raise RuntimeError(f"slot {self.name!r}: seed {type(seed).__name__} failed its "
-                               f"sanity check (shape {tuple(y.shape)} for input {tuple(x.shape)})")
+            raise RuntimeError(
+                f"slot {self.name!r}: seed {type(seed).__name__} failed its "
+                f"sanity check (shape {tuple(y.shape)} for input {tuple(x.shape)})"
+            )

@@ -46,6 +46,7 @@ METRICS = ("metric", "val_loss", "train_loss")
 # Protocol and candidates
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class AuditProtocol:
     """Everything that fixes v(S): two audits with the same hash share cached retrains."""
@@ -69,8 +70,14 @@ class AuditProtocol:
             raise ValueError(f"ticks and repeats must be >= 1, got {self.ticks}, {self.repeats}")
 
     def canonical(self) -> dict[str, Any]:
-        return {"task": self.task, "config": config_to_dict(self.config), "ticks": self.ticks,
-                "metric": self.metric, "repeats": self.repeats, "base_seed": self.base_seed}
+        return {
+            "task": self.task,
+            "config": config_to_dict(self.config),
+            "ticks": self.ticks,
+            "metric": self.metric,
+            "repeats": self.repeats,
+            "base_seed": self.base_seed,
+        }
 
     def protocol_hash(self) -> str:
         """sha256 of the canonical JSON. `repeats` is left out: extending R reuses the cache."""
@@ -79,8 +86,14 @@ class AuditProtocol:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def grow_config(self, repeat: int) -> GrowConfig:
-        return override(self.config, task=self.task, policy="none", ticks=self.ticks,
-                        seed=self.base_seed + repeat, checkpoint_every=self.ticks)
+        return override(
+            self.config,
+            task=self.task,
+            policy="none",
+            ticks=self.ticks,
+            seed=self.base_seed + repeat,
+            checkpoint_every=self.ticks,
+        )
 
 
 @dataclass(frozen=True)
@@ -121,6 +134,7 @@ def candidates_from_run(run_dir: str | Path, limit: int = MAX_CANDIDATES) -> lis
 # One job: retrain with only the seeds in `subset` enabled
 # ---------------------------------------------------------------------------------------------
 
+
 class _Replay:
     """Run callback: germinate each enabled candidate at its tick, then ADVANCE it one stage per
     tick while the gates allow (G2 for TRAINING → BLENDING, a finished ramp for → HOLDING)."""
@@ -135,16 +149,18 @@ class _Replay:
                 raise ValueError(f"candidate {c.key}: the host has no slot {c.slot!r}")
             slot, index = env.slots[c.slot], names.index(c.slot)
             if t == c.germinate_tick:
-                env.execute(FactoredAction(Op.GERMINATE, slot=index,
-                                           blueprint=Blueprint[c.blueprint]))
+                env.execute(
+                    FactoredAction(Op.GERMINATE, slot=index, blueprint=Blueprint[c.blueprint])
+                )
             elif slot.stage in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING):
                 # Illegal while G2 has not passed or the ramp is not finished: retry next tick.
                 with contextlib.suppress(IllegalTransition):
                     env.execute(FactoredAction(Op.ADVANCE, slot=index))
 
 
-def subset_value(protocol: AuditProtocol, candidates: Sequence[Candidate],
-                 subset: frozenset, repeat: int) -> float:
+def subset_value(
+    protocol: AuditProtocol, candidates: Sequence[Candidate], subset: frozenset, repeat: int
+) -> float:
     """v_repeat(subset): the final validation metric of a from-scratch run of the fixed budget
     with policy "none" and only the seeds in `subset` enabled. Deterministic in (subset, repeat)."""
     enabled = [c for c in candidates if c in subset]
@@ -152,8 +168,9 @@ def subset_value(protocol: AuditProtocol, candidates: Sequence[Candidate],
     if late:
         raise ValueError(f"candidates {late} germinate after the {protocol.ticks}-tick budget")
     with tempfile.TemporaryDirectory(prefix="esper-audit-") as tmp:
-        run = start_run(protocol.grow_config(repeat), run_dir=Path(tmp) / "run",
-                        callbacks=[_Replay(enabled)])
+        run = start_run(
+            protocol.grow_config(repeat), run_dir=Path(tmp) / "run", callbacks=[_Replay(enabled)]
+        )
         try:
             run.run()
             value = run.store.metrics()[-1][1][protocol.metric]
@@ -169,9 +186,38 @@ ValueFn = Callable[[AuditProtocol, Sequence[Candidate], frozenset, int], float]
 # Result
 # ---------------------------------------------------------------------------------------------
 
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060,
-       2.056, 2.052, 2.048, 2.045, 2.042)
+T95 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 """Two-sided 95% Student-t quantiles for 1..30 degrees of freedom; beyond, the normal 1.960."""
 CI_METHOD = "student-t 95% over repeats (R-1 dof); NaN when R = 1"
 
@@ -182,7 +228,7 @@ def ci95(samples: Sequence[float]) -> tuple[float, float]:
     mean = statistics.fmean(samples)
     if r < 2:
         return float("nan"), float("nan")
-    half = (T95[r - 2] if r - 1 <= len(T95) else 1.960) * statistics.stdev(samples) / r ** 0.5
+    half = (T95[r - 2] if r - 1 <= len(T95) else 1.960) * statistics.stdev(samples) / r**0.5
     return mean - half, mean + half
 
 
@@ -216,24 +262,37 @@ class AuditResult:
 
     def label(self, key: str) -> dict[str, Any]:
         lo, hi = self.phi_ci95[key]
-        return {"phi": self.phi[key], "ci95": [lo, hi], "ci_method": self.ci_method,
-                "banzhaf": self.banzhaf[key], "protocol_hash": self.protocol_hash,
-                "repeats": len(self.repeats_used), "candidates": list(self.candidates),
-                "interactions": {f"{a}|{b}": x for (a, b), x in self.interactions.items()
-                                 if key in (a, b)}}
+        return {
+            "phi": self.phi[key],
+            "ci95": [lo, hi],
+            "ci_method": self.ci_method,
+            "banzhaf": self.banzhaf[key],
+            "protocol_hash": self.protocol_hash,
+            "repeats": len(self.repeats_used),
+            "candidates": list(self.candidates),
+            "interactions": {
+                f"{a}|{b}": x for (a, b), x in self.interactions.items() if key in (a, b)
+            },
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # The audit
 # ---------------------------------------------------------------------------------------------
 
+
 def subset_key(subset: Iterable[Candidate]) -> tuple[str, ...]:
     """A subset's cache and table key: its candidates' keys, sorted."""
     return tuple(sorted(c.key for c in subset))
 
 
-def _attempt(fn: ValueFn, protocol: AuditProtocol, candidates: Sequence[Candidate],
-             subset: frozenset, repeat: int) -> float:
+def _attempt(
+    fn: ValueFn,
+    protocol: AuditProtocol,
+    candidates: Sequence[Candidate],
+    subset: frozenset,
+    repeat: int,
+) -> float:
     """One job; the error comes back as text so that it survives the process boundary."""
     try:
         return fn(protocol, candidates, subset, repeat)
@@ -266,21 +325,35 @@ class Audit:
             raise ValueError(f"{path}: cache entry does not match its key")
         return float(job["value"])
 
-    def _store(self, protocol: AuditProtocol, subset: tuple[str, ...], repeat: int,
-               value: float) -> None:
+    def _store(
+        self, protocol: AuditProtocol, subset: tuple[str, ...], repeat: int, value: float
+    ) -> None:
         path = self._path(protocol.protocol_hash(), subset, repeat)
         path.parent.mkdir(parents=True, exist_ok=True)
-        job = {"protocol_hash": protocol.protocol_hash(), "subset": list(subset),
-               "repeat": repeat, "value": value, "protocol": protocol.canonical()}
+        job = {
+            "protocol_hash": protocol.protocol_hash(),
+            "subset": list(subset),
+            "repeat": repeat,
+            "value": value,
+            "protocol": protocol.canonical(),
+        }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(job, sort_keys=True))
         tmp.replace(path)  # atomic: an interrupted audit keeps only whole entries
 
     # -- run ------------------------------------------------------------------------------------
-    def run(self, protocol: AuditProtocol, candidates: Sequence[Candidate],
-            backend: str = "local", workers: int | None = None, retries: int = 1, *,
-            ray_address: str | None = None, ray_resources: Mapping[str, Any] | None = None,
-            progress: Progress | None = None) -> AuditResult:
+    def run(
+        self,
+        protocol: AuditProtocol,
+        candidates: Sequence[Candidate],
+        backend: str = "local",
+        workers: int | None = None,
+        retries: int = 1,
+        *,
+        ray_address: str | None = None,
+        ray_resources: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> AuditResult:
         """Every subset × repeat not in the cache runs on `backend` ("local": `workers`
         processes, default one per core; "ray": Ray tasks with `ray_resources` each, on the
         cluster at `ray_address` or a local instance of `workers` CPUs), each up to
@@ -290,19 +363,33 @@ class Audit:
             raise ValueError(f"need 1..{MAX_CANDIDATES} distinct candidates, got {candidates}")
         phash = protocol.protocol_hash()
         values, retrains, cached, failures = self.values(
-            protocol, candidates, subsets(candidates), backend, workers, retries,
-            ray_address=ray_address, ray_resources=ray_resources, progress=progress)
+            protocol,
+            candidates,
+            subsets(candidates),
+            backend,
+            workers,
+            retries,
+            ray_address=ray_address,
+            ray_resources=ray_resources,
+            progress=progress,
+        )
         result = _summarise(phash, candidates, values, retrains, cached, failures)
         self._label_sources(candidates, result)
         return result
 
-    def values(self, protocol: AuditProtocol, candidates: Sequence[Candidate],
-               needed: Sequence[frozenset], backend: str = "local", workers: int | None = None,
-               retries: int = 1, *, ray_address: str | None = None,
-               ray_resources: Mapping[str, Any] | None = None,
-               progress: Progress | None = None
-               ) -> tuple[dict[int, dict[tuple[str, ...], float]], int, int,
-                          tuple[JobFailure, ...]]:
+    def values(
+        self,
+        protocol: AuditProtocol,
+        candidates: Sequence[Candidate],
+        needed: Sequence[frozenset],
+        backend: str = "local",
+        workers: int | None = None,
+        retries: int = 1,
+        *,
+        ray_address: str | None = None,
+        ray_resources: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[dict[int, dict[tuple[str, ...], float]], int, int, tuple[JobFailure, ...]]:
         """v_r(S) for the `needed` subsets and every repeat r: from the cache, the missing ones
         retrained on `backend` and cached. Returns (repeat -> subset key -> value, retrains run,
         cache hits, failures). Writes no labels (`run` does, the cheaper estimators don't)."""
@@ -329,17 +416,30 @@ class Audit:
 
         retrains, failures = 0, ()
         if pending:
-            with open_executor(backend, workers, len(pending), device=protocol.config.device,
-                               ray_address=ray_address, ray_resources=ray_resources
-                               ) as (pool, in_flight):
-                retrains, failures = self._execute(protocol, list(candidates), pending, values,
-                                                   pool, in_flight, retries, settled)
+            with open_executor(
+                backend,
+                workers,
+                len(pending),
+                device=protocol.config.device,
+                ray_address=ray_address,
+                ray_resources=ray_resources,
+            ) as (pool, in_flight):
+                retrains, failures = self._execute(
+                    protocol, list(candidates), pending, values, pool, in_flight, retries, settled
+                )
         return values, retrains, cached, failures
 
-    def _execute(self, protocol: AuditProtocol, candidates: list[Candidate],
-                 pending: list[tuple[frozenset, int]], values: dict, pool: cf.Executor,
-                 in_flight: int, retries: int, settled: Callable[[], None]
-                 ) -> tuple[int, tuple[JobFailure, ...]]:
+    def _execute(
+        self,
+        protocol: AuditProtocol,
+        candidates: list[Candidate],
+        pending: list[tuple[frozenset, int]],
+        values: dict,
+        pool: cf.Executor,
+        in_flight: int,
+        retries: int,
+        settled: Callable[[], None],
+    ) -> tuple[int, tuple[JobFailure, ...]]:
         """Run the pending jobs on `pool`, at most `in_flight` at once, each up to
         1 + `retries` times; store each success as it arrives. Backend-agnostic."""
         attempts: dict[tuple[frozenset, int], int] = {}
@@ -388,14 +488,20 @@ class Audit:
                     store.attach_label(c.event_id, "shapley", result.label(c.key))
 
 
-def _summarise(phash: str, candidates: list[Candidate], values: dict[int, dict],
-               retrains: int, cached: int, failures: tuple[JobFailure, ...]) -> AuditResult:
+def _summarise(
+    phash: str,
+    candidates: list[Candidate],
+    values: dict[int, dict],
+    retrains: int,
+    cached: int,
+    failures: tuple[JobFailure, ...],
+) -> AuditResult:
     """Per complete repeat: exact Shapley, Banzhaf, interactions; then means over repeats."""
     keys = [c.key for c in candidates]
     n_subsets = 2 ** len(keys)
     used = tuple(r for r, table in values.items() if len(table) == n_subsets)
     phis, betas, inters = [], [], []
-    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
     for r in used:
         table = values[r]
 
@@ -411,19 +517,25 @@ def _summarise(phash: str, candidates: list[Candidate], values: dict[int, dict],
         return statistics.fmean(row[k] for row in rows) if rows else nan
 
     return AuditResult(
-        protocol_hash=phash, candidates=tuple(keys), values=values,
+        protocol_hash=phash,
+        candidates=tuple(keys),
+        values=values,
         phi={k: mean(phis, k) for k in keys},
         phi_ci95={k: ci95([p[k] for p in phis]) if phis else (nan, nan) for k in keys},
         banzhaf={k: mean(betas, k) for k in keys},
         interactions={p: mean(inters, p) for p in pairs},
-        repeats_used=used, retrains=retrains, cached=cached, failures=failures,
+        repeats_used=used,
+        retrains=retrains,
+        cached=cached,
+        failures=failures,
     )
 
 
 def result_to_json(result: AuditResult) -> dict[str, Any]:
     """A JSON-able view (tuple keys joined with '|')."""
     out = asdict(result)
-    out["values"] = {str(r): {"|".join(s): v for s, v in t.items()}
-                     for r, t in result.values.items()}
+    out["values"] = {
+        str(r): {"|".join(s): v for s, v in t.items()} for r, t in result.values.items()
+    }
     out["interactions"] = {"|".join(p): x for p, x in result.interactions.items()}
     return out

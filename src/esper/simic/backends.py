@@ -58,16 +58,26 @@ def usable_cores() -> int:
 
 
 @contextlib.contextmanager
-def open_executor(backend: str, workers: int | None, jobs: int, *, device: str = "auto",
-                  ray_address: str | None = None,
-                  ray_resources: Mapping[str, Any] | None = None,
-                  ) -> Iterator[tuple[cf.Executor, int]]:
+def open_executor(
+    backend: str,
+    workers: int | None,
+    jobs: int,
+    *,
+    device: str = "auto",
+    ray_address: str | None = None,
+    ray_resources: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[cf.Executor, int]]:
     """The executor for `jobs` jobs and how many of them to keep in flight at once."""
     check_backend(backend, ray_address)
     if backend == "local":
         n = min(workers or usable_cores(), jobs)
-        pool = _InProcess() if n == 1 else cf.ProcessPoolExecutor(
-            n, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        pool = (
+            _InProcess()
+            if n == 1
+            else cf.ProcessPoolExecutor(
+                n, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+            )
+        )
         with pool:
             yield pool, n
         return
@@ -90,6 +100,7 @@ def open_executor(backend: str, workers: int | None, jobs: int, *, device: str =
 # local
 # ---------------------------------------------------------------------------------------------
 
+
 def _worker_init() -> None:
     torch.set_num_threads(1)  # one core per job: the pool is sized to the cores
 
@@ -109,6 +120,7 @@ class _InProcess(cf.Executor):
 # ---------------------------------------------------------------------------------------------
 # ray
 # ---------------------------------------------------------------------------------------------
+
 
 def job_resources(device: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Ray resources of one job: 1 CPU, plus GPU_FRACTION of a GPU when `device` is CUDA
@@ -130,8 +142,13 @@ def start_local_ray(num_cpus: int) -> None:
         where: dict[str, Any] = {"job_config": ray.job_config.JobConfig(_py_driver_sys_path=path)}
     except TypeError:  # a Ray without it
         where = {"runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(path)}}}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING", **where)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+        **where,
+    )
 
 
 def _in_ray_worker(threads: int, fn: Callable[..., Any], *args: Any) -> Any:

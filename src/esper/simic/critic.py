@@ -37,10 +37,23 @@ LABEL = "shapley"
 DEFAULT_LAG = 3
 """Ticks after germination at which a row's telemetry is read (a seed has usually started to
 blend by then, so its α=0 ablation contribution exists)."""
-GLOBAL_FEATURES = ("progress", "metric", "val_loss", "train_loss", "log_host_params",
-                   "log_seed_params", "rent_paid")
-SLOT_FEATURES = ("stage", "alpha", "ticks_in_stage", "contribution", "has_contribution",
-                 "slot_rent")
+GLOBAL_FEATURES = (
+    "progress",
+    "metric",
+    "val_loss",
+    "train_loss",
+    "log_host_params",
+    "log_seed_params",
+    "rent_paid",
+)
+SLOT_FEATURES = (
+    "stage",
+    "alpha",
+    "ticks_in_stage",
+    "contribution",
+    "has_contribution",
+    "slot_rent",
+)
 BLUEPRINT_PREFIX = "blueprint="
 L2_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 FORMAT = "esper-critic-v1"
@@ -49,6 +62,7 @@ FORMAT = "esper-critic-v1"
 # ---------------------------------------------------------------------------------------------
 # Rank statistics
 # ---------------------------------------------------------------------------------------------
+
 
 def average_ranks(xs: Sequence[float]) -> list[float]:
     """1-based ranks; tied values share the mean of the ranks they span."""
@@ -96,25 +110,33 @@ def mean_abs_error(x: Sequence[float], y: Sequence[float]) -> float:
 # Features: one snapshot of the global state and one slot
 # ---------------------------------------------------------------------------------------------
 
+
 def _finite(x: Any) -> float:
     x = 0.0 if x is None else float(x)
     return x if math.isfinite(x) else 0.0
 
 
-def snapshot_features(obs_vec: Sequence[float], state: Mapping[str, Any],
-                      blueprint: str | None) -> dict[str, float]:
+def snapshot_features(
+    obs_vec: Sequence[float], state: Mapping[str, Any], blueprint: str | None
+) -> dict[str, float]:
     """Features of one recorded snapshot: the first seven entries of `esper.run.obs_vector`
     (progress, metric, val_loss, train_loss, host params, seed params, rent paid), one slot's
     `esper.run.slot_state`, and the seed's blueprint (one-hot, by name)."""
     progress, metric, val_loss, train_loss, host, seed, rent_paid = obs_vec[:7]
     contribution = state.get("contribution")
     out = {
-        "progress": _finite(progress), "metric": _finite(metric), "val_loss": _finite(val_loss),
-        "train_loss": _finite(train_loss), "log_host_params": math.log1p(max(0.0, host)),
-        "log_seed_params": math.log1p(max(0.0, seed)), "rent_paid": _finite(rent_paid),
-        "stage": float(Stage[state["stage"]]), "alpha": _finite(state.get("alpha")),
+        "progress": _finite(progress),
+        "metric": _finite(metric),
+        "val_loss": _finite(val_loss),
+        "train_loss": _finite(train_loss),
+        "log_host_params": math.log1p(max(0.0, host)),
+        "log_seed_params": math.log1p(max(0.0, seed)),
+        "rent_paid": _finite(rent_paid),
+        "stage": float(Stage[state["stage"]]),
+        "alpha": _finite(state.get("alpha")),
         "ticks_in_stage": _finite(state.get("ticks_in_stage")),
-        "contribution": _finite(contribution), "has_contribution": float(contribution is not None),
+        "contribution": _finite(contribution),
+        "has_contribution": float(contribution is not None),
         "slot_rent": _finite(state.get("rent")),
     }
     if blueprint is not None:
@@ -122,18 +144,31 @@ def snapshot_features(obs_vec: Sequence[float], state: Mapping[str, Any],
     return out
 
 
-def observation_features(obs: Observation, slot: str,
-                         blueprint: str | None = None) -> dict[str, float]:
+def observation_features(
+    obs: Observation, slot: str, blueprint: str | None = None
+) -> dict[str, float]:
     """The same features from a live `Observation` (what `esper.run` would have recorded).
     `blueprint` defaults to the slot's seed; give it to score a germination not yet made."""
     by_name = {s.name: s for s in obs.slots}
     if slot not in by_name:
         raise ValueError(f"no slot {slot!r} in the observation; slots: {', '.join(by_name)}")
     s = by_name[slot]
-    vec = [obs.tick / obs.max_ticks, obs.metric, obs.val_loss, obs.train_loss,
-           float(obs.host_params), float(obs.seed_params), obs.rent_paid]
-    state = {"stage": s.stage.name, "alpha": s.alpha, "ticks_in_stage": s.ticks_in_stage,
-             "contribution": s.contribution, "rent": s.rent}
+    vec = [
+        obs.tick / obs.max_ticks,
+        obs.metric,
+        obs.val_loss,
+        obs.train_loss,
+        float(obs.host_params),
+        float(obs.seed_params),
+        obs.rent_paid,
+    ]
+    state = {
+        "stage": s.stage.name,
+        "alpha": s.alpha,
+        "ticks_in_stage": s.ticks_in_stage,
+        "contribution": s.contribution,
+        "rent": s.rent,
+    }
     if blueprint is None and s.spec is not None:
         blueprint = s.spec.blueprint.name
     return snapshot_features(vec, state, blueprint)
@@ -142,6 +177,7 @@ def observation_features(obs: Observation, slot: str,
 # ---------------------------------------------------------------------------------------------
 # The dataset: labelled germinations joined to recorded telemetry
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CriticRow:
@@ -169,8 +205,9 @@ def _recorded(d: Any, slot: str, blueprint: str) -> dict[str, float]:
     return snapshot_features(d.obs_before, state, blueprint)
 
 
-def critic_dataset(run_dirs: Iterable[str | Path], lag: int = DEFAULT_LAG,
-                   label: str = LABEL) -> list[CriticRow]:
+def critic_dataset(
+    run_dirs: Iterable[str | Path], lag: int = DEFAULT_LAG, label: str = LABEL
+) -> list[CriticRow]:
     """One row per germinate event that carries a `label` (Shapley) label, in run order."""
     from esper.recorder import RunStore  # at call time: this module sits below the recorder
 
@@ -192,25 +229,39 @@ def critic_dataset(run_dirs: Iterable[str | Path], lag: int = DEFAULT_LAG,
             if phi is None or not math.isfinite(float(phi)):
                 continue
             by_tick = decisions.get(e.env, {})
-            later = [g.tick for g in germs if g.slot == e.slot and g.env == e.env
-                     and g.id != e.id and g.tick > e.tick]
+            later = [
+                g.tick
+                for g in germs
+                if g.slot == e.slot and g.env == e.env and g.id != e.id and g.tick > e.tick
+            ]
             end = min([e.tick + lag, *(t - 1 for t in later)])
             ticks = [t for t in by_tick if e.tick <= t <= end]
             if e.tick not in by_tick or not ticks:
                 raise ValueError(f"{run_dir}: no decision recorded at germinate tick {e.tick}")
             blueprint = e.payload["blueprint"]
-            rows.append(CriticRow(
-                run=str(run_dir), event_id=e.id, slot=e.slot, blueprint=blueprint,
-                germinate_tick=e.tick, snapshot_tick=max(ticks), phi=float(phi),
-                protocol_hash=str(lab.get("protocol_hash", "")) if isinstance(lab, Mapping)
-                else "", features=_recorded(by_tick[max(ticks)], e.slot, blueprint),
-                decision_features=_recorded(by_tick[e.tick], e.slot, blueprint)))
+            rows.append(
+                CriticRow(
+                    run=str(run_dir),
+                    event_id=e.id,
+                    slot=e.slot,
+                    blueprint=blueprint,
+                    germinate_tick=e.tick,
+                    snapshot_tick=max(ticks),
+                    phi=float(phi),
+                    protocol_hash=str(lab.get("protocol_hash", ""))
+                    if isinstance(lab, Mapping)
+                    else "",
+                    features=_recorded(by_tick[max(ticks)], e.slot, blueprint),
+                    decision_features=_recorded(by_tick[e.tick], e.slot, blueprint),
+                )
+            )
     return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # The critic: ridge regression on standardised features
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Critic:
@@ -226,32 +277,44 @@ class Critic:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def matrix(self, rows: Sequence[Mapping[str, float]]) -> np.ndarray:
-        x = np.array([[_finite(r.get(f, 0.0)) for f in self.features] for r in rows],
-                     dtype=np.float64).reshape(len(rows), len(self.features))
+        x = np.array(
+            [[_finite(r.get(f, 0.0)) for f in self.features] for r in rows], dtype=np.float64
+        ).reshape(len(rows), len(self.features))
         return (x - self.mean) / self.scale
 
-    def predict(self, features: Mapping[str, float] | Sequence[Mapping[str, float]]
-                ) -> float | np.ndarray:
+    def predict(
+        self, features: Mapping[str, float] | Sequence[Mapping[str, float]]
+    ) -> float | np.ndarray:
         """Predicted φ for one feature dict (a float) or a list of them (an array). Features the
         critic does not know are ignored; those it knows but the input lacks count as 0."""
         if isinstance(features, Mapping):
             return float(self.predict([features])[0])
         return self.matrix(features) @ self.weights + self.bias
 
-    def predict_observation(self, obs: Observation, slot: str,
-                            blueprint: str | None = None) -> float:
+    def predict_observation(
+        self, obs: Observation, slot: str, blueprint: str | None = None
+    ) -> float:
         """Predicted φ of the seed in `slot` (or of germinating `blueprint` there)."""
         return float(self.predict(observation_features(obs, slot, blueprint)))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "features": list(self.features), "bias": self.bias,
-                "l2": self.l2, "lag": self.lag, **self.meta}
+        meta = {
+            "format": FORMAT,
+            "features": list(self.features),
+            "bias": self.bias,
+            "l2": self.l2,
+            "lag": self.lag,
+            **self.meta,
+        }
         tensors = {"weights": self.weights, "mean": self.mean, "scale": self.scale}
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
-                  str(tmp), metadata={"esper_critic": json.dumps(meta, sort_keys=True)})
+        save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
+            str(tmp),
+            metadata={"esper_critic": json.dumps(meta, sort_keys=True)},
+        )
         tmp.replace(path)
         return path
 
@@ -276,9 +339,16 @@ def load_critic(path: str | Path) -> Critic:
     features = tuple(meta.pop("features"))
     if any(tensors[k].shape != (len(features),) for k in ("weights", "mean", "scale")):
         raise CriticLoadError(f"{path}: tensor shapes do not match {len(features)} features")
-    return Critic(features=features, mean=tensors["mean"], scale=tensors["scale"],
-                  weights=tensors["weights"], bias=float(meta.pop("bias")),
-                  l2=float(meta.pop("l2")), lag=int(meta.pop("lag")), meta=meta)
+    return Critic(
+        features=features,
+        mean=tensors["mean"],
+        scale=tensors["scale"],
+        weights=tensors["weights"],
+        bias=float(meta.pop("bias")),
+        l2=float(meta.pop("l2")),
+        lag=int(meta.pop("lag")),
+        meta=meta,
+    )
 
 
 def feature_names(rows: Sequence[CriticRow]) -> tuple[str, ...]:
@@ -293,8 +363,9 @@ def _ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
 
 def _fit(rows: Sequence[CriticRow], l2: float, lag: int) -> Critic:
     names = feature_names(rows)
-    raw = np.array([[_finite(r.features.get(f, 0.0)) for f in names] for r in rows],
-                   dtype=np.float64).reshape(len(rows), len(names))
+    raw = np.array(
+        [[_finite(r.features.get(f, 0.0)) for f in names] for r in rows], dtype=np.float64
+    ).reshape(len(rows), len(names))
     mean = raw.mean(axis=0)
     scale = raw.std(axis=0)
     scale[scale < 1e-12] = 1.0  # a constant feature stays 0 after centring
@@ -304,8 +375,7 @@ def _fit(rows: Sequence[CriticRow], l2: float, lag: int) -> Critic:
     return Critic(names, mean, scale, weights, bias, l2, lag)
 
 
-def run_folds(rows: Sequence[CriticRow], k: int | None = None
-              ) -> list[tuple[list[int], list[int]]]:
+def run_folds(rows: Sequence[CriticRow], k: int | None = None) -> list[tuple[list[int], list[int]]]:
     """(train, test) row indices with every run wholly on one side. k None: leave one run out;
     otherwise k folds of whole runs (runs dealt round-robin in first-seen order)."""
     runs = list(dict.fromkeys(r.run for r in rows))
@@ -322,8 +392,9 @@ def run_folds(rows: Sequence[CriticRow], k: int | None = None
     return out
 
 
-def choose_l2(rows: Sequence[CriticRow], lag: int = DEFAULT_LAG,
-              grid: Sequence[float] = L2_GRID) -> float:
+def choose_l2(
+    rows: Sequence[CriticRow], lag: int = DEFAULT_LAG, grid: Sequence[float] = L2_GRID
+) -> float:
     """The grid value with the least leave-one-run-out squared error on `rows` (1.0 when there
     are fewer than three runs to cross-validate on)."""
     if len({r.run for r in rows}) < 3:
@@ -341,15 +412,19 @@ def choose_l2(rows: Sequence[CriticRow], lag: int = DEFAULT_LAG,
     return min(grid, key=sse)
 
 
-def fit_critic(rows: Sequence[CriticRow], l2: float | None = None,
-               lag: int = DEFAULT_LAG) -> Critic:
+def fit_critic(
+    rows: Sequence[CriticRow], l2: float | None = None, lag: int = DEFAULT_LAG
+) -> Critic:
     """Ridge regression of φ on the rows' features; `l2` None: `choose_l2`."""
     if not rows:
         raise ValueError("no labelled germinations to train on: audit some runs first")
     critic = _fit(rows, choose_l2(rows, lag) if l2 is None else l2, lag)
-    critic.meta = {"rows": len(rows), "runs": len({r.run for r in rows}),
-                   "protocol_hashes": sorted({r.protocol_hash for r in rows}),
-                   "target": "exact Shapley phi (label 'shapley')"}
+    critic.meta = {
+        "rows": len(rows),
+        "runs": len({r.run for r in rows}),
+        "protocol_hashes": sorted({r.protocol_hash for r in rows}),
+        "target": "exact Shapley phi (label 'shapley')",
+    }
     return critic
 
 
@@ -363,8 +438,9 @@ class HeldOut:
     """Held-out prediction of every row, in row order."""
 
 
-def held_out(rows: Sequence[CriticRow], k: int | None = None, l2: float | None = None,
-             lag: int = DEFAULT_LAG) -> HeldOut:
+def held_out(
+    rows: Sequence[CriticRow], k: int | None = None, l2: float | None = None, lag: int = DEFAULT_LAG
+) -> HeldOut:
     """Pooled out-of-run predictions: each fold's critic (its L2 chosen on its own training
     rows) predicts the runs it never saw."""
     folds = run_folds(rows, k)
@@ -374,5 +450,6 @@ def held_out(rows: Sequence[CriticRow], k: int | None = None, l2: float | None =
         for i, p in zip(test, critic.predict([rows[i].features for i in test]), strict=True):
             pred[i] = float(p)
     phi = [r.phi for r in rows]
-    return HeldOut(spearman(pred, phi), mean_abs_error(pred, phi), len(rows), len(folds),
-                   tuple(pred))
+    return HeldOut(
+        spearman(pred, phi), mean_abs_error(pred, phi), len(rows), len(folds), tuple(pred)
+    )

@@ -101,8 +101,10 @@ class EconomyConfig:
         _check_number("max_rent", self.max_rent, lower=0.0, strict=True, allow_inf=True)
         _check_number("task_scale", self.task_scale, lower=0.0, strict=True)
         if self.task_reward not in TASK_REWARDS:
-            raise ValueError(f"EconomyConfig.task_reward must be one of {', '.join(TASK_REWARDS)}, "
-                             f"got {self.task_reward!r}")
+            raise ValueError(
+                f"EconomyConfig.task_reward must be one of {', '.join(TASK_REWARDS)}, "
+                f"got {self.task_reward!r}"
+            )
         if not isinstance(self.churn_window, int) or self.churn_window < 1:
             raise ValueError(
                 f"EconomyConfig.churn_window must be an int >= 1, got {self.churn_window!r}"
@@ -485,8 +487,11 @@ class Economy:
         return r
 
     def state_dict(self) -> dict[str, Any]:
-        return {"churn": self.churn.state_dict(), "ledger": self.ledger.state_dict(),
-                "last_rents": dict(self.last_rents)}
+        return {
+            "churn": self.churn.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "last_rents": dict(self.last_rents),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         _check_keys("Economy", state, {"churn", "ledger", "last_rents"})

@@ -79,26 +79,38 @@ def _check(candidates: Sequence[Candidate]) -> list[Candidate]:
     return candidates
 
 
-def job_values(audit: Audit, protocol: AuditProtocol, candidates: Sequence[Candidate],
-               needed: Sequence[frozenset], workers: int | None = None, retries: int = 1, *,
-               backend: str = "local", ray_address: str | None = None
-               ) -> tuple[dict[int, dict[tuple[str, ...], float]], int]:
+def job_values(
+    audit: Audit,
+    protocol: AuditProtocol,
+    candidates: Sequence[Candidate],
+    needed: Sequence[frozenset],
+    workers: int | None = None,
+    retries: int = 1,
+    *,
+    backend: str = "local",
+    ray_address: str | None = None,
+) -> tuple[dict[int, dict[tuple[str, ...], float]], int]:
     """v_r(S) for the `needed` subsets and every repeat r < protocol.repeats: read from the
     audit's cache, the missing ones retrained on `backend` (as `Audit.run` does) and cached.
     Returns (repeat -> key -> value, retrains run). Raises when a retrain fails after its
     retries. Writes no labels."""
-    values, ran, _, failures = audit.values(protocol, candidates, needed, backend, workers,
-                                            retries, ray_address=ray_address)
+    values, ran, _, failures = audit.values(
+        protocol, candidates, needed, backend, workers, retries, ray_address=ray_address
+    )
     if failures:
         f = failures[0]
-        raise RuntimeError(f"{len(failures)} retrain(s) failed, e.g. subset {list(f.subset)} "
-                           f"repeat {f.repeat}: {f.error.splitlines()[0]}")
+        raise RuntimeError(
+            f"{len(failures)} retrain(s) failed, e.g. subset {list(f.subset)} "
+            f"repeat {f.repeat}: {f.error.splitlines()[0]}"
+        )
     return values, ran
 
 
-def _per_repeat(values: dict[int, dict[tuple[str, ...], float]],
-                credit: Callable[[Callable[[frozenset], float]], dict[Candidate, float]],
-                candidates: Sequence[Candidate]) -> dict[str, float]:
+def _per_repeat(
+    values: dict[int, dict[tuple[str, ...], float]],
+    credit: Callable[[Callable[[frozenset], float]], dict[Candidate, float]],
+    candidates: Sequence[Candidate],
+) -> dict[str, float]:
     """Mean over repeats of credit(v_r)."""
     totals = {c.key: 0.0 for c in candidates}
     for table in values.values():
@@ -112,8 +124,16 @@ def _per_repeat(values: dict[int, dict[tuple[str, ...], float]],
 # The estimators
 # ---------------------------------------------------------------------------------------------
 
-def exact_estimate(audit: Audit, protocol: AuditProtocol, candidates: Sequence[Candidate], *,
-                   workers: int | None = None, retries: int = 1, **backend: Any) -> Estimate:
+
+def exact_estimate(
+    audit: Audit,
+    protocol: AuditProtocol,
+    candidates: Sequence[Candidate],
+    *,
+    workers: int | None = None,
+    retries: int = 1,
+    **backend: Any,
+) -> Estimate:
     """Exact Shapley from the audit's jobs (as `Audit.run`, without labelling anything)."""
     cs = _check(candidates)
     needed = subsets(cs)
@@ -123,9 +143,15 @@ def exact_estimate(audit: Audit, protocol: AuditProtocol, candidates: Sequence[C
     return Estimate(EXACT, credit, cost, float(cost), ran)
 
 
-def leave_one_out_estimate(audit: Audit, protocol: AuditProtocol,
-                           candidates: Sequence[Candidate], *, workers: int | None = None,
-                           retries: int = 1, **backend: Any) -> Estimate:
+def leave_one_out_estimate(
+    audit: Audit,
+    protocol: AuditProtocol,
+    candidates: Sequence[Candidate],
+    *,
+    workers: int | None = None,
+    retries: int = 1,
+    **backend: Any,
+) -> Estimate:
     """v(C) − v(C∖i) per repeat, mean over repeats: n + 1 subsets per repeat."""
     cs = _check(candidates)
     full = frozenset(cs)
@@ -136,18 +162,26 @@ def leave_one_out_estimate(audit: Audit, protocol: AuditProtocol,
     return Estimate(LOO, credit, cost, float(cost), ran)
 
 
-def permutation_subsets(candidates: Sequence[Candidate], samples: int, seed: int
-                        ) -> list[frozenset]:
+def permutation_subsets(
+    candidates: Sequence[Candidate], samples: int, seed: int
+) -> list[frozenset]:
     """The subsets `permutation_shapley(candidates, ·, samples, seed)` evaluates."""
     probe = CountingValue(lambda s: 0.0)
     permutation_shapley(candidates, probe, samples, seed)
     return list(probe.cache)
 
 
-def permutation_estimate(audit: Audit, protocol: AuditProtocol, candidates: Sequence[Candidate],
-                         samples: int = DEFAULT_SAMPLES, seed: int = 0, *,
-                         workers: int | None = None, retries: int = 1, **backend: Any
-                         ) -> Estimate:
+def permutation_estimate(
+    audit: Audit,
+    protocol: AuditProtocol,
+    candidates: Sequence[Candidate],
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    *,
+    workers: int | None = None,
+    retries: int = 1,
+    **backend: Any,
+) -> Estimate:
     """Monte Carlo Shapley over `samples` orders with antithetic pairs (the same orders for every
     repeat), mean over repeats; costs the distinct subsets the orders touch × R."""
     cs = _check(candidates)
@@ -158,8 +192,9 @@ def permutation_estimate(audit: Audit, protocol: AuditProtocol, candidates: Sequ
     return Estimate(permutation_name(samples), credit, cost, float(cost), ran)
 
 
-def short_protocol(protocol: AuditProtocol, candidates: Sequence[Candidate],
-                   fraction: float = SHORT_FRACTION) -> AuditProtocol:
+def short_protocol(
+    protocol: AuditProtocol, candidates: Sequence[Candidate], fraction: float = SHORT_FRACTION
+) -> AuditProtocol:
     """The same protocol cut to max(⌈fraction · T⌉, last germination + 1) ticks (at most T),
     with one repeat."""
     if not 0 < fraction <= 1:
@@ -169,10 +204,16 @@ def short_protocol(protocol: AuditProtocol, candidates: Sequence[Candidate],
     return replace(protocol, ticks=ticks, repeats=1)
 
 
-def short_rollout_estimate(audit: Audit, protocol: AuditProtocol,
-                           candidates: Sequence[Candidate], fraction: float = SHORT_FRACTION,
-                           *, workers: int | None = None, retries: int = 1, **backend: Any
-                           ) -> Estimate:
+def short_rollout_estimate(
+    audit: Audit,
+    protocol: AuditProtocol,
+    candidates: Sequence[Candidate],
+    fraction: float = SHORT_FRACTION,
+    *,
+    workers: int | None = None,
+    retries: int = 1,
+    **backend: Any,
+) -> Estimate:
     """Exact Shapley under `short_protocol`: a proxy that is cheap in ticks and repeats."""
     cs = _check(candidates)
     short = short_protocol(protocol, cs, fraction)
@@ -195,13 +236,16 @@ def last_contribution(candidate: Candidate) -> float | None:
         raise ValueError(f"candidate {candidate.key} has no source run")
     with RunStore.open(Path(candidate.source)) as store:
         germs = [e for e in store.events("germinate") if e.slot == candidate.slot]
-        mine = [e for e in germs if e.id == candidate.event_id] or \
-               [e for e in germs if e.tick == candidate.germinate_tick]
+        mine = [e for e in germs if e.id == candidate.event_id] or [
+            e for e in germs if e.tick == candidate.germinate_tick
+        ]
         if not mine:
             raise ValueError(f"{candidate.source}: no germination of {candidate.key}")
         env = mine[0].env
-        end = min((e.tick for e in germs if e.env == env and e.tick > candidate.germinate_tick),
-                  default=math.inf)
+        end = min(
+            (e.tick for e in germs if e.env == env and e.tick > candidate.germinate_tick),
+            default=math.inf,
+        )
         last = None
         for d in store.decisions(env):
             if candidate.germinate_tick <= d.tick < end:
@@ -229,25 +273,36 @@ def ablation_estimate(candidates: Sequence[Candidate], metric: str = "metric") -
     return Estimate(ABLATION, credit, 0, 0.0, 0, comparable=metric == "metric")
 
 
-def estimate_all(audit: Audit, protocol: AuditProtocol, candidates: Sequence[Candidate], *,
-                 samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                 fraction: float = SHORT_FRACTION, workers: int | None = None,
-                 retries: int = 1, exact: Estimate | None = None, **backend: Any
-                 ) -> dict[str, Estimate]:
+def estimate_all(
+    audit: Audit,
+    protocol: AuditProtocol,
+    candidates: Sequence[Candidate],
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    fraction: float = SHORT_FRACTION,
+    workers: int | None = None,
+    retries: int = 1,
+    exact: Estimate | None = None,
+    **backend: Any,
+) -> dict[str, Estimate]:
     """Every estimator on one candidate set; `exact` given (a recorded audit's φ) is used as is.
     `backend`: backend= and ray_address=, as for `Audit.run`."""
     kw = {"workers": workers, "retries": retries, **backend}
-    out = [exact or exact_estimate(audit, protocol, candidates, **kw),
-           ablation_estimate(candidates, protocol.metric),
-           leave_one_out_estimate(audit, protocol, candidates, **kw),
-           permutation_estimate(audit, protocol, candidates, samples, seed, **kw),
-           short_rollout_estimate(audit, protocol, candidates, fraction, **kw)]
+    out = [
+        exact or exact_estimate(audit, protocol, candidates, **kw),
+        ablation_estimate(candidates, protocol.metric),
+        leave_one_out_estimate(audit, protocol, candidates, **kw),
+        permutation_estimate(audit, protocol, candidates, samples, seed, **kw),
+        short_rollout_estimate(audit, protocol, candidates, fraction, **kw),
+    ]
     return {e.name: e for e in out}
 
 
 # ---------------------------------------------------------------------------------------------
 # Recorded audits and the comparison
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RecordedAudit:
@@ -270,15 +325,23 @@ def _protocol_from_cache(audit_dir: Path, phash: str, repeats: int) -> AuditProt
         if job.get("protocol_hash") != phash:
             continue
         c = job["protocol"]
-        protocol = AuditProtocol(task=c["task"], config=config_from_dict(c["config"]),
-                                 ticks=c["ticks"], metric=c["metric"], repeats=repeats,
-                                 base_seed=c["base_seed"])
+        protocol = AuditProtocol(
+            task=c["task"],
+            config=config_from_dict(c["config"]),
+            ticks=c["ticks"],
+            metric=c["metric"],
+            repeats=repeats,
+            base_seed=c["base_seed"],
+        )
         if protocol.protocol_hash() != phash:
-            raise ValueError(f"{path}: its protocol no longer hashes to {phash[:12]} "
-                             "(recorded by another Esper version?)")
+            raise ValueError(
+                f"{path}: its protocol no longer hashes to {phash[:12]} "
+                "(recorded by another Esper version?)"
+            )
         return protocol
-    raise ValueError(f"{audit_dir}: no cached retrain of protocol {phash[:12]}; "
-                     "the audit cache was removed")
+    raise ValueError(
+        f"{audit_dir}: no cached retrain of protocol {phash[:12]}; the audit cache was removed"
+    )
 
 
 def recorded_audit(run_dir: str | Path, audit_dir: str | Path | None = None) -> RecordedAudit:
@@ -327,8 +390,9 @@ class Comparison:
     retrains, tick_cost and ran."""
 
 
-def compare_estimates(per_run: Sequence[tuple[RecordedAudit, dict[str, Estimate]]]
-                      ) -> tuple[CompareRow, ...]:
+def compare_estimates(
+    per_run: Sequence[tuple[RecordedAudit, dict[str, Estimate]]],
+) -> tuple[CompareRow, ...]:
     names = list(dict.fromkeys(n for _, ests in per_run for n in ests))
     rows = []
     for name in names:
@@ -337,8 +401,11 @@ def compare_estimates(per_run: Sequence[tuple[RecordedAudit, dict[str, Estimate]
             e = ests.get(name)
             if e is None:
                 continue
-            retrains, ticks, comparable = retrains + e.retrains, ticks + e.tick_cost, \
-                comparable and e.comparable
+            retrains, ticks, comparable = (
+                retrains + e.retrains,
+                ticks + e.tick_cost,
+                comparable and e.comparable,
+            )
             for k in rec.phi:
                 est.append(e.credit[k])
                 ref.append(rec.phi[k])
@@ -347,11 +414,18 @@ def compare_estimates(per_run: Sequence[tuple[RecordedAudit, dict[str, Estimate]
     return tuple(rows)
 
 
-def compare_audits(run_dirs: Sequence[str | Path], *, samples: int = DEFAULT_SAMPLES,
-                   seed: int = 0, fraction: float = SHORT_FRACTION, workers: int | None = None,
-                   retries: int = 1, value_fn: ValueFn = subset_value,
-                   progress: Callable[[Path], None] | None = None, **backend: Any
-                   ) -> Comparison:
+def compare_audits(
+    run_dirs: Sequence[str | Path],
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    fraction: float = SHORT_FRACTION,
+    workers: int | None = None,
+    retries: int = 1,
+    value_fn: ValueFn = subset_value,
+    progress: Callable[[Path], None] | None = None,
+    **backend: Any,
+) -> Comparison:
     """Every estimator on every run's recorded audit, against its exact φ. `backend`:
     backend= and ray_address=, as for `Audit.run`."""
     if not run_dirs:
@@ -362,30 +436,73 @@ def compare_audits(run_dirs: Sequence[str | Path], *, samples: int = DEFAULT_SAM
         if progress is not None:
             progress(rec.run_dir)
         audit = Audit(rec.run_dir / "audit", value_fn=value_fn)
-        per_run.append((rec, estimate_all(audit, rec.protocol, rec.candidates, samples=samples,
-                                          seed=seed, fraction=fraction, workers=workers,
-                                          retries=retries, exact=rec.exact, **backend)))
-    runs = tuple({"run_dir": str(rec.run_dir), "protocol_hash": rec.protocol.protocol_hash(),
-                  "ticks": rec.protocol.ticks, "repeats": rec.protocol.repeats,
-                  "metric": rec.protocol.metric, "candidates": [c.key for c in rec.candidates],
-                  "estimates": {n: {"credit": e.credit, "retrains": e.retrains,
-                                    "tick_cost": e.tick_cost, "ran": e.ran}
-                                for n, e in ests.items()}}
-                 for rec, ests in per_run)
+        per_run.append(
+            (
+                rec,
+                estimate_all(
+                    audit,
+                    rec.protocol,
+                    rec.candidates,
+                    samples=samples,
+                    seed=seed,
+                    fraction=fraction,
+                    workers=workers,
+                    retries=retries,
+                    exact=rec.exact,
+                    **backend,
+                ),
+            )
+        )
+    runs = tuple(
+        {
+            "run_dir": str(rec.run_dir),
+            "protocol_hash": rec.protocol.protocol_hash(),
+            "ticks": rec.protocol.ticks,
+            "repeats": rec.protocol.repeats,
+            "metric": rec.protocol.metric,
+            "candidates": [c.key for c in rec.candidates],
+            "estimates": {
+                n: {
+                    "credit": e.credit,
+                    "retrains": e.retrains,
+                    "tick_cost": e.tick_cost,
+                    "ran": e.ran,
+                }
+                for n, e in ests.items()
+            },
+        }
+        for rec, ests in per_run
+    )
     return Comparison(compare_estimates(per_run), runs)
 
 
-HEADERS = ("estimator", "retrains", "tick-equivalent", "Spearman ρ vs exact φ",
-           "MAE vs exact φ", "n")
+HEADERS = (
+    "estimator",
+    "retrains",
+    "tick-equivalent",
+    "Spearman ρ vs exact φ",
+    "MAE vs exact φ",
+    "n",
+)
 
 
 def format_rows(comparison: Comparison) -> list[tuple[str, ...]]:
     """The comparison as text cells under `HEADERS` (for rich tables and markdown)."""
+
     def num(x: float, fmt: str) -> str:
         return "—" if math.isnan(x) else format(x, fmt)
 
-    return [(r.estimator, str(r.retrains), f"{r.tick_cost:.1f}", num(r.spearman, "+.3f"),
-             num(r.mae, ".4f"), str(r.n)) for r in comparison.rows]
+    return [
+        (
+            r.estimator,
+            str(r.retrains),
+            f"{r.tick_cost:.1f}",
+            num(r.spearman, "+.3f"),
+            num(r.mae, ".4f"),
+            str(r.n),
+        )
+        for r in comparison.rows
+    ]
 
 
 def to_markdown(comparison: Comparison, title: str = "") -> str:

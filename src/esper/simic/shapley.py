@@ -64,13 +64,15 @@ def _players(players: Iterable[Hashable]) -> list[Hashable]:
 
 def subsets(players: Sequence[Hashable]) -> list[frozenset]:
     """All 2^n subsets, smallest first."""
-    return [frozenset(c) for k in range(len(players) + 1)
-            for c in itertools.combinations(players, k)]
+    return [
+        frozenset(c) for k in range(len(players) + 1) for c in itertools.combinations(players, k)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Exact values over all subsets
 # ---------------------------------------------------------------------------------------------
+
 
 def exact_shapley(players: Iterable[Hashable], v: Value) -> Credit:
     """Shapley values by the subset formula of §5.3."""
@@ -123,8 +125,10 @@ def leave_one_out(players: Iterable[Hashable], v: Value) -> Credit:
 # Monte Carlo over permutations
 # ---------------------------------------------------------------------------------------------
 
-def permutation_shapley(players: Iterable[Hashable], v: Value, samples: int, seed: int,
-                        antithetic: bool = True) -> Credit:
+
+def permutation_shapley(
+    players: Iterable[Hashable], v: Value, samples: int, seed: int, antithetic: bool = True
+) -> Credit:
     """Mean marginal contribution over `samples` orders drawn by `random.Random(seed)`.
 
     Antithetic: every drawn order is followed by its reverse (a player early in one is late in the
@@ -140,7 +144,7 @@ def permutation_shapley(players: Iterable[Hashable], v: Value, samples: int, see
         order = ps[:]
         rng.shuffle(order)
         pair = [order, order[::-1]] if antithetic else [order]
-        for perm in pair[:samples - done]:
+        for perm in pair[: samples - done]:
             prefix: frozenset = frozenset()
             before = cv(prefix)
             for p in perm:

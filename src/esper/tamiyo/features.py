@@ -27,16 +27,32 @@ LOG_GRAD_RANGE = (-8.0, 4.0)  # log10 of a gradient norm
 LOG_RATIO_RANGE = (-4.0, 4.0)  # log10 of seed/host gradient ratio
 
 GLOBAL_FEATURES = (
-    "progress", "metric", "val_loss", "train_loss",
+    "progress",
+    "metric",
+    "val_loss",
+    "train_loss",
     *(f"metric_delta_{i + 1}" for i in range(HISTORY_DELTAS)),
-    "metric_trend", "log1p_rent_paid", "seed_param_frac", "higher_is_better",
+    "metric_trend",
+    "log1p_rent_paid",
+    "seed_param_frac",
+    "higher_is_better",
 )
 SLOT_FEATURES = (
     *(f"stage_{s.name.lower()}" for s in Stage),
-    "alpha", "alpha_target", "alpha_ticks_left", "ticks_in_stage",
-    "log_seed_grad", "log_host_grad", "log_grad_ratio", "gate_passed",
-    "contribution", "contribution_staleness", "has_contribution", "param_frac",
-    *(f"blueprint_{b.name.lower()}" for b in Blueprint), "blueprint_none",
+    "alpha",
+    "alpha_target",
+    "alpha_ticks_left",
+    "ticks_in_stage",
+    "log_seed_grad",
+    "log_host_grad",
+    "log_grad_ratio",
+    "gate_passed",
+    "contribution",
+    "contribution_staleness",
+    "has_contribution",
+    "param_frac",
+    *(f"blueprint_{b.name.lower()}" for b in Blueprint),
+    "blueprint_none",
     "rent",
 )
 GLOBAL_DIM = len(GLOBAL_FEATURES)
@@ -46,6 +62,7 @@ SLOT_DIM = len(SLOT_FEATURES)
 # ---------------------------------------------------------------------------------------------
 # Global features
 # ---------------------------------------------------------------------------------------------
+
 
 def slope(ys: Sequence[float]) -> float:
     """Least-squares slope of ys against 0, 1, …, n−1 (0 for fewer than two points)."""
@@ -78,8 +95,9 @@ def global_features(obs: Observation) -> list[float]:
 # Per-slot features
 # ---------------------------------------------------------------------------------------------
 
+
 def _log10(x: float, lo: float, hi: float) -> float:
-    return min(hi, max(lo, math.log10(max(x, 10.0 ** lo))))
+    return min(hi, max(lo, math.log10(max(x, 10.0**lo))))
 
 
 def slot_features(s: SlotTelemetry, tick: int, host_params: int) -> list[float]:
@@ -116,18 +134,22 @@ def slot_features(s: SlotTelemetry, tick: int, host_params: int) -> list[float]:
 def featurize(obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
     """(GLOBAL_DIM,) and (S, SLOT_DIM) float32 tensors; NaN/inf become finite numbers."""
     g = torch.tensor(global_features(obs), dtype=torch.float32)
-    s = torch.tensor([slot_features(x, obs.tick, obs.host_params) for x in obs.slots],
-                     dtype=torch.float32).reshape(len(obs.slots), SLOT_DIM)
-    return torch.nan_to_num(g, posinf=1e6, neginf=-1e6), torch.nan_to_num(s, posinf=1e6,
-                                                                           neginf=-1e6)
+    s = torch.tensor(
+        [slot_features(x, obs.tick, obs.host_params) for x in obs.slots], dtype=torch.float32
+    ).reshape(len(obs.slots), SLOT_DIM)
+    return torch.nan_to_num(g, posinf=1e6, neginf=-1e6), torch.nan_to_num(
+        s, posinf=1e6, neginf=-1e6
+    )
 
 
 def featurize_batch(observations: Sequence[Observation]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, GLOBAL_DIM) and (B, S, SLOT_DIM); every observation must have the same slot count."""
     counts = {len(o.slots) for o in observations}
     if len(counts) != 1:
-        raise ValueError(f"observations have different slot counts {sorted(counts)}; "
-                         "a batch needs one slot layout")
+        raise ValueError(
+            f"observations have different slot counts {sorted(counts)}; "
+            "a batch needs one slot layout"
+        )
     pairs = [featurize(o) for o in observations]
     return torch.stack([g for g, _ in pairs]), torch.stack([s for _, s in pairs])
 
@@ -135,6 +157,7 @@ def featurize_batch(observations: Sequence[Observation]) -> tuple[torch.Tensor, 
 # ---------------------------------------------------------------------------------------------
 # Running normalisation (saved with the policy)
 # ---------------------------------------------------------------------------------------------
+
 
 class RunningNormalizer:
     """Per-column running mean and variance, `(x − mean) / sqrt(var + eps)` clipped to ±clip.
@@ -173,8 +196,9 @@ class RunningNormalizer:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         mean = torch.as_tensor(state["mean"], dtype=torch.float64)
         if mean.shape != (self.dim,):
-            raise ValueError(f"normalizer stats have shape {tuple(mean.shape)}, "
-                             f"expected ({self.dim},)")
+            raise ValueError(
+                f"normalizer stats have shape {tuple(mean.shape)}, expected ({self.dim},)"
+            )
         self.mean = mean.clone()
         self.var = torch.as_tensor(state["var"], dtype=torch.float64).clone()
         self.count = torch.as_tensor(state["count"], dtype=torch.float64).clone()

@@ -86,9 +86,13 @@ class ImitationStats:
     epochs: int
 
 
-def imitation_update(net: TamiyoNet, optimizer: torch.optim.Optimizer, demos: Demonstrations,
-                     cfg: ImitationConfig, generator: torch.Generator | None = None
-                     ) -> ImitationStats:
+def imitation_update(
+    net: TamiyoNet,
+    optimizer: torch.optim.Optimizer,
+    demos: Demonstrations,
+    cfg: ImitationConfig,
+    generator: torch.Generator | None = None,
+) -> ImitationStats:
     """`cfg.epochs` passes of minibatch Adam on −log π(a_teacher|s) + vf_coef · ½(V − G)²."""
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr
@@ -98,9 +102,13 @@ def imitation_update(net: TamiyoNet, optimizer: torch.optim.Optimizer, demos: De
         order = torch.randperm(n, generator=generator)
         nlls, v_losses = [], []
         for start in range(0, n, cfg.minibatch_size):
-            mb = order[start:start + cfg.minibatch_size]
-            out = net.evaluate(demos.g[mb], demos.s[mb], demos.actions[mb],
-                               {h: m[mb] for h, m in demos.masks.items()})
+            mb = order[start : start + cfg.minibatch_size]
+            out = net.evaluate(
+                demos.g[mb],
+                demos.s[mb],
+                demos.actions[mb],
+                {h: m[mb] for h, m in demos.masks.items()},
+            )
             mb_nll = -out.logprob.mean()
             mb_v = 0.5 * (out.value - demos.returns[mb]).square().mean()
             optimizer.zero_grad()
@@ -120,8 +128,11 @@ def agreement(net: TamiyoNet, demos: Demonstrations) -> tuple[dict[str, float], 
     each head conditioned on the teacher's earlier choices) and, for the op head, per op."""
     ctx, slots, _ = net.encode(demos.g, demos.s)
     op, slot = demos.actions[:, HEAD_INDEX["op"]], demos.actions[:, HEAD_INDEX["slot"]]
-    logits = {"op": net.op_head(ctx), "slot": net.slot_logits(ctx, slots, op),
-              **net.knob_logits(ctx, slots, op, slot)}
+    logits = {
+        "op": net.op_head(ctx),
+        "slot": net.slot_logits(ctx, slots, op),
+        **net.knob_logits(ctx, slots, op, slot),
+    }
     relevant = RELEVANT[op]  # (N, 8): the heads each row's op uses
     accuracy: dict[str, float] = {}
     by_op: dict[str, float] = {}
@@ -132,6 +143,9 @@ def agreement(net: TamiyoNet, demos: Demonstrations) -> tuple[dict[str, float], 
         if bool(rows.any()):
             accuracy[h] = float(hit[rows].float().mean())
         if h == "op":
-            by_op = {o.name: float(hit[op == k].float().mean())
-                     for k, o in enumerate(TAMIYO_OPS) if bool((op == k).any())}
+            by_op = {
+                o.name: float(hit[op == k].float().mean())
+                for k, o in enumerate(TAMIYO_OPS)
+                if bool((op == k).any())
+            }
     return accuracy, by_op

@@ -68,8 +68,15 @@ class PolicyStep(NamedTuple):
 class LearnedPolicy:
     name = "learned"
 
-    def __init__(self, slot_names: Sequence[str], *, topologies: Sequence[str] | None = None,
-                 hidden: int = 128, seed: int = 0, deterministic: bool = False) -> None:
+    def __init__(
+        self,
+        slot_names: Sequence[str],
+        *,
+        topologies: Sequence[str] | None = None,
+        hidden: int = 128,
+        seed: int = 0,
+        deterministic: bool = False,
+    ) -> None:
         if topologies is not None and len(topologies) != len(slot_names):
             raise ValueError(f"{len(topologies)} topologies for {len(slot_names)} slots")
         self.slot_names = tuple(slot_names)
@@ -96,8 +103,7 @@ class LearnedPolicy:
         """Act on every observation in one forward pass; also return what a rollout stores."""
         g, s = self.features(observations, update=self.update_normalizers)
 
-        def mask_fn(b: int, op: Op | None = None, slot: int | None = None
-                    ) -> dict[str, list[bool]]:
+        def mask_fn(b: int, op: Op | None = None, slot: int | None = None) -> dict[str, list[bool]]:
             # As the engine records a WAIT: no slot, so the blueprint head is unconstrained.
             return action_masks(observations[b], op, None if op is Op.WAIT else slot)
 
@@ -111,8 +117,9 @@ class LearnedPolicy:
         g, s = self.features(observations, update=False)
         return self.net.encode(g, s)[2]
 
-    def features(self, observations: Sequence[Observation], update: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(
+        self, observations: Sequence[Observation], update: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised (B, GLOBAL_DIM), (B, S, SLOT_DIM); `update` folds them into the stats."""
         for obs in observations:
             self._check_slots(obs)
@@ -125,16 +132,23 @@ class LearnedPolicy:
     def _check_slots(self, obs: Observation) -> None:
         names = tuple(x.name for x in obs.slots)
         if names != self.slot_names:
-            raise ValueError(f"observation has slots {list(names)}, but this policy was built "
-                             f"for {list(self.slot_names)}")
+            raise ValueError(
+                f"observation has slots {list(names)}, but this policy was built "
+                f"for {list(self.slot_names)}"
+            )
 
     def _decision(self, out: ActOut, b: int) -> Decision:
         i = dict(zip(HEADS, out.actions[b].tolist(), strict=True))
         action = FactoredAction(
-            op=TAMIYO_OPS[i["op"]], slot=i["slot"], blueprint=Blueprint(i["blueprint"]),
-            style=Style(i["style"]), tempo=Tempo(i["tempo"]),
-            alpha_target=AlphaTarget(i["alpha_target"]), alpha_speed=AlphaSpeed(i["alpha_speed"]),
-            alpha_curve=AlphaCurve(i["alpha_curve"]))
+            op=TAMIYO_OPS[i["op"]],
+            slot=i["slot"],
+            blueprint=Blueprint(i["blueprint"]),
+            style=Style(i["style"]),
+            tempo=Tempo(i["tempo"]),
+            alpha_target=AlphaTarget(i["alpha_target"]),
+            alpha_speed=AlphaSpeed(i["alpha_speed"]),
+            alpha_curve=AlphaCurve(i["alpha_curve"]),
+        )
         how = "argmax" if self.deterministic else "sampled"
         return Decision(
             action,
@@ -142,31 +156,45 @@ class LearnedPolicy:
             probs={h: out.probs[h][b].tolist() for h in HEADS},
             entropy={h: float(out.entropy[b, k]) for k, h in enumerate(HEADS)},
             value=float(out.value[b]),
-            reason=f"{how}, p = {float(out.logprob[b].exp()):.3f}")
+            reason=f"{how}, p = {float(out.logprob[b].exp()):.3f}",
+        )
 
     # -- resumable state (the sampling RNG and the normalisers; weights live in the file) --------
     def state_dict(self) -> dict[str, Any]:
         rng = base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii")
-        norms = {key: {k: v.tolist() for k, v in norm.state_dict().items()}
-                 for key, norm in (("global", self.global_norm), ("slot", self.slot_norm))}
+        norms = {
+            key: {k: v.tolist() for k, v in norm.state_dict().items()}
+            for key, norm in (("global", self.global_norm), ("slot", self.slot_norm))
+        }
         return {"rng": rng, "normalizers": norms}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raw = base64.b64decode(state["rng"])
         self.generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         for key, norm in (("global", self.global_norm), ("slot", self.slot_norm)):
-            norm.load_state_dict({k: torch.tensor(v, dtype=torch.float64)
-                                  for k, v in state["normalizers"][key].items()})
+            norm.load_state_dict(
+                {
+                    k: torch.tensor(v, dtype=torch.float64)
+                    for k, v in state["normalizers"][key].items()
+                }
+            )
 
     # -- weights-only files -----------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "obs_spec": OBS_SPEC,
-                "global_dim": GLOBAL_DIM, "slot_dim": SLOT_DIM,
-                "num_slots": len(self.slot_names), "slot_names": list(self.slot_names),
-                "topologies": list(self.topologies) if self.topologies is not None else None,
-                "blueprint_library": BLUEPRINT_LIBRARY,
-                "blueprints": [b.name for b in Blueprint], "ops": [op.name for op in TAMIYO_OPS],
-                "hidden": self.hidden}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "obs_spec": OBS_SPEC,
+            "global_dim": GLOBAL_DIM,
+            "slot_dim": SLOT_DIM,
+            "num_slots": len(self.slot_names),
+            "slot_names": list(self.slot_names),
+            "topologies": list(self.topologies) if self.topologies is not None else None,
+            "blueprint_library": BLUEPRINT_LIBRARY,
+            "blueprints": [b.name for b in Blueprint],
+            "ops": [op.name for op in TAMIYO_OPS],
+            "hidden": self.hidden,
+        }
 
     def save(self, path: str | Path) -> None:
         tensors = {f"net.{k}": v.detach().contiguous() for k, v in self.net.state_dict().items()}
@@ -176,9 +204,15 @@ class LearnedPolicy:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, *, expect_slots: Sequence[str] | None = None,
-             expect_topologies: Sequence[str] | None = None, seed: int = 0,
-             deterministic: bool = False) -> LearnedPolicy:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        expect_slots: Sequence[str] | None = None,
+        expect_topologies: Sequence[str] | None = None,
+        seed: int = 0,
+        deterministic: bool = False,
+    ) -> LearnedPolicy:
         """Load a saved policy; refuse it unless it fits this code and the expected slots."""
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -187,39 +221,63 @@ class LearnedPolicy:
         except (OSError, SafetensorError, json.JSONDecodeError) as e:
             raise PolicyLoadError(f"{path}: not a readable policy file: {e}") from e
         _check_layout(path, meta, expect_slots, expect_topologies)
-        policy = cls(meta["slot_names"], topologies=meta["topologies"], hidden=meta["hidden"],
-                     seed=seed, deterministic=deterministic)
-        net_state = {k.removeprefix("net."): v for k, v in tensors.items()
-                     if k.startswith("net.")}
+        policy = cls(
+            meta["slot_names"],
+            topologies=meta["topologies"],
+            hidden=meta["hidden"],
+            seed=seed,
+            deterministic=deterministic,
+        )
+        net_state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
         try:
             policy.net.load_state_dict(net_state, strict=True)
             for key, norm in (("global", policy.global_norm), ("slot", policy.slot_norm)):
-                norm.load_state_dict({k: tensors[f"norm.{key}.{k}"]
-                                      for k in ("mean", "var", "count")})
+                norm.load_state_dict(
+                    {k: tensors[f"norm.{key}.{k}"] for k in ("mean", "var", "count")}
+                )
         except (RuntimeError, KeyError, ValueError) as e:
             raise PolicyLoadError(f"{path}: weights do not fit the network: {e}") from e
         return policy
 
 
-def _check_layout(path: str | Path, meta: dict[str, Any], expect_slots: Sequence[str] | None,
-                  expect_topologies: Sequence[str] | None) -> None:
+def _check_layout(
+    path: str | Path,
+    meta: dict[str, Any],
+    expect_slots: Sequence[str] | None,
+    expect_topologies: Sequence[str] | None,
+) -> None:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise PolicyLoadError(f"{path}: format {meta.get('format')!r} v{meta.get('version')}; "
-                              f"expected {FORMAT!r} v{VERSION}")
-    here = {"obs_spec": OBS_SPEC, "global_dim": GLOBAL_DIM, "slot_dim": SLOT_DIM,
-            "blueprint_library": BLUEPRINT_LIBRARY, "blueprints": [b.name for b in Blueprint],
-            "ops": [op.name for op in TAMIYO_OPS]}
+        raise PolicyLoadError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('version')}; "
+            f"expected {FORMAT!r} v{VERSION}"
+        )
+    here = {
+        "obs_spec": OBS_SPEC,
+        "global_dim": GLOBAL_DIM,
+        "slot_dim": SLOT_DIM,
+        "blueprint_library": BLUEPRINT_LIBRARY,
+        "blueprints": [b.name for b in Blueprint],
+        "ops": [op.name for op in TAMIYO_OPS],
+    }
     for key, want in here.items():
         if meta.get(key) != want:
-            raise PolicyLoadError(f"{path}: policy was saved with {key} = {meta.get(key)!r}, "
-                                  f"this Esper uses {want!r}; retrain the policy")
+            raise PolicyLoadError(
+                f"{path}: policy was saved with {key} = {meta.get(key)!r}, "
+                f"this Esper uses {want!r}; retrain the policy"
+            )
     saved = list(meta["slot_names"])
     if expect_slots is not None and list(expect_slots) != saved:
         raise PolicyLoadError(
             f"{path}: policy was trained for {len(saved)} slots {saved}; this host has "
-            f"{len(expect_slots)} slots {list(expect_slots)}")
+            f"{len(expect_slots)} slots {list(expect_slots)}"
+        )
     saved_top = meta.get("topologies")
-    if expect_topologies is not None and saved_top is not None \
-            and list(expect_topologies) != list(saved_top):
-        raise PolicyLoadError(f"{path}: policy was trained on slot topologies {saved_top}; "
-                              f"this host has {list(expect_topologies)}")
+    if (
+        expect_topologies is not None
+        and saved_top is not None
+        and list(expect_topologies) != list(saved_top)
+    ):
+        raise PolicyLoadError(
+            f"{path}: policy was trained on slot topologies {saved_top}; "
+            f"this host has {list(expect_topologies)}"
+        )

@@ -62,8 +62,9 @@ def blueprint_mask(obs: Observation, slot: int) -> list[bool]:
     return [b in legal for b in Blueprint]
 
 
-def action_masks(obs: Observation, op: Op | None = None, slot: int | None = None
-                 ) -> dict[str, list[bool]]:
+def action_masks(
+    obs: Observation, op: Op | None = None, slot: int | None = None
+) -> dict[str, list[bool]]:
     """Masks for every head; `slot` and `blueprint` are conditioned on the chosen op and slot
     (heads are sampled in that order: op → slot → blueprint → the rest)."""
     masks = {h: [True] * n for h, n in HEAD_SIZES_FIXED.items()}

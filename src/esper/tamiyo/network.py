@@ -84,8 +84,9 @@ def entropy_of(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)  # masked entries: 0 · (−1e9) = 0
 
 
-def pick(logp: torch.Tensor, generator: torch.Generator | None, deterministic: bool
-         ) -> torch.Tensor:
+def pick(
+    logp: torch.Tensor, generator: torch.Generator | None, deterministic: bool
+) -> torch.Tensor:
     """(B, n) log-probs -> (B,) indices: a sample, or the argmax when deterministic."""
     if deterministic:
         return logp.argmax(-1)
@@ -93,44 +94,52 @@ def pick(logp: torch.Tensor, generator: torch.Generator | None, deterministic: b
 
 
 class TamiyoNet(nn.Module):
-    def __init__(self, global_dim: int = GLOBAL_DIM, slot_dim: int = SLOT_DIM,
-                 hidden: int = 128) -> None:
+    def __init__(
+        self, global_dim: int = GLOBAL_DIM, slot_dim: int = SLOT_DIM, hidden: int = 128
+    ) -> None:
         super().__init__()
         h, n_ops = hidden, len(TAMIYO_OPS)
         self.hidden = hidden
         self.slot_encoder = nn.Sequential(  # the same weights for every slot
-            layer_init(nn.Linear(slot_dim, h)), nn.Tanh(), layer_init(nn.Linear(h, h)), nn.Tanh())
+            layer_init(nn.Linear(slot_dim, h)), nn.Tanh(), layer_init(nn.Linear(h, h)), nn.Tanh()
+        )
         self.global_encoder = nn.Sequential(layer_init(nn.Linear(global_dim, h)), nn.Tanh())
         self.context = nn.Sequential(layer_init(nn.Linear(3 * h, h)), nn.Tanh())
         self.op_embed = nn.Embedding(n_ops, h)
         self.op_head = layer_init(nn.Linear(h, n_ops), std=0.01)
         self.slot_head = nn.Sequential(
-            layer_init(nn.Linear(3 * h, h)), nn.Tanh(), layer_init(nn.Linear(h, 1), std=0.01))
+            layer_init(nn.Linear(3 * h, h)), nn.Tanh(), layer_init(nn.Linear(h, 1), std=0.01)
+        )
         self.knob_trunk = nn.Sequential(layer_init(nn.Linear(3 * h, h)), nn.Tanh())
         self.knob_heads = nn.ModuleDict(
-            {k: layer_init(nn.Linear(h, HEAD_SIZES_FIXED[k]), std=0.01) for k in KNOB_HEADS})
+            {k: layer_init(nn.Linear(h, HEAD_SIZES_FIXED[k]), std=0.01) for k in KNOB_HEADS}
+        )
         self.value_head = nn.Sequential(
-            layer_init(nn.Linear(h, h)), nn.Tanh(), layer_init(nn.Linear(h, 1), std=1.0))
+            layer_init(nn.Linear(h, h)), nn.Tanh(), layer_init(nn.Linear(h, 1), std=1.0)
+        )
 
     # -- the shared encoder and the three conditional stages --------------------------------------
-    def encode(self, g: torch.Tensor, s: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(
+        self, g: torch.Tensor, s: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> context (B, H), slot embeddings (B, S, H), value (B,)."""
         slots = self.slot_encoder(s)
         pooled = torch.cat([slots.mean(1), slots.amax(1)], dim=-1)  # (B, 2H), order-invariant
         ctx = self.context(torch.cat([self.global_encoder(g), pooled], dim=-1))
         return ctx, slots, self.value_head(ctx).squeeze(-1)
 
-    def slot_logits(self, ctx: torch.Tensor, slots: torch.Tensor, op: torch.Tensor
-                    ) -> torch.Tensor:
+    def slot_logits(self, ctx: torch.Tensor, slots: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
         """(B, S) given the chosen op (B,)."""
         n = slots.shape[1]
-        per_slot = torch.cat([slots, ctx[:, None].expand(-1, n, -1),
-                              self.op_embed(op)[:, None].expand(-1, n, -1)], dim=-1)
+        per_slot = torch.cat(
+            [slots, ctx[:, None].expand(-1, n, -1), self.op_embed(op)[:, None].expand(-1, n, -1)],
+            dim=-1,
+        )
         return self.slot_head(per_slot).squeeze(-1)
 
-    def knob_logits(self, ctx: torch.Tensor, slots: torch.Tensor, op: torch.Tensor,
-                    slot: torch.Tensor) -> dict[str, torch.Tensor]:
+    def knob_logits(
+        self, ctx: torch.Tensor, slots: torch.Tensor, op: torch.Tensor, slot: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """blueprint … alpha_curve logits given the chosen op and slot (B,)."""
         chosen = slots[torch.arange(slots.shape[0]), slot]  # (B, H)
         x = self.knob_trunk(torch.cat([ctx, chosen, self.op_embed(op)], dim=-1))
@@ -138,8 +147,14 @@ class TamiyoNet(nn.Module):
 
     # -- acting: sample head by head, asking for each mask once the earlier choices are known ----
     @torch.no_grad()
-    def act(self, g: torch.Tensor, s: torch.Tensor, mask_fn: MaskFn,
-            generator: torch.Generator | None = None, deterministic: bool = False) -> ActOut:
+    def act(
+        self,
+        g: torch.Tensor,
+        s: torch.Tensor,
+        mask_fn: MaskFn,
+        generator: torch.Generator | None = None,
+        deterministic: bool = False,
+    ) -> ActOut:
         rows = range(g.shape[0])
         ctx, slots, value = self.encode(g, s)
         masks, logp, chosen = {}, {}, {}
@@ -150,8 +165,7 @@ class TamiyoNet(nn.Module):
         ops = [TAMIYO_OPS[i] for i in chosen["op"].tolist()]
 
         masks["slot"] = _as_mask([mask_fn(b, ops[b])["slot"] for b in rows])
-        logp["slot"] = masked_log_softmax(self.slot_logits(ctx, slots, chosen["op"]),
-                                          masks["slot"])
+        logp["slot"] = masked_log_softmax(self.slot_logits(ctx, slots, chosen["op"]), masks["slot"])
         chosen["slot"] = pick(logp["slot"], generator, deterministic)
 
         full = [mask_fn(b, ops[b], int(chosen["slot"][b])) for b in rows]
@@ -169,31 +183,43 @@ class TamiyoNet(nn.Module):
         return ActOut(actions, masks, summed, entropy, relevant, value, probs)
 
     # -- learning: the same distributions, recomputed under the stored masks ---------------------
-    def evaluate(self, g: torch.Tensor, s: torch.Tensor, actions: torch.Tensor,
-                 masks: dict[str, torch.Tensor]) -> EvalOut:
+    def evaluate(
+        self,
+        g: torch.Tensor,
+        s: torch.Tensor,
+        actions: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+    ) -> EvalOut:
         ctx, slots, value = self.encode(g, s)
         op, slot = actions[:, HEAD_INDEX["op"]], actions[:, HEAD_INDEX["slot"]]
-        logp = {"op": masked_log_softmax(self.op_head(ctx), masks["op"]),
-                "slot": masked_log_softmax(self.slot_logits(ctx, slots, op), masks["slot"])}
+        logp = {
+            "op": masked_log_softmax(self.op_head(ctx), masks["op"]),
+            "slot": masked_log_softmax(self.slot_logits(ctx, slots, op), masks["slot"]),
+        }
         knobs = self.knob_logits(ctx, slots, op, slot)
         for k in KNOB_HEADS:
             logp[k] = masked_log_softmax(knobs[k], masks[k])
         logprob, entropy, relevant = _per_head(actions, logp)
         zero = torch.zeros((), dtype=logprob.dtype)
-        return EvalOut(torch.where(relevant, logprob, zero).sum(1),
-                       torch.where(relevant, entropy, zero), relevant, value)
+        return EvalOut(
+            torch.where(relevant, logprob, zero).sum(1),
+            torch.where(relevant, entropy, zero),
+            relevant,
+            value,
+        )
 
 
 def _as_mask(rows: list[list[bool]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool)
 
 
-def _per_head(actions: torch.Tensor, logp: dict[str, torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _per_head(
+    actions: torch.Tensor, logp: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> log-prob of each head's action (B, 8), each head's entropy (B, 8), relevant (B, 8)."""
-    logprob = torch.stack([logp[h].gather(1, actions[:, i:i + 1]).squeeze(1)
-                           for i, h in enumerate(HEADS)], dim=1)
+    logprob = torch.stack(
+        [logp[h].gather(1, actions[:, i : i + 1]).squeeze(1) for i, h in enumerate(HEADS)], dim=1
+    )
     entropy = torch.stack([entropy_of(logp[h]) for h in HEADS], dim=1)
     relevant = RELEVANT.to(actions.device)[actions[:, HEAD_INDEX["op"]]]
     return logprob, entropy, relevant
-

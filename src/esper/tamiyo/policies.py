@@ -58,6 +58,7 @@ def _decide(obs: Observation, action: FactoredAction, reason: str) -> Decision:
 # none: the baseline that never grows
 # ---------------------------------------------------------------------------------------------
 
+
 class NonePolicy:
     name = "none"
 
@@ -75,6 +76,7 @@ class NonePolicy:
 # random: uniform over legal actions, head by head (op → slot → blueprint → the rest)
 # ---------------------------------------------------------------------------------------------
 
+
 class RandomPolicy:
     name = "random"
 
@@ -88,9 +90,13 @@ class RandomPolicy:
         slots = [i for i, s in enumerate(obs.slots) if slot_allows(s, op)] or [0]
         slot = pick(slots)
         action = FactoredAction(
-            op=op, slot=slot, blueprint=pick(obs.legal_blueprints[slot]),
-            style=pick(list(Style)), tempo=pick(list(Tempo)),
-            alpha_target=pick(list(AlphaTarget)), alpha_speed=pick(list(AlphaSpeed)),
+            op=op,
+            slot=slot,
+            blueprint=pick(obs.legal_blueprints[slot]),
+            style=pick(list(Style)),
+            tempo=pick(list(Tempo)),
+            alpha_target=pick(list(AlphaTarget)),
+            alpha_speed=pick(list(AlphaSpeed)),
             alpha_curve=pick(list(AlphaCurve)),
         )
         d = _decide(obs, action, "uniform over legal actions")
@@ -109,6 +115,7 @@ class RandomPolicy:
 # ---------------------------------------------------------------------------------------------
 # heuristic: germinate on a plateau, advance when gates pass, keep what pays its rent
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class HeuristicConfig:
@@ -129,21 +136,37 @@ class HeuristicConfig:
     """Commit when contribution > rent + margin (reward units)."""
     avoid_pruned_ticks: int = 30
     """A blueprint pruned from a slot is not tried there again for this many ticks."""
-    rotation: tuple[str, ...] = ("CONV_HEAVY", "CONV_LIGHT", "BOTTLENECK", "GATED_MLP",
-                                 "ATTENTION", "MLP", "DEPTHWISE", "LORA_LARGE", "NORM")
+    rotation: tuple[str, ...] = (
+        "CONV_HEAVY",
+        "CONV_LIGHT",
+        "BOTTLENECK",
+        "GATED_MLP",
+        "ATTENTION",
+        "MLP",
+        "DEPTHWISE",
+        "LORA_LARGE",
+        "NORM",
+    )
     """Blueprints tried in this order (those a slot's topology lacks are skipped)."""
 
     def __post_init__(self) -> None:
-        for name in ("warmup_ticks", "plateau_patience", "max_training_ticks", "hold_ticks",
-                     "avoid_pruned_ticks"):
+        for name in (
+            "warmup_ticks",
+            "plateau_patience",
+            "max_training_ticks",
+            "hold_ticks",
+            "avoid_pruned_ticks",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"heuristic.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_live_seeds < 1 or self.plateau_delta < 0:
             raise ValueError("heuristic.max_live_seeds must be >= 1 and plateau_delta >= 0")
         unknown = [b for b in self.rotation if b not in Blueprint.__members__]
         if not self.rotation or unknown:
-            raise ValueError(f"heuristic.rotation must name blueprints, got {unknown or 'none'};"
-                             f" valid: {', '.join(Blueprint.__members__)}")
+            raise ValueError(
+                f"heuristic.rotation must name blueprints, got {unknown or 'none'};"
+                f" valid: {', '.join(Blueprint.__members__)}"
+            )
 
 
 class HeuristicPolicy:
@@ -195,10 +218,15 @@ class HeuristicPolicy:
 
     def _maybe_germinate(self, obs: Observation) -> Decision | None:
         cfg = self.cfg
-        live = sum(s.stage in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)
-                   for s in obs.slots)
-        if (obs.tick < cfg.warmup_ticks or live >= cfg.max_live_seeds
-                or self.since_improvement < cfg.plateau_patience):
+        live = sum(
+            s.stage in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING)
+            for s in obs.slots
+        )
+        if (
+            obs.tick < cfg.warmup_ticks
+            or live >= cfg.max_live_seeds
+            or self.since_improvement < cfg.plateau_patience
+        ):
             return None
         for i, s in enumerate(obs.slots):
             if not slot_allows(s, Op.GERMINATE):
@@ -223,8 +251,12 @@ class HeuristicPolicy:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"next_blueprint": self.next_blueprint, "pruned": dict(self.pruned),
-                "since_improvement": self.since_improvement, "best": self.best}
+        return {
+            "next_blueprint": self.next_blueprint,
+            "pruned": dict(self.pruned),
+            "since_improvement": self.since_improvement,
+            "best": self.best,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.next_blueprint = state["next_blueprint"]

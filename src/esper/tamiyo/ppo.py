@@ -60,8 +60,10 @@ class PPOConfig:
         if self.update_epochs < 1 or self.num_minibatches < 1:
             raise ValueError("ppo.update_epochs and ppo.num_minibatches must be >= 1")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
-            raise ValueError(f"ppo.gamma must be in (0, 1] and gae_lambda in [0, 1], "
-                             f"got {self.gamma}, {self.gae_lambda}")
+            raise ValueError(
+                f"ppo.gamma must be in (0, 1] and gae_lambda in [0, 1], "
+                f"got {self.gamma}, {self.gae_lambda}"
+            )
         if self.clip_coef <= 0 or self.lr <= 0:
             raise ValueError("ppo.clip_coef and ppo.lr must be > 0")
 
@@ -69,6 +71,7 @@ class PPOConfig:
 # ---------------------------------------------------------------------------------------------
 # Reward scaling (CleanRL's NormalizeReward): r / std(discounted return)
 # ---------------------------------------------------------------------------------------------
+
 
 class RewardScaler:
     """Scales each reward by 1 / sqrt(var + eps) of the running discounted return.
@@ -94,8 +97,10 @@ class RewardScaler:
         return (rewards / torch.sqrt(self.stats.var[0] + self.eps)).to(rewards.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"returns": self.returns.clone(),
-                **{f"stats.{k}": v for k, v in self.stats.state_dict().items()}}
+        return {
+            "returns": self.returns.clone(),
+            **{f"stats.{k}": v for k, v in self.stats.state_dict().items()},
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.returns = torch.as_tensor(state["returns"], dtype=torch.float64).clone()
@@ -105,6 +110,7 @@ class RewardScaler:
 # ---------------------------------------------------------------------------------------------
 # Rollout buffer: T steps of K environments
 # ---------------------------------------------------------------------------------------------
+
 
 class Batch(NamedTuple):
     """A flattened rollout, (N = T·K, ...) each."""
@@ -124,8 +130,14 @@ class RolloutBuffer:
     before it ended one). `rewards[t]` is the reward for the action taken at step t.
     """
 
-    def __init__(self, num_steps: int, num_envs: int, num_slots: int,
-                 global_dim: int = GLOBAL_DIM, slot_dim: int = SLOT_DIM) -> None:
+    def __init__(
+        self,
+        num_steps: int,
+        num_envs: int,
+        num_slots: int,
+        global_dim: int = GLOBAL_DIM,
+        slot_dim: int = SLOT_DIM,
+    ) -> None:
         T, K = num_steps, num_envs
         self.num_steps, self.num_envs = T, K
         sizes = {**HEAD_SIZES_FIXED, "slot": num_slots}
@@ -138,8 +150,9 @@ class RolloutBuffer:
         self.rewards = torch.zeros(T, K)
         self.dones = torch.zeros(T, K)
 
-    def add(self, t: int, g: torch.Tensor, s: torch.Tensor, out: ActOut,
-            dones: torch.Tensor) -> None:
+    def add(
+        self, t: int, g: torch.Tensor, s: torch.Tensor, out: ActOut, dones: torch.Tensor
+    ) -> None:
         """Store step t for all K envs: features (K, G), (K, S, F), the net's output, dones (K,)."""
         self.g[t], self.s[t], self.actions[t] = g, s, out.actions
         for h in HEADS:
@@ -148,19 +161,30 @@ class RolloutBuffer:
 
     def flat(self) -> Batch:
         n = self.num_steps * self.num_envs
-        return Batch(self.g.reshape(n, -1), self.s.reshape(n, *self.s.shape[2:]),
-                     self.actions.reshape(n, -1),
-                     {h: m.reshape(n, -1) for h, m in self.masks.items()},
-                     self.logprobs.reshape(n), self.values.reshape(n))
+        return Batch(
+            self.g.reshape(n, -1),
+            self.s.reshape(n, *self.s.shape[2:]),
+            self.actions.reshape(n, -1),
+            {h: m.reshape(n, -1) for h, m in self.masks.items()},
+            self.logprobs.reshape(n),
+            self.values.reshape(n),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Generalised advantage estimation
 # ---------------------------------------------------------------------------------------------
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor,
-                last_value: torch.Tensor, last_done: torch.Tensor, gamma: float, lam: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    last_value: torch.Tensor,
+    last_done: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages and returns (T, K). `dones` as in `RolloutBuffer`; `last_value`, `last_done`
     (K,) are V and the done flag of the observation after the last step."""
     T = rewards.shape[0]
@@ -181,16 +205,19 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor
 # Losses
 # ---------------------------------------------------------------------------------------------
 
-def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float
-                      ) -> torch.Tensor:
+
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float
+) -> torch.Tensor:
     """PPO's policy loss: mean of max(−A·r, −A·clip(r, 1 ± ε))."""
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef)
     return torch.max(unclipped, clipped).mean()
 
 
-def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               cfg: PPOConfig) -> torch.Tensor:
+def value_loss(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig
+) -> torch.Tensor:
     unclipped = (new_values - returns).square()
     if not cfg.clip_vloss:
         return 0.5 * unclipped.mean()
@@ -201,6 +228,7 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
 # ---------------------------------------------------------------------------------------------
 # The update
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class UpdateStats:
@@ -237,9 +265,16 @@ class _Log:
     relevant_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(len(HEADS)))
 
 
-def ppo_update(net: TamiyoNet, optimizer: torch.optim.Optimizer, buffer: RolloutBuffer,
-               advantages: torch.Tensor, returns: torch.Tensor, cfg: PPOConfig,
-               lr_frac: float = 1.0, generator: torch.Generator | None = None) -> UpdateStats:
+def ppo_update(
+    net: TamiyoNet,
+    optimizer: torch.optim.Optimizer,
+    buffer: RolloutBuffer,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    cfg: PPOConfig,
+    lr_frac: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> UpdateStats:
     """One PPO update on a full rollout. `lr_frac` is the fraction of training left (CleanRL:
     1 − (update − 1) / num_updates); `generator` seeds the minibatch shuffle."""
     lr = cfg.lr * lr_frac if cfg.anneal_lr else cfg.lr
@@ -255,9 +290,10 @@ def ppo_update(net: TamiyoNet, optimizer: torch.optim.Optimizer, buffer: Rollout
     for _epoch in range(cfg.update_epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, minibatch_size):
-            mb = order[start:start + minibatch_size]
-            new = net.evaluate(b.g[mb], b.s[mb], b.actions[mb],
-                               {h: m[mb] for h, m in b.masks.items()})
+            mb = order[start : start + minibatch_size]
+            new = net.evaluate(
+                b.g[mb], b.s[mb], b.actions[mb], {h: m[mb] for h, m in b.masks.items()}
+            )
             logratio = new.logprob - b.logprobs[mb]
             ratio = logratio.exp()
             with torch.no_grad():
@@ -266,7 +302,8 @@ def ppo_update(net: TamiyoNet, optimizer: torch.optim.Optimizer, buffer: Rollout
             mb_advantages = b_advantages[mb]
             if cfg.norm_adv and mb_advantages.numel() > 1:
                 mb_advantages = (mb_advantages - mb_advantages.mean()) / (
-                    mb_advantages.std() + 1e-8)
+                    mb_advantages.std() + 1e-8
+                )
             pg_loss = clipped_surrogate(ratio, mb_advantages, cfg.clip_coef)
             v_loss = value_loss(new.value, b.values[mb], b_returns[mb], cfg)
             # Each head's mean entropy over the rows where it matters (N, 8) -> (8,).
@@ -300,8 +337,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     return float(1 - (returns - values).var(unbiased=False) / var)
 
 
-def _summarise(log: _Log, b: Batch, b_returns: torch.Tensor, cfg: PPOConfig,
-               early_stopped: bool, lr: float) -> UpdateStats:
+def _summarise(
+    log: _Log, b: Batch, b_returns: torch.Tensor, cfg: PPOConfig, early_stopped: bool, lr: float
+) -> UpdateStats:
     ratio = torch.cat(log.ratio)
     ops = b.actions[:, HEAD_INDEX["op"]]
     head_entropy = log.entropy_sum / log.relevant_rows.clamp(min=1)
@@ -313,8 +351,9 @@ def _summarise(log: _Log, b: Batch, b_returns: torch.Tensor, cfg: PPOConfig,
         ratio_max_abs_dev=float((ratio - 1).abs().max()),
         explained_variance=explained_variance(b.values, b_returns),
         entropy={h: float(e) for h, e in zip(HEADS, head_entropy, strict=True)},
-        op_distribution={op.name: float((ops == i).float().mean())
-                         for i, op in enumerate(TAMIYO_OPS)},
+        op_distribution={
+            op.name: float((ops == i).float().mean()) for i, op in enumerate(TAMIYO_OPS)
+        },
         minibatches=len(log.ratio),
         early_stopped=early_stopped,
         lr=lr,
@@ -324,6 +363,7 @@ def _summarise(log: _Log, b: Batch, b_returns: torch.Tensor, cfg: PPOConfig,
 # ---------------------------------------------------------------------------------------------
 # Collapse detection
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class HealthMonitor:
@@ -350,18 +390,24 @@ class HealthMonitor:
         warnings = []
         self.updates += 1
         op_entropy = stats.entropy["op"]
-        collapsed = (op_entropy < self.min_op_entropy
-                     and max(stats.op_distribution.values(), default=1.0) >= self.max_op_share)
+        collapsed = (
+            op_entropy < self.min_op_entropy
+            and max(stats.op_distribution.values(), default=1.0) >= self.max_op_share
+        )
         self.low_entropy_streak = self.low_entropy_streak + 1 if collapsed else 0
         if self.low_entropy_streak >= self.patience:
-            warnings.append(f"op-head entropy {op_entropy:.4f} < {self.min_op_entropy} for "
-                            f"{self.low_entropy_streak} updates: the policy has collapsed onto "
-                            f"one op ({_top_op(stats)})")
+            warnings.append(
+                f"op-head entropy {op_entropy:.4f} < {self.min_op_entropy} for "
+                f"{self.low_entropy_streak} updates: the policy has collapsed onto "
+                f"one op ({_top_op(stats)})"
+            )
         if self.updates <= self.patience:
             self.critic_never_learned &= not stats.explained_variance > 0
             if self.updates == self.patience and self.critic_never_learned:
-                warnings.append(f"explained variance <= 0 in each of the first {self.patience} "
-                                "updates: the value head is not learning")
+                warnings.append(
+                    f"explained variance <= 0 in each of the first {self.patience} "
+                    "updates: the value head is not learning"
+                )
         return warnings
 
 

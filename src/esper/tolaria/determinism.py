@@ -47,8 +47,15 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
     meta = state["numpy_meta"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
-                         meta[0], meta[1], float(state["numpy_gauss"][0])))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            meta[0],
+            meta[1],
+            float(state["numpy_gauss"][0]),
+        )
+    )
     py = state["python"].tolist()
     random.setstate((py[0], tuple(py[1:]), None))
 

@@ -114,8 +114,9 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class GrowthEnv:
     """A host model with SeedSlots, trained on a task, one control tick at a time."""
 
-    def __init__(self, model: nn.Module, task: TaskData, cfg: EnvConfig, *,
-                 device: torch.device, seed: int) -> None:
+    def __init__(
+        self, model: nn.Module, task: TaskData, cfg: EnvConfig, *, device: torch.device, seed: int
+    ) -> None:
         self.model = model.to(device)
         self.task, self.cfg, self.device = task, cfg, device
         self.slots: dict[str, SeedSlot] = dict(sorted(slots_of(model).items()))
@@ -171,12 +172,12 @@ class GrowthEnv:
         sums = torch.zeros(reps, 2, device=self.device)  # per replica: Σ loss, Σ correct
         count = 0
         for start in range(0, len(self.val_x), self.cfg.eval_batch_size):
-            x = self.val_x[start:start + self.cfg.eval_batch_size]
-            y = self.val_y[start:start + self.cfg.eval_batch_size]
+            x = self.val_x[start : start + self.cfg.eval_batch_size]
+            y = self.val_y[start : start + self.cfg.eval_batch_size]
             n = len(x)
             for i, slot in enumerate(active, start=1):
                 m = torch.ones(reps * n, device=self.device)
-                m[i * n:(i + 1) * n] = 0.0
+                m[i * n : (i + 1) * n] = 0.0
                 slot.set_ablation(m)
             try:
                 logits = self.model(torch.cat([x] * reps))
@@ -195,8 +196,10 @@ class GrowthEnv:
         loss, correct = pending.means.T.tolist()
         metrics = [self._metric(lo, c) for lo, c in zip(loss, correct, strict=True)]
         sign = 1.0 if self.task.higher_is_better else -1.0
-        contributions = {name: sign * (metrics[0] - metrics[i])
-                         for i, name in enumerate(pending.ablated, start=1)}
+        contributions = {
+            name: sign * (metrics[0] - metrics[i])
+            for i, name in enumerate(pending.ablated, start=1)
+        }
         return Evaluation(metrics[0], loss[0], contributions)
 
     def _metric(self, loss: float, accuracy: float) -> float:
@@ -213,25 +216,41 @@ class GrowthEnv:
         in_slots = {id(p) for s in self.slots.values() for p in s.parameters()}
         return sum(p.numel() for p in self.model.parameters() if id(p) not in in_slots)
 
-    def observe(self, tick: int, max_ticks: int, ev: Evaluation, train: TrainStats,
-                rents: dict[str, float], rent_paid: float) -> Observation:
+    def observe(
+        self,
+        tick: int,
+        max_ticks: int,
+        ev: Evaluation,
+        train: TrainStats,
+        rents: dict[str, float],
+        rent_paid: float,
+    ) -> Observation:
         slots = []
         for name, slot in self.slots.items():
             slots.append(replace(slot.telemetry(), rent=rents.get(name, 0.0)))
         return Observation(
-            tick=tick, max_ticks=max_ticks, metric=ev.metric,
-            higher_is_better=self.task.higher_is_better, val_loss=ev.loss,
-            train_loss=train.loss, history=tuple(self.history),
+            tick=tick,
+            max_ticks=max_ticks,
+            metric=ev.metric,
+            higher_is_better=self.task.higher_is_better,
+            val_loss=ev.loss,
+            train_loss=train.loss,
+            history=tuple(self.history),
             host_params=self.host_params(),
-            seed_params=sum(s.param_count for s in slots), rent_paid=rent_paid,
+            seed_params=sum(s.param_count for s in slots),
+            rent_paid=rent_paid,
             slots=tuple(slots),
             legal_blueprints=tuple(blueprints_for(s.topology) for s in self.slots.values()),
         )
 
     def slot_economics(self) -> list[SlotEconomics]:
         """Each slot as Simic prices it (after this tick's action)."""
-        return [SlotEconomics(n, s.stage, min(1.0, max(0.0, s.effective_alpha)),
-                              s.seed_param_count(), s.seed_id) for n, s in self.slots.items()]
+        return [
+            SlotEconomics(
+                n, s.stage, min(1.0, max(0.0, s.effective_alpha)), s.seed_param_count(), s.seed_id
+            )
+            for n, s in self.slots.items()
+        ]
 
     def record_evaluation(self, ev: Evaluation, tick: int) -> None:
         """Remember the metric and hand each seed its ablation contribution."""
@@ -253,8 +272,9 @@ class GrowthEnv:
             raise IndexError(f"slot index {index} out of range 0..{len(names) - 1}")
         return self.slots[names[index]]
 
-    def execute(self, action: FactoredAction, actor: Actor = Actor.TAMIYO,
-                spec: SeedSpec | None = None) -> list[tuple[str, Op]]:
+    def execute(
+        self, action: FactoredAction, actor: Actor = Actor.TAMIYO, spec: SeedSpec | None = None
+    ) -> list[tuple[str, Op]]:
         """Perform `action`; raises IllegalTransition (state unchanged) if it is not legal.
         Returns the (slot, op) pairs done, for churn accounting."""
         op = action.op
@@ -264,14 +284,20 @@ class GrowthEnv:
         if op is Op.GERMINATE:
             spec = spec or SeedSpec(action.blueprint, action.style)
             self.seeds_germinated += 1
-            slot.germinate(spec, actor=actor, alpha_target=action.alpha_target.alpha,
-                           tempo_ticks=action.tempo.ticks, alpha_curve=action.alpha_curve,
-                           seed_id=f"seed{self.seeds_germinated}")
+            slot.germinate(
+                spec,
+                actor=actor,
+                alpha_target=action.alpha_target.alpha,
+                tempo_ticks=action.tempo.ticks,
+                alpha_curve=action.alpha_curve,
+                seed_id=f"seed{self.seeds_germinated}",
+            )
         elif op is Op.ADVANCE:
             slot.advance(actor=actor)
         elif op is Op.SET_ALPHA_TARGET:
-            slot.set_alpha_target(action.alpha_target.alpha, action.alpha_speed.ticks,
-                                  action.alpha_curve, actor=actor)
+            slot.set_alpha_target(
+                action.alpha_target.alpha, action.alpha_speed.ticks, action.alpha_curve, actor=actor
+            )
         elif op is Op.PRUNE or op is Op.EMERGENCY_PRUNE:
             slot.prune(actor=actor, fade_ticks=self.cfg.prune_fade_ticks)
         elif op is Op.FOSSILIZE:
@@ -330,8 +356,13 @@ class GrowthEnv:
         batches = self.batches.state_dict()
         out["batches.generator"] = batches.pop("generator_state")
         out.update({f"rng.{k}": v for k, v in rng_state().items()})
-        info = {"model": meta, "optim_groups": opt["param_groups"], "batches": batches,
-                "history": self.history, "seeds_germinated": self.seeds_germinated}
+        info = {
+            "model": meta,
+            "optim_groups": opt["param_groups"],
+            "batches": batches,
+            "history": self.history,
+            "seeds_germinated": self.seeds_germinated,
+        }
         return json.loads(json.dumps(info)), out
 
     def load_state_dict(self, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -346,9 +377,9 @@ class GrowthEnv:
                 # snapshot that a second rollback of the same tick must find unchanged.
                 state.setdefault(int(idx), {})[key] = v.clone()
         self.optimizer.load_state_dict({"state": state, "param_groups": info["optim_groups"]})
-        self.batches.load_state_dict({**info["batches"],
-                                      "generator_state": tensors["batches.generator"]})
+        self.batches.load_state_dict(
+            {**info["batches"], "generator_state": tensors["batches.generator"]}
+        )
         set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
         self.history = list(info["history"])
         self.seeds_germinated = info["seeds_germinated"]
-

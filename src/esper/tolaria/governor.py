@@ -36,10 +36,17 @@ class GovernorConfig:
     """Consecutive rollbacks for one tick before the run is abandoned."""
 
     def __post_init__(self) -> None:
-        if (self.divergence_factor <= 1 or self.explosion_loss <= 0 or self.window < 1
-                or self.warmup_ticks < 0 or self.max_rollbacks < 0):
-            raise ValueError("governor: divergence_factor must be > 1, explosion_loss > 0, "
-                             "window >= 1, warmup_ticks and max_rollbacks >= 0")
+        if (
+            self.divergence_factor <= 1
+            or self.explosion_loss <= 0
+            or self.window < 1
+            or self.warmup_ticks < 0
+            or self.max_rollbacks < 0
+        ):
+            raise ValueError(
+                "governor: divergence_factor must be > 1, explosion_loss > 0, "
+                "window >= 1, warmup_ticks and max_rollbacks >= 0"
+            )
 
 
 class GovernorError(RuntimeError):
@@ -64,8 +71,11 @@ def _nonfinite_slot(slots: dict[str, SeedSlot]) -> str | None:
 
 def _youngest_seed(slots: dict[str, SeedSlot]) -> str | None:
     """The most recently germinated live seed (the usual suspect when the host blows up)."""
-    live = [(int(s.seed_id[4:]), n) for n, s in slots.items()
-            if s.seed_id and (s.seed is not None or s.phage is not None)]
+    live = [
+        (int(s.seed_id[4:]), n)
+        for n, s in slots.items()
+        if s.seed_id and (s.seed is not None or s.phage is not None)
+    ]
     return max(live)[1] if live else None
 
 
@@ -83,16 +93,23 @@ class Governor:
         bad_params = any(not torch.isfinite(p).all() for p in model.parameters())
         if not math.isfinite(loss) or bad_params:
             where = "parameters" if bad_params else "loss"
-            return Verdict("nan", f"non-finite {where} (loss {loss})",
-                           _nonfinite_slot(slots) or _youngest_seed(slots))
+            return Verdict(
+                "nan",
+                f"non-finite {where} (loss {loss})",
+                _nonfinite_slot(slots) or _youngest_seed(slots),
+            )
         if loss > self.cfg.explosion_loss:
-            return Verdict("explosion", f"loss {loss:.4g} > {self.cfg.explosion_loss:g}",
-                           _youngest_seed(slots))
+            return Verdict(
+                "explosion", f"loss {loss:.4g} > {self.cfg.explosion_loss:g}", _youngest_seed(slots)
+            )
         if self.ticks_seen >= self.cfg.warmup_ticks and self.losses:
             base = sorted(self.losses)[len(self.losses) // 2]
             if loss > self.cfg.divergence_factor * base:
-                return Verdict("divergence", f"loss {loss:.4g} > {self.cfg.divergence_factor:g}"
-                               f" × rolling median {base:.4g}", _youngest_seed(slots))
+                return Verdict(
+                    "divergence",
+                    f"loss {loss:.4g} > {self.cfg.divergence_factor:g} × rolling median {base:.4g}",
+                    _youngest_seed(slots),
+                )
         return None
 
     def accept(self, loss: float) -> None:
@@ -110,8 +127,9 @@ class Governor:
             raise GovernorError("training failed before any known-good snapshot existed")
         self.rollbacks += 1
         if self.rollbacks > self.cfg.max_rollbacks:
-            raise GovernorError(f"training failed {self.rollbacks - 1} times in a row after "
-                                "rollback; giving up")
+            raise GovernorError(
+                f"training failed {self.rollbacks - 1} times in a row after rollback; giving up"
+            )
         return self.snapshot
 
     def state_dict(self) -> dict[str, Any]:

@@ -92,20 +92,23 @@ class EnvSpec:
     """Host width handed to `build_host` (CNN channels, MLP hidden units, ...)."""
 
 
-def spec_stream(*, seed: int, widths: Sequence[int] = (2, 3, 4),
-                seed_bound: int = 2**31) -> Iterator[EnvSpec]:
+def spec_stream(
+    *, seed: int, widths: Sequence[int] = (2, 3, 4), seed_bound: int = 2**31
+) -> Iterator[EnvSpec]:
     """An endless, reproducible stream of specs: width uniform over `widths`, both seeds uniform
     over [0, seed_bound)."""
     if not widths or min(widths) < 1 or seed_bound < 1:
-        raise ValueError(f"widths must be non-empty and >= 1, seed_bound >= 1; got {widths}, "
-                         f"{seed_bound}")
+        raise ValueError(
+            f"widths must be non-empty and >= 1, seed_bound >= 1; got {widths}, {seed_bound}"
+        )
     rng = random.Random(seed)
     while True:
         yield EnvSpec(rng.randrange(seed_bound), rng.randrange(seed_bound), rng.choice(widths))
 
 
-def sample_specs(k: int, *, seed: int, widths: Sequence[int] = (2, 3, 4),
-                 seed_bound: int = 2**31) -> list[EnvSpec]:
+def sample_specs(
+    k: int, *, seed: int, widths: Sequence[int] = (2, 3, 4), seed_bound: int = 2**31
+) -> list[EnvSpec]:
     """The first `k` specs of `spec_stream(seed=seed, ...)`."""
     return list(islice(spec_stream(seed=seed, widths=widths, seed_bound=seed_bound), k))
 
@@ -168,8 +171,9 @@ class _Runner:
         if setup.lifecycle_cfg is not None:
             for slot in slots_of(model).values():  # fresh slots: DORMANT, never ticked
                 slot.lifecycle = Lifecycle(slot.name, setup.lifecycle_cfg)
-        self.env = GrowthEnv(model, setup.task, setup.env_cfg, device=setup.device,
-                             seed=spec.data_seed)
+        self.env = GrowthEnv(
+            model, setup.task, setup.env_cfg, device=setup.device, seed=spec.data_seed
+        )
         econ = replace(setup.economy_cfg, higher_is_better=setup.task.higher_is_better)
         self.economy = Economy(econ)
         self.ev: Evaluation | None = None
@@ -201,8 +205,14 @@ class _Runner:
         self.ev = ev = env.finish_evaluate(launched[1])
         env.record_evaluation(ev, t)
         env.evaluate_gates()
-        return env.observe(t, self.setup.episode_ticks, ev, train, self.economy.last_rents,
-                           self.economy.ledger.totals().rent)
+        return env.observe(
+            t,
+            self.setup.episode_ticks,
+            ev,
+            train,
+            self.economy.last_rents,
+            self.economy.ledger.totals().rent,
+        )
 
     def act(self, action: FactoredAction) -> _Step:
         """Execute an already validated action, tick the clock, price the tick."""
@@ -224,8 +234,13 @@ def _to_host(launched: list[_Launched]) -> list[_Launched]:
     parts = [t for train, ev in launched for t in (train.total, ev.means)]
     flat = torch.cat([t.reshape(-1) for t in parts]).cpu()
     chunks = iter(flat.split([t.numel() for t in parts]))
-    return [(replace(train, total=next(chunks).view(train.total.shape)),
-             replace(ev, means=next(chunks).view(ev.means.shape))) for train, ev in launched]
+    return [
+        (
+            replace(train, total=next(chunks).view(train.total.shape)),
+            replace(ev, means=next(chunks).view(ev.means.shape)),
+        )
+        for train, ev in launched
+    ]
 
 
 class _Envs:
@@ -239,8 +254,7 @@ class _Envs:
         CPU it is off: there is nothing to overlap. Tests switch it on there to check that it
         gives the one-phase results bit for bit."""
         # One CUDA stream per runner position (a reset runner keeps its position's stream).
-        self._streams = ([torch.cuda.Stream(setup.device) for _ in specs] if self.two_phase
-                         else [])
+        self._streams = [torch.cuda.Stream(setup.device) for _ in specs] if self.two_phase else []
 
     def train(self) -> list[Observation]:
         if not self.two_phase:
@@ -262,11 +276,13 @@ class _Envs:
         # From here on the side streams are idle: tensors they used may be freed or reused.
         return [r.collect(x) for r, x in zip(self.runners, host, strict=True)]
 
-    def act(self, actions: Sequence[FactoredAction], next_specs: Sequence[EnvSpec | None]
-            ) -> list[_Step]:
+    def act(
+        self, actions: Sequence[FactoredAction], next_specs: Sequence[EnvSpec | None]
+    ) -> list[_Step]:
         out = []
-        for i, (runner, action, spec) in enumerate(zip(self.runners, actions, next_specs,
-                                                       strict=True)):
+        for i, (runner, action, spec) in enumerate(
+            zip(self.runners, actions, next_specs, strict=True)
+        ):
             step = runner.act(action)
             if step[3]:
                 assert spec is not None, "an environment finished without a next spec"
@@ -312,8 +328,9 @@ class _Processes:
         self.conns, self.procs = [], []
         for share in self.shares:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, [specs[i] for i in share], setup),
-                               daemon=True)
+            proc = ctx.Process(
+                target=_worker, args=(child, [specs[i] for i in share], setup), daemon=True
+            )
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -342,10 +359,12 @@ class _Processes:
     def train(self) -> list[Observation]:
         return self._all([("train", None)] * len(self.conns))
 
-    def act(self, actions: Sequence[FactoredAction], next_specs: Sequence[EnvSpec | None]
-            ) -> list[_Step]:
-        return self._all([("act", ([actions[i] for i in s], [next_specs[i] for i in s]))
-                          for s in self.shares])
+    def act(
+        self, actions: Sequence[FactoredAction], next_specs: Sequence[EnvSpec | None]
+    ) -> list[_Step]:
+        return self._all(
+            [("act", ([actions[i] for i in s], [next_specs[i] for i in s])) for s in self.shares]
+        )
 
     def close(self) -> None:
         for conn in self.conns:
@@ -370,13 +389,23 @@ def _default_workers() -> int:
 class VectorEnv:
     """K growth environments in lockstep. Call `step_train()`, then `act(actions)`, once a tick."""
 
-    def __init__(self, task: TaskData, k: int, specs: Iterable[EnvSpec], *,
-                 env_cfg: EnvConfig | None = None, economy_cfg: EconomyConfig | None = None,
-                 lifecycle_cfg: LifecycleConfig | None = None, episode_ticks: int,
-                 device: str | torch.device = "cpu",
-                 build_host: Callable[[EnvSpec], nn.Module], validator: Validator,
-                 backend: Backend = "auto", workers: int | None = None,
-                 overlap: bool = True) -> None:
+    def __init__(
+        self,
+        task: TaskData,
+        k: int,
+        specs: Iterable[EnvSpec],
+        *,
+        env_cfg: EnvConfig | None = None,
+        economy_cfg: EconomyConfig | None = None,
+        lifecycle_cfg: LifecycleConfig | None = None,
+        episode_ticks: int,
+        device: str | torch.device = "cpu",
+        build_host: Callable[[EnvSpec], nn.Module],
+        validator: Validator,
+        backend: Backend = "auto",
+        workers: int | None = None,
+        overlap: bool = True,
+    ) -> None:
         """`specs` is consumed lazily: the first k build the environments, the next ones replace
         environments as they finish (pass `spec_stream(...)` for more than one episode).
         `build_host` runs under the env's RNG stream; with the processes backend it and `task`
@@ -388,8 +417,15 @@ class VectorEnv:
         if k < 1 or episode_ticks < 1:
             raise ValueError(f"k and episode_ticks must be >= 1, got {k}, {episode_ticks}")
         self.k, self.validator = k, validator
-        self.setup = _Setup(task, env_cfg or EnvConfig(), economy_cfg or EconomyConfig(),
-                            lifecycle_cfg, episode_ticks, torch.device(device), build_host)
+        self.setup = _Setup(
+            task,
+            env_cfg or EnvConfig(),
+            economy_cfg or EconomyConfig(),
+            lifecycle_cfg,
+            episode_ticks,
+            torch.device(device),
+            build_host,
+        )
         self._spec_iter = iter(specs)
         self.specs = self._draw(k)
         """The spec of each environment's current episode."""
@@ -413,8 +449,10 @@ class VectorEnv:
     def _draw(self, n: int) -> list[EnvSpec]:
         specs = list(islice(self._spec_iter, n))
         if len(specs) < n:
-            raise ValueError("specs ran out: pass spec_stream(...) to run past the first "
-                             "episode of every environment")
+            raise ValueError(
+                "specs ran out: pass spec_stream(...) to run past the first "
+                "episode of every environment"
+            )
         return specs
 
     def step_train(self) -> list[Observation]:
@@ -446,8 +484,11 @@ class VectorEnv:
                 self.specs[i], self.ticks[i] = next_specs[i], 0
             else:
                 self.ticks[i] += 1
-        return StepResult(torch.tensor([r.total for _, r, _, _ in steps], dtype=torch.float64),
-                          torch.tensor(ending, dtype=torch.bool), tuple(infos))
+        return StepResult(
+            torch.tensor([r.total for _, r, _, _ in steps], dtype=torch.float64),
+            torch.tensor(ending, dtype=torch.bool),
+            tuple(infos),
+        )
 
     def close(self) -> None:
         self._envs.close()
