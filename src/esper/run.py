@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from esper.config import GrowConfig, config_from_dict, config_to_dict
 from esper.contracts import Actor, FactoredAction, Op, Stage
-from esper.kasmina import CNNHost, MLPHost, TransformerHost, module_cost
+from esper.kasmina import CNNHost, MLPHost, TransformerHost, module_cost, save_tensors
 from esper.recorder import DecisionRecord, RunStore, build_manifest
 from esper.simic import Economy
 from esper.tamiyo.learned import LearnedPolicy
@@ -187,14 +186,7 @@ class GrowthRun:
     def save_checkpoint(self, tick: int) -> tuple[str, str]:
         info, tensors = self.state()
         path = self.run_dir / "checkpoints" / f"tick_{tick:05d}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"esper_run": json.dumps({**info, "tick": tick})},
-        )
-        tmp.replace(path)  # atomic: a kill never leaves a half-written checkpoint behind
+        save_tensors(path, tensors, {"esper_run": json.dumps({**info, "tick": tick})})
         return str(path.relative_to(self.run_dir)), hashlib.sha256(path.read_bytes()).hexdigest()
 
     def resume(self) -> int:

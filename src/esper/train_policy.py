@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from esper.config import config_to_dict
 from esper.contracts import LifecycleConfig, Observation, Op
-from esper.kasmina import CNNHost
+from esper.kasmina import CNNHost, save_tensors
 from esper.recorder import DecisionRecord, RunStore, build_manifest
 from esper.run import SPEC_VERSIONS, action_names, obs_vector, slot_state
 from esper.simic import Critic, EconomyConfig, load_critic
@@ -493,9 +493,7 @@ def _save_training_state(
         "policy_state": policy.state_dict(),
         "reward_scaler": {k: v.tolist() for k, v in scaler.state_dict().items()},
     }
-    tmp = out / "training.tmp"
-    save_file(tensors, str(tmp), metadata={"esper_training": json.dumps(meta)})
-    tmp.replace(out / "training.safetensors")
+    save_tensors(out / "training.safetensors", tensors, {"esper_training": json.dumps(meta)})
 
 
 def _load_training_state(

@@ -20,6 +20,7 @@ from esper.kasmina.checkpoint import (
     model_state,
     read_checkpoint,
     save_model,
+    save_tensors,
 )
 from esper.kasmina.hosts import (
     CNNHost,
@@ -68,6 +69,7 @@ __all__ = [
     "parse_blueprint",
     "read_checkpoint",
     "save_model",
+    "save_tensors",
     "slots_of",
     "supported_topologies",
     "wrap_in_phage",

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from esper.contracts import AlphaCurve, SeedSpec, Stage
+from esper.contracts.files import atomic_write
 from esper.kasmina.alpha import AlphaSchedule
 from esper.kasmina.hosts import slots_of, wrap_in_phage
 from esper.kasmina.phage import Phage
@@ -140,9 +141,17 @@ def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None 
     meta = model_metadata(model)
     if extra:
         meta["extra"] = extra
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"esper": json.dumps(meta)})
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_tensors(path, tensors, {"esper": json.dumps(meta)})
+
+
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """Write a safetensors file atomically (`esper.contracts.files.atomic_write`): the one way
+    Esper writes torch weights (models, run checkpoints, policies, training state)."""
+    body = {k: v.detach().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(body, str(tmp), metadata=metadata))
 
 
 def read_checkpoint(

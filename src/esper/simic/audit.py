@@ -30,6 +30,7 @@ from typing import Any
 
 from esper.config import GrowConfig, config_to_dict, override
 from esper.contracts import Blueprint, FactoredAction, Op, Stage
+from esper.contracts.files import atomic_write
 from esper.contracts.lifecycle import IllegalTransition
 from esper.recorder import RunStore
 from esper.run import start_run
@@ -329,7 +330,6 @@ class Audit:
         self, protocol: AuditProtocol, subset: tuple[str, ...], repeat: int, value: float
     ) -> None:
         path = self._path(protocol.protocol_hash(), subset, repeat)
-        path.parent.mkdir(parents=True, exist_ok=True)
         job = {
             "protocol_hash": protocol.protocol_hash(),
             "subset": list(subset),
@@ -337,9 +337,8 @@ class Audit:
             "value": value,
             "protocol": protocol.canonical(),
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(job, sort_keys=True))
-        tmp.replace(path)  # atomic: an interrupted audit keeps only whole entries
+        text = json.dumps(job, sort_keys=True)
+        atomic_write(path, lambda tmp: tmp.write_text(text))  # an interruption keeps whole entries
 
     # -- run ------------------------------------------------------------------------------------
     def run(

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from esper.contracts import Observation, Stage
+from esper.contracts.files import atomic_write
 
 LABEL = "shapley"
 DEFAULT_LAG = 3
@@ -298,8 +299,6 @@ class Critic:
         return float(self.predict(observation_features(obs, slot, blueprint)))
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": FORMAT,
             "features": list(self.features),
@@ -309,14 +308,9 @@ class Critic:
             **self.meta,
         }
         tensors = {"weights": self.weights, "mean": self.mean, "scale": self.scale}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
-            str(tmp),
-            metadata={"esper_critic": json.dumps(meta, sort_keys=True)},
-        )
-        tmp.replace(path)
-        return path
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}
+        header = {"esper_critic": json.dumps(meta, sort_keys=True)}
+        return atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=header))
 
 
 class CriticLoadError(ValueError):

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from esper.contracts import (
     HEADS,
@@ -34,6 +33,7 @@ from esper.contracts import (
     Style,
     Tempo,
 )
+from esper.kasmina import save_tensors
 from esper.tamiyo.features import (
     GLOBAL_DIM,
     OBS_SPEC,
@@ -201,7 +201,7 @@ class LearnedPolicy:
         for key, norm in (("global", self.global_norm), ("slot", self.slot_norm)):
             tensors |= {f"norm.{key}.{k}": v.contiguous() for k, v in norm.state_dict().items()}
         meta = {k: json.dumps(v) for k, v in self.metadata().items()}
-        save_file(tensors, str(path), metadata=meta)
+        save_tensors(path, tensors, meta)
 
     @classmethod
     def load(
