@@ -12,7 +12,7 @@ import torch
 from _engine_helpers import cnn_driver, finite_params, small_config
 from esper.contracts import Stage
 from esper.run import start_run
-from esper.tolaria.environment import GrowthEnv
+from esper.tolaria.environment import GrowthEnv, TrainStats
 from esper.tolaria.governor import Governor, GovernorConfig, GovernorError
 
 NAN = float("nan")
@@ -22,41 +22,64 @@ NAN = float("nan")
 # ---------------------------------------------------------------------------------------------
 
 
+def stats(loss: float, **kw: object) -> TrainStats:
+    return TrainStats(loss, 1, **kw)
+
+
 def test_triggers_nan_explosion_and_divergence_after_warmup() -> None:
     gov = Governor(
         GovernorConfig(divergence_factor=3.0, explosion_loss=100.0, window=3, warmup_ticks=2)
     )
-    model = torch.nn.Linear(2, 2)
-    assert gov.check(9.0, model, {}) is None  # no baseline yet: only nan/explosion count
+    assert gov.check(stats(9.0), {}) is None  # no baseline yet: only nan/explosion count
     gov.accept(2.0)
-    assert gov.check(9.0, model, {}) is None  # still warming up
+    assert gov.check(stats(9.0), {}) is None  # still warming up
     gov.accept(2.0)
-    assert gov.check(5.9, model, {}) is None
-    v = gov.check(6.1, model, {})
+    assert gov.check(stats(5.9), {}) is None
+    v = gov.check(stats(6.1), {})
     assert v is not None and v.kind == "divergence" and v.offender is None
-    assert gov.check(101.0, model, {}).kind == "explosion"
-    assert gov.check(NAN, model, {}).kind == "nan"
-    assert gov.check(math.inf, model, {}).kind == "nan"
-    with torch.no_grad():
-        model.weight[0, 0] = NAN
-    v = gov.check(1.0, model, {})
+    assert gov.check(stats(101.0), {}).kind == "explosion"
+    assert gov.check(stats(NAN), {}).kind == "nan"
+    assert gov.check(stats(math.inf), {}).kind == "nan"
+    v = gov.check(stats(1.0, host_finite=False), {})
     assert v.kind == "nan" and "parameters" in v.detail
     for loss in (1.0, 1.0, 1.0):  # the baseline is a rolling median over `window` ticks
         gov.accept(loss)
-    assert gov.check(3.5, torch.nn.Linear(2, 2), {}).kind == "divergence"
+    assert gov.check(stats(3.5), {}).kind == "divergence"
 
 
-def test_blames_the_slot_with_bad_weights_else_the_youngest_seed() -> None:
+def test_blame_goes_to_what_broke_first() -> None:
     d = cnn_driver()
     d.grow(1, Stage.BLENDING)
     d.grow(0, Stage.TRAINING)  # germinated second: the youngest
-    slots, model = d.env.slots, d.env.model
-    gov = Governor(GovernorConfig())
-    assert gov.check(1e9, model, slots).offender == d.slot(0).name
+    b0, b1 = d.slot(0).name, d.slot(1).name
+    gov, slots = Governor(GovernorConfig()), d.env.slots
+    assert gov.check(stats(1e9), slots).offender == b0  # the host blew up: the youngest seed
+    # A seed whose output went non-finite is blamed even when others hold NaN weights too.
+    v = gov.check(stats(NAN, host_finite=False, nonfinite_slots=(b0, b1), faults=(b1,)), slots)
+    assert (v.kind, v.offender) == ("nan", b1) and b1 in v.detail
+    # Non-finite weights in a slot count only while the host is finite ...
+    assert gov.check(stats(1.0, nonfinite_slots=(b1,)), slots).offender == b1
+    # ... once the host is NaN every slot that got a gradient is NaN: fall back to the youngest.
+    v = gov.check(stats(NAN, host_finite=False, nonfinite_slots=(b0, b1)), slots)
+    assert v.offender == b0
+    # A fault alone (the screened output kept loss and weights finite) still triggers.
+    assert gov.check(stats(1.0, faults=(b1,)), slots).offender == b1
+
+
+def test_a_tick_reports_the_seed_whose_weights_went_bad() -> None:
+    # Two live seeds; b1's weights are poisoned. Its output is screened, so the loss, the host
+    # and b0 stay finite; the tick's health names b1 (a fault, and non-finite weights) only.
+    d = cnn_driver()
+    d.grow(0, Stage.BLENDING)
+    d.grow(1, Stage.BLENDING)
     with torch.no_grad():
-        next(d.slot(1).seed.parameters()).view(-1)[0] = NAN
-    v = gov.check(1.0, model, slots)
-    assert (v.kind, v.offender) == ("nan", d.slot(1).name)
+        next(d.slot(1).seed.parameters()).fill_(NAN)
+    train = d.env.train_tick()
+    b1 = d.slot(1).name
+    assert math.isfinite(train.loss) and train.host_finite
+    assert (train.faults, train.nonfinite_slots) == ((b1,), (b1,))
+    assert all(torch.isfinite(p).all() for p in d.slot(0).parameters())
+    assert Governor(GovernorConfig()).check(train, d.env.slots).offender == b1
 
 
 def test_rollback_needs_a_snapshot_and_gives_up_after_max_rollbacks() -> None:
@@ -224,3 +247,48 @@ def test_rollback_restores_adam_moments_each_time(tmp_path: Path) -> None:
     per_tick = env.cfg.batches_per_tick
     assert steps == [int(s) + per_tick * (ticks - bad_tick) for s in snapshot["step"]]
     assert finite_params(env.model)
+
+
+def test_a_rollback_forgets_the_failed_attempts_gradients_and_probe() -> None:
+    # The failed attempt's NaN gradients and NaN activation probe must not survive into the
+    # retried tick: the G2 gate then judges the retry alone (it used to fail with "rms nan").
+    d = cnn_driver()
+    slot = d.grow(0, Stage.TRAINING)
+    d.tick()
+    snapshot = d.env.state_dict()
+    with torch.no_grad():
+        next(d.env.model.parameters()).fill_(NAN)  # the host blows up mid-tick
+    assert not d.env.train_tick().finite
+    d.env.load_state_dict(*snapshot)
+    d.env.train_tick()
+    report = slot.evaluate_gate()
+    assert report.passed, str(report)
+    assert all(math.isfinite(v) for v in report.metrics.values())
+    assert slot.fault is not None and not bool(slot.fault)
+
+
+def test_the_run_prunes_the_poisoned_seed_and_keeps_the_healthy_one(tmp_path: Path) -> None:
+    # Two live seeds; b1's weights go NaN. Only b1 is pruned; b0's seed lives on untouched
+    # (before, Adam spread the NaN to b0 and the first slot by name, b0, was blamed).
+    poisoned: dict[str, str] = {}
+
+    def poison(t: int, env: GrowthEnv) -> None:
+        b0, b1 = env.slots["slots.b0"], env.slots["slots.b1"]
+        if poisoned or b0.seed is None or b1.seed is None:
+            return
+        poisoned.update(tick=str(t), b0=str(b0.seed_id), b1=str(b1.seed_id))
+        with torch.no_grad():
+            next(b1.seed.parameters()).fill_(NAN)
+
+    run = start_run(small_config(10), run_dir=tmp_path / "r", callbacks=[poison])
+    run.run()
+    assert poisoned, "the heuristic should have grown b0 and b1"
+    events = run.store.events()
+    (lobotomy,) = [e for e in events if e.kind == "governor_lobotomy"]
+    assert (lobotomy.slot, lobotomy.payload["seed_id"]) == ("slots.b1", poisoned["b1"])
+    assert lobotomy.tick == int(poisoned["tick"])
+    assert not [
+        e for e in events if e.kind in ("prune", "governor_lobotomy") and e.slot == "slots.b0"
+    ]
+    assert run.env.slots["slots.b0"].seed_id == poisoned["b0"]
+    assert finite_params(run.env.model)

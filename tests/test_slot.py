@@ -285,6 +285,50 @@ def test_isolation_holds_before_commit() -> None:
     assert torch.equal(got, frozen.stem[0].weight.grad)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("stage", [Stage.TRAINING, Stage.BLENDING])
+def test_a_non_finite_seed_never_reaches_the_host(bad: float, stage: Stage) -> None:
+    """`h + (d − d.detach())` is NaN when d is inf: the slot screens δ, so a TRAINING slot stays
+    bit-identical to the slot-free host (outputs and host gradients), a BLENDING one adds nothing
+    where δ is non-finite, and the seed's fault flag is raised for the governor."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    slot, x = slots_of(model)["slots.b0"], host_input(model)
+    grow(model, slot, x, SeedSpec(Blueprint.CONV_LIGHT), stage)
+    plain = slot_free(model)
+    with torch.no_grad():
+        last = [p for p in slot.seed.parameters() if p.dim() == 1][-1]  # the last layer's bias
+        last.fill_(bad)
+    slot.reset_tick_telemetry()
+    out = model(x)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, plain(x))  # BLENDING at α=0 and TRAINING alike
+    model.zero_grad(set_to_none=True)
+    plain.zero_grad(set_to_none=True)
+    fixed_loss(out).backward()
+    fixed_loss(plain(x)).backward()
+    host = dict(plain.named_parameters())
+    assert host
+    for name, p in model.named_parameters():
+        if name in host:
+            assert torch.equal(p.grad, host[name].grad), name
+    assert slot.fault is not None and bool(slot.fault)
+    slot.reset_tick_telemetry()  # a rollback forgets it
+    assert slot.fault is None
+
+
+def test_a_non_finite_input_is_not_the_seeds_fault() -> None:
+    torch.manual_seed(0)
+    model = small_cnn()
+    slot, x = slots_of(model)["slots.b0"], host_input(model)
+    grow(model, slot, x, SeedSpec(Blueprint.CONV_LIGHT), Stage.TRAINING)
+    slot.reset_tick_telemetry()
+    model(x)
+    assert not bool(slot.fault)  # a healthy seed
+    model(torch.full_like(x, float("nan")))
+    assert not bool(slot.fault)  # the host broke first: the seed is not blamed
+
+
 # ---------------------------------------------------------------------------------------------
 # Prune
 # ---------------------------------------------------------------------------------------------

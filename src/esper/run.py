@@ -273,7 +273,7 @@ class GrowthRun:
         """Train one tick; on a governor trigger roll back, force-prune the offender, retry."""
         env = self.env
         train = env.train_tick()
-        verdict = self.governor.check(train.loss, env.model, env.slots)
+        verdict = self.governor.check(train, env.slots)
         while verdict is not None:
             events.append(
                 (
@@ -305,7 +305,7 @@ class GrowthRun:
                     )
                 )
             train = env.train_tick()
-            verdict = self.governor.check(train.loss, env.model, env.slots)
+            verdict = self.governor.check(train, env.slots)
         self.governor.accept(train.loss)
         return train
 

@@ -10,6 +10,11 @@ Forward semantics, by stage (y = h + c(α)·δ(h, s), see blend.py):
 | COMMITTED                          | the Phage: h + δ, α folded into the seed | h          |
 
 Isolation ends at commit: from then on the host upstream learns through the seed path too.
+
+Whatever a seed computes, the host never sees a non-finite δ: its inf/NaN elements are zeroed in the
+forward (so TRAINING stays bit-identical to the slot-free host even when `δ − δ.detach()` would be
+NaN), and a seed whose output went non-finite on a finite input raises its `fault` flag, which the
+engine reads once per tick and the governor blames (a device tensor: no host sync per forward).
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ class SeedSlot(nn.Module):
         self.register_buffer("coef", torch.zeros(()), persistent=False)
         self._grad: torch.Tensor | None = None  # Σ seed‖g‖², Σ host RMS², steps (this tick)
         self._probe: torch.Tensor | None = None
+        self._fault: torch.Tensor | None = None  # 0-d bool, see `fault`
         self._mode = _IDENTITY
         self._ablation: torch.Tensor | None = None  # per-sample 0/1 multiplier, see `ablating`
 
@@ -151,16 +157,41 @@ class SeedSlot(nn.Module):
         if mode == _IDENTITY:
             return h
         if mode == _PHAGE:
-            return self.phage(h, self._ablation)
+            y = self.phage(h, self._ablation)
+            self._flag(torch.isfinite(y).all(), h)  # committed tissue: blamed, not masked
+            return y
         x = h.detach()  # isolation: the seed path sends nothing back into the host before commit
         s = self.seed(x)
         if mode == _TRAINING:
             if self._probe is None:
                 self._probe = x[: self.gate_config.probe_samples].clone()
-            d = self.blend.delta(x, s, x)
+            d = self._screen(self.blend.delta(x, s, x), x)
             return h + (d - d.detach())  # straight-through: forward h, backward as if α = 1
         coef = self.coef if self._ablation is None else self.coef * _per_sample(self._ablation, h)
-        return h + coef * self.blend.delta(h, s, x)
+        return h + coef * self._screen(self.blend.delta(h, s, x), x)
+
+    def _screen(self, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """δ with its non-finite elements zeroed (their gradient too); flags the seed."""
+        ok = torch.isfinite(d)
+        self._flag(ok.all(), x)
+        return torch.where(ok, d, 0.0)
+
+    def _flag(self, output_finite: torch.Tensor, x: torch.Tensor) -> None:
+        """Raise `fault` when the output is non-finite although the input was finite (with a
+        non-finite input the fault lies upstream, in the host)."""
+        fault = ~output_finite & torch.isfinite(x).all()
+        self._fault = fault if self._fault is None else self._fault | fault
+
+    @property
+    def fault(self) -> torch.Tensor | None:
+        """0-d bool on the slot's device: did its seed (or phage) turn a finite input into a
+        non-finite output since the tick began? None: nothing ran through it."""
+        return self._fault
+
+    def reset_tick_telemetry(self) -> None:
+        """Forget this tick's gradient sums, activation probe and fault flag: at the end of a
+        tick, and when the engine rolls back (a failed attempt must leave no trace)."""
+        self._grad = self._probe = self._fault = None
 
     @property
     def ablatable(self) -> bool:
@@ -278,7 +309,7 @@ class SeedSlot(nn.Module):
         stage = self.lifecycle.tick(t, fade_done=fade_done)
         if stage in (Stage.EMBARGOED, Stage.RESETTING, Stage.DORMANT) and self._holds_module():
             self._clear()
-        self._grad = self._probe = None
+        self.reset_tick_telemetry()
         self._refresh()
         return stage
 

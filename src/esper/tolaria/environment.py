@@ -75,6 +75,23 @@ class TrainStats:
     loss: float
     """Mean training loss over the tick (NaN/Inf when training blew up)."""
     steps: int
+    host_finite: bool = True
+    """Every parameter outside the slots is finite after the tick."""
+    nonfinite_slots: tuple[str, ...] = ()
+    """Slots holding a non-finite parameter after the tick."""
+    faults: tuple[str, ...] = ()
+    """Slots whose seed turned a finite input into a non-finite output during the tick
+    (`SeedSlot.fault`): the governor blames these first, as their output was the first thing to
+    break (after a NaN loss, Adam writes NaN into every parameter that got a gradient)."""
+
+    @property
+    def finite(self) -> bool:
+        return (
+            math.isfinite(self.loss)
+            and self.host_finite
+            and not self.nonfinite_slots
+            and not self.faults
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,10 @@ class PendingTrain:
     total: torch.Tensor
     """Σ of the tick's batch losses, 0-d; reading it syncs the host with the device."""
     steps: int
+    health: torch.Tensor
+    """(1 + 2·len(slots),) float, 1 = true: the host parameters are all finite, then per slot
+    its parameters are all finite, then per slot its fault flag (read with `total`)."""
+    slots: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -149,12 +170,32 @@ class GrowthEnv:
             observe_gradients(self.model, self.slots.values())
             self.optimizer.step()
             total += loss.detach()
-        return PendingTrain(total, n)
+        return PendingTrain(total, n, self._health(), tuple(self.slots))
+
+    def _health(self) -> torch.Tensor:
+        """What the governor checks, as one device tensor (no sync): see `PendingTrain.health`."""
+        in_slots = {id(p) for s in self.slots.values() for p in s.parameters()}
+        groups = [[p for p in self.model.parameters() if id(p) not in in_slots]]
+        groups += [list(s.parameters()) for s in self.slots.values()]
+        sizes = [sum(p.numel() for p in g) for g in groups]
+        flat = torch.cat([p.detach().reshape(-1) for g in groups for p in g])
+        ok = torch.isfinite(flat).split(sizes)
+        no = torch.zeros((), dtype=torch.bool, device=self.device)
+        faults = [no if s.fault is None else s.fault for s in self.slots.values()]
+        return torch.stack([*(part.all() for part in ok), *faults]).float()
 
     @staticmethod
     def finish_train(pending: PendingTrain) -> TrainStats:
-        """The tick's mean loss: the one host sync of a training tick."""
-        return TrainStats(float(pending.total) / pending.steps, pending.steps)
+        """The tick's mean loss and health: the one host sync of a training tick."""
+        health, names = pending.health.tolist(), pending.slots
+        params_ok, faults = health[1 : 1 + len(names)], health[1 + len(names) :]
+        return TrainStats(
+            float(pending.total) / pending.steps,
+            pending.steps,
+            host_finite=bool(health[0]),
+            nonfinite_slots=tuple(s for s, ok in zip(names, params_ok, strict=True) if not ok),
+            faults=tuple(s for s, bad in zip(names, faults, strict=True) if bad),
+        )
 
     # ---------------------------------------------------------------------------------------
     # Evaluation, with every blended seed's α=0 ablation in the same pass
@@ -381,5 +422,7 @@ class GrowthEnv:
             {**info["batches"], "generator_state": tensors["batches.generator"]}
         )
         set_rng_state({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
+        for slot in self.slots.values():  # a failed attempt's gradients and probes must not count
+            slot.reset_tick_telemetry()
         self.history = list(info["history"])
         self.seeds_germinated = info["seeds_germinated"]

@@ -1,7 +1,8 @@
 """The governor (paper §9.5): catastrophic-failure detection and rollback.
 
-After each tick's training it checks for non-finite loss or parameters, a loss that diverged from
-its rolling baseline, or one that exploded past an absolute ceiling. On a trigger the engine rolls
+After each tick's training it checks for non-finite loss or parameters, a seed whose output went
+non-finite, a loss that diverged from its rolling baseline, or one that exploded past an absolute
+ceiling. On a trigger the engine rolls
 back to the last known-good snapshot — model, optimizer moments (an earlier implementation kept
 stale momentum across rollbacks), data order, RNG state — force-prunes the offending seed and
 goes on.
@@ -9,15 +10,12 @@ goes on.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
 from esper.kasmina import SeedSlot
+from esper.tolaria.environment import TrainStats
 
 
 @dataclass(frozen=True)
@@ -62,10 +60,16 @@ class Verdict:
     """The slot whose seed is blamed (None: the host itself)."""
 
 
-def _nonfinite_slot(slots: dict[str, SeedSlot]) -> str | None:
-    for name, slot in slots.items():
-        if any(not torch.isfinite(p).all() for p in slot.parameters()):
-            return name
+def _culprit(train: TrainStats) -> str | None:
+    """The slot to blame for a non-finite tick, judged by what broke first. A seed that turned a
+    finite input into a non-finite output did (its output is screened, so nothing else saw it).
+    Otherwise, only while the host is still finite, a slot with non-finite weights. Once the host
+    is non-finite its weights say nothing: after one NaN loss Adam writes NaN into every
+    parameter that got a gradient, seeds that did nothing wrong included."""
+    if train.faults:
+        return train.faults[0]
+    if train.host_finite and train.nonfinite_slots:
+        return train.nonfinite_slots[0]
     return None
 
 
@@ -89,14 +93,19 @@ class Governor:
         self.rollbacks = 0
         self.ticks_seen = 0
 
-    def check(self, loss: float, model: nn.Module, slots: dict[str, SeedSlot]) -> Verdict | None:
-        bad_params = any(not torch.isfinite(p).all() for p in model.parameters())
-        if not math.isfinite(loss) or bad_params:
-            where = "parameters" if bad_params else "loss"
+    def check(self, train: TrainStats, slots: dict[str, SeedSlot]) -> Verdict | None:
+        loss = train.loss
+        if not train.finite:
+            if train.faults:
+                where = f"output of the seed in {', '.join(train.faults)}"
+            elif not train.host_finite or train.nonfinite_slots:
+                where = "parameters"
+            else:
+                where = "loss"
             return Verdict(
                 "nan",
                 f"non-finite {where} (loss {loss})",
-                _nonfinite_slot(slots) or _youngest_seed(slots),
+                _culprit(train) or _youngest_seed(slots),
             )
         if loss > self.cfg.explosion_loss:
             return Verdict(

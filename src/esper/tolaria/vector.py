@@ -231,12 +231,16 @@ def _to_host(launched: list[_Launched]) -> list[_Launched]:
     """`launched` with its device tensors replaced by host copies, all read in one transfer (one
     host sync). The values are unchanged: float32 results may come back widened to float64,
     which is exact, and `finish_*` turn them into Python floats either way."""
-    parts = [t for train, ev in launched for t in (train.total, ev.means)]
-    flat = torch.cat([t.reshape(-1) for t in parts]).cpu()
+    parts = [t for train, ev in launched for t in (train.total, train.health, ev.means)]
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]).cpu()
     chunks = iter(flat.split([t.numel() for t in parts]))
     return [
         (
-            replace(train, total=next(chunks).view(train.total.shape)),
+            replace(
+                train,
+                total=next(chunks).view(train.total.shape),
+                health=next(chunks).view(train.health.shape),
+            ),
             replace(ev, means=next(chunks).view(ev.means.shape)),
         )
         for train, ev in launched
