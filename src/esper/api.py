@@ -30,9 +30,9 @@ def grow(
     train: Data,
     val: Data,
     *,
-    policy: str = "heuristic",
+    policy: str | None = None,
     ticks: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     run_dir: str | Path | None = None,
     config: GrowConfig | None = None,
     callbacks: Iterable[Callback] = (),
@@ -40,8 +40,10 @@ def grow(
 ) -> tuple[nn.Module, GrowResult]:
     """Grow `model` (which must contain SeedSlots, see `esper.kasmina.insert_slots`) on
     classification data `train`/`val` — (x, y) tensors or DataLoaders — and return the grown
-    model and the run's result. `overrides` are dotted config keys, e.g. `**{"economy.w_rent":
-    0.1}`. For bit-reproducible runs, build the model after `torch.manual_seed(seed)`."""
+    model and the run's result. The run's settings are `config` (default: `GrowConfig()`); only
+    the keywords given here (`policy`, `ticks`, `seed`, and `overrides` as dotted config keys, e.g.
+    `**{"economy.w_rent": 0.1}`) replace its values. For bit-reproducible runs, build the model
+    after `torch.manual_seed(seed)`."""
     cfg = override(
         config or GrowConfig(), policy=policy, ticks=ticks, seed=seed, task="custom", **overrides
     )
