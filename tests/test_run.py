@@ -108,8 +108,12 @@ torch.set_num_threads(1)  # as in the test process: float reductions depend on t
 from esper.config import config_from_dict
 from esper.run import start_run
 cfg = config_from_dict(json.loads(sys.argv[1]))
-slow = lambda t, env: time.sleep(0.2)  # room to kill it mid-run; changes no number
-start_run(cfg, run_dir=Path(sys.argv[2]), callbacks=[slow]).run()
+hang_at = int(sys.argv[3])
+def hang(t, env):  # blocks inside tick `hang_at` until killed; changes no number
+    if t == hang_at:
+        time.sleep(3600)
+start_run(cfg, run_dir=Path(sys.argv[2]), callbacks=[hang]).run()
+raise SystemExit("the run finished: it was meant to be killed")
 """
 
 
@@ -123,31 +127,29 @@ def _complete_ticks(db: Path) -> int:
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    ticks = 12
+    ticks, hang_at = 12, 7  # checkpoints after ticks 2 and 5; killed inside tick 7
     cfg = small_config(ticks, checkpoint_every=3)
     run_dir = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, json.dumps(config_to_dict(cfg)), str(run_dir)],
+        [sys.executable, "-c", _CHILD, json.dumps(config_to_dict(cfg)), str(run_dir), str(hang_at)],
         env=env,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while child.poll() is None and time.monotonic() < deadline:
-        if _complete_ticks(run_dir / "run.sqlite") >= 5:
+        if _complete_ticks(run_dir / "run.sqlite") >= hang_at:
             break
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     _, err = child.communicate(timeout=30)
-    assert child.returncode in (-signal.SIGKILL, 0), err.decode()[-2000:]
-    done = _complete_ticks(run_dir / "run.sqlite")
-    if child.returncode == -signal.SIGKILL:
-        assert 5 <= done < ticks, "killed outside the window the test aims for"
+    assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert _complete_ticks(run_dir / "run.sqlite") == hang_at  # ticks 0..6 are whole
 
     reference = start_run(cfg, run_dir=tmp_path / "whole").run()
     run = resume_run(run_dir)
-    assert run.start_tick in (3, 6, 9, 12) and run.start_tick <= done
-    assert run.store.last_complete_tick() == run.start_tick - 1  # later ticks truncated
+    assert run.start_tick == 6  # the checkpoint after tick 5; tick 6 is replayed
+    assert run.store.last_complete_tick() == 5  # later ticks truncated
     result = run.run()
     assert result.weights_hash == reference.weights_hash
     assert result.event_log_hash == reference.event_log_hash

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]
 def test_smoke_training_writes_a_loadable_policy(trained: tuple[Path, list[dict]]) -> None:
     path, logs = trained
     assert [info["update"] for info in logs] == [0, 1, 2]  # 0: the warm start
-    assert all(info["approx_kl"] >= 0 and info["clipfrac"] >= 0 for info in logs[1:])
+    assert all(0.0 <= info["clipfrac"] <= 1.0 for info in logs[1:])
+    # The ratio moves off 1 after the first epoch (an update over an anchored reference with
+    # one epoch would leave it at 1, approx_kl exactly 0, and clipping inert).
+    assert all(info["approx_kl"] > 0 for info in logs[1:])
     policy = LearnedPolicy.load(path, expect_slots=["slots.b0", "slots.b1", "slots.b2"])
     assert policy.name == "learned"
     with RunStore.open(path.parent / "run") as store:  # every decision of every env recorded
@@ -189,7 +193,7 @@ def test_warm_start_records_the_teacher_and_saves_the_clone(
     path, logs = trained
     clone = logs[0]["imitation"]
     assert clone["decisions"] == 2 * 3  # one rollout: 3 ticks × 2 envs
-    assert clone["nll"] == clone["nll"] and clone["nll"] >= 0  # finite: teacher acts legal
+    assert math.isfinite(clone["nll"])  # the teacher acts legally: no action of probability 0
     with RunStore.open(path.parent / "demos") as store:
         demos = store.decisions()
     assert len(demos) == 6 and {d.policy for d in demos} == {"heuristic"}
