@@ -60,7 +60,6 @@ def main() -> None:
     cfg = GrowConfig(policy="none", ticks=10_000, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         run = start_run(cfg, run_dir=Path(tmp) / "run")
-        run.governor.keep(-1, run.state())
         model = copy.deepcopy(run.env.model)
         batches = Batches(
             run.task.train_x, run.task.train_y, cfg.env.batch_size, generator_seed=cfg.seed

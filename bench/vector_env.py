@@ -1,5 +1,6 @@
-"""Environment ticks per second of a VectorEnv of K growth environments against K single-environment
-runs done one after another (same specs, same RandomPolicy seeds, same economy, same ticks).
+"""Environment ticks per second of a VectorEnv of K episodes against the same K episodes played one
+after another (`Episode.observe` / `Episode.act`, as a run plays them): same configs, same
+random policies, same ticks. Both sides run the one tick, governor included.
 
     .venv/bin/python bench/vector_env.py [--device cpu|cuda] [--ks 1 4 8 16] [--ticks 6]
                                          [--repeats 3] [--threads 1] [--workers 2]
@@ -44,22 +45,22 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from esper.contracts import FactoredAction, Op
-from esper.kasmina import CNNHost
-from esper.simic import Economy, EconomyConfig, SlotEconomics
-from esper.tamiyo.masks import illegal_reason
-from esper.tamiyo.policies import RandomPolicy
-from esper.tolaria.data import TaskData, load_task
-from esper.tolaria.environment import EnvConfig, GrowthEnv
-from esper.tolaria.vector import EnvSpec, VectorEnv, sample_specs
+from esper.config import GrowConfig, HostConfig
+from esper.run import build_episode, load_policy, slot_layout
+from esper.tolaria.environment import EnvConfig
+from esper.tolaria.vector import VectorEnv
 
 ENV_CFG = EnvConfig(batches_per_tick=4)
 SPEC_SEED = 0
 
 
-def cnn_host(spec: EnvSpec) -> CNNHost:
-    """Module level, so that worker processes can unpickle it."""
-    return CNNHost(spec.width, 3, 1, 10, 8)
+def specs_of(k: int, ticks: int, device: torch.device) -> list[GrowConfig]:
+    """K `esper grow --policy random` configs: digits CNN width 2, depth 3, seeds SPEC_SEED..,
+    `ticks` long."""
+    base = GrowConfig(
+        policy="random", ticks=ticks, device=str(device), env=ENV_CFG, host=HostConfig(width=2)
+    )
+    return [replace(base, seed=SPEC_SEED + i) for i in range(k)]
 
 
 def sync(device: torch.device) -> None:
@@ -85,43 +86,19 @@ def threads(n: int | None):
 
 
 def sequential(
-    task: TaskData, specs: list[EnvSpec], ticks: int, device: torch.device
+    specs: list[GrowConfig], ticks: int, device: torch.device
 ) -> tuple[float, list[list[float]]]:
-    """Seconds spent in ticks, and each environment's rewards."""
+    """Seconds spent in ticks, and each episode's rewards."""
     elapsed, rewards = 0.0, []
-    for i, spec in enumerate(specs):
-        torch.manual_seed(spec.host_seed)
-        env = GrowthEnv(cnn_host(spec), task, ENV_CFG, device=device, seed=spec.data_seed)
-        economy = Economy(replace(EconomyConfig(), higher_is_better=task.higher_is_better))
-        policy, mine = RandomPolicy(i), []
+    for spec in specs:
+        episode = build_episode(spec)
+        policy, mine = load_policy(spec, list(episode.env.slots)), []
         t0 = 0.0
         for t in range(ticks + 1):
             if t == 1:  # the first tick warms up (lazy kernels, allocator): untimed
                 t0 = time.perf_counter()
-            train = env.train_tick()
-            ev = env.evaluate()
-            env.record_evaluation(ev, t)
-            env.evaluate_gates()
-            obs = env.observe(
-                t, ticks + 2, ev, train, economy.last_rents, economy.ledger.totals().rent
-            )
-            action = policy.act(obs).action
-            if illegal_reason(action, obs) is not None:
-                action = FactoredAction(op=Op.WAIT)
-            ops = env.execute(action)
-            env.advance_clock(t)
-            slots = [
-                SlotEconomics(
-                    n,
-                    s.stage,
-                    min(1.0, max(0.0, s.telemetry().alpha)),
-                    s.seed_param_count(),
-                    s.seed_id,
-                )
-                for n, s in env.slots.items()
-            ]
-            prev = env.history[-2] if len(env.history) > 1 else None
-            mine.append(economy.step(t, slots, ops, env.host_params(), prev, ev.metric).total)
+            decision = policy.act(episode.observe())
+            mine.append(episode.act(decision.action, decision.reason).reward.total)
         sync(device)
         elapsed += time.perf_counter() - t0
         rewards.append(mine)
@@ -129,44 +106,41 @@ def sequential(
 
 
 # ---------------------------------------------------------------------------------------------
-# The vector: one policy call (a list comprehension over K RandomPolicies) per tick
+# The vector: one policy call (a list comprehension over K random policies) per tick
 # ---------------------------------------------------------------------------------------------
 
 
 def vector(
-    task: TaskData,
-    specs: list[EnvSpec],
+    specs: list[GrowConfig],
     ticks: int,
     device: torch.device,
     backend: str,
     workers: int,
     overlap: bool = True,
 ) -> tuple[float, float, list[list[float]]]:
-    """Seconds to start, seconds spent in ticks, and each environment's rewards."""
+    """Seconds to start, seconds spent in ticks, and each episode's rewards."""
     t0 = time.perf_counter()
     venv = VectorEnv(
-        task,
+        build_episode,
         len(specs),
         specs,
-        env_cfg=ENV_CFG,
-        episode_ticks=ticks + 2,
         device=device,
-        build_host=cnn_host,
-        validator=illegal_reason,
         backend=backend,
         workers=workers,
         overlap=overlap,
     )
     sync(device)
-    policies = [RandomPolicy(i) for i in range(len(specs))]
+    slots = slot_layout(specs[0])
+    policies = [load_policy(s, slots) for s in specs]
     rewards = []
     try:
         t1 = 0.0
         for t in range(ticks + 1):
             if t == 1:  # the first tick warms up, as in `sequential`: untimed
                 t1 = time.perf_counter()
-            obs = venv.step_train()
-            result = venv.act([p.act(o).action for p, o in zip(policies, obs, strict=True)])
+            obs = venv.observe()
+            decisions = [p.act(o) for p, o in zip(policies, obs, strict=True)]
+            result = venv.act([d.action for d in decisions], [d.reason for d in decisions])
             rewards.append(result.rewards.tolist())
         sync(device)
         t2 = time.perf_counter()
@@ -229,7 +203,6 @@ def main() -> None:
         args.ks = [1, 16, 64] if device.type == "cuda" else [1, 4, 8, 16]
     variants = variants_of(args.backends, args.overlap, device)
     backends = list(variants)
-    task = load_task("digits", seed=0, device=device)
     console = Console(width=150)
     console.print(
         f"[bold]{machine(device)}[/]\n$ {' '.join(sys.argv)}\n"
@@ -238,12 +211,12 @@ def main() -> None:
     runs: dict[tuple[int, str], list[tuple[float, float, list]]] = {}
     t_all = time.perf_counter()
     with threads(args.threads or None):  # warm-up
-        sequential(task, sample_specs(1, seed=SPEC_SEED, widths=(2,)), 2, device)
+        sequential(specs_of(1, 4, device), 2, device)
     for repeat in range(args.repeats):
         for k in args.ks:
-            specs = sample_specs(k, seed=SPEC_SEED, widths=(2,))
+            specs = specs_of(k, args.ticks + 2, device)  # no episode ends while timed
             with threads(args.threads or None):
-                secs, rewards = sequential(task, specs, args.ticks, device)
+                secs, rewards = sequential(specs, args.ticks, device)
                 runs.setdefault((k, "seq"), []).append((0.0, secs, rewards))
                 reference = rewards
                 if args.progress:
@@ -252,7 +225,7 @@ def main() -> None:
                     )
                 for b, (backend, overlap) in variants.items():
                     start, secs, rewards = vector(
-                        task, specs, args.ticks, device, backend, args.workers, overlap
+                        specs, args.ticks, device, backend, args.workers, overlap
                     )
                     runs.setdefault((k, b), []).append((start, secs, rewards))
                     if args.progress:

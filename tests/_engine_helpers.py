@@ -1,6 +1,6 @@
-"""Shared helpers for the engine's tests: small configs, cached tasks, and a GrowthEnv driven one
-control tick at a time the way `GrowthRun.step` drives it (train → evaluate → gates → act →
-clock), without the policy, the economy or the recorder."""
+"""Shared helpers for the engine's tests: small configs, cached tasks, and an episode driven one
+control tick at a time by hand (the episode's own tick: `Episode.observe`, then `Episode.act`),
+without a policy or the recorder."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import torch
 from esper.config import GrowConfig, HostConfig
 from esper.contracts import Blueprint, FactoredAction, Op, Stage, Tempo
 from esper.kasmina import CNNHost, SeedSlot, TransformerHost
+from esper.run import build_episode
 from esper.tamiyo.policies import HeuristicConfig
 from esper.tolaria.data import TaskData, load_task
 from esper.tolaria.environment import EnvConfig, GrowthEnv
+from esper.tolaria.episode import Episode, Outcome
 
 # A heuristic that grows from tick 1 and judges a held seed after one tick.
 FAST_HEURISTIC = HeuristicConfig(warmup_ticks=1, plateau_patience=0, hold_ticks=1)
@@ -57,7 +59,7 @@ def finite(x: float) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# A GrowthEnv driven by hand
+# An episode driven by hand
 # ---------------------------------------------------------------------------------------------
 
 Decide = Callable[[GrowthEnv], FactoredAction | None]
@@ -65,23 +67,27 @@ Decide = Callable[[GrowthEnv], FactoredAction | None]
 
 @dataclass
 class Driver:
-    """A GrowthEnv and its clock; `tick(action)` is one control tick with that action."""
+    """An episode; `tick(action)` is one control tick with that action."""
 
-    env: GrowthEnv
-    t: int = 0
+    episode: Episode
 
-    def tick(self, action: FactoredAction | Decide | None = None) -> None:
-        """`action` may be a function of the env, called after the gates (as a policy is)."""
-        env = self.env
-        env.train_tick()
-        env.record_evaluation(env.evaluate(), self.t)
-        env.evaluate_gates()
+    @property
+    def env(self) -> GrowthEnv:
+        return self.episode.env
+
+    @property
+    def t(self) -> int:
+        return self.episode.t
+
+    def tick(self, action: FactoredAction | Decide | None = None) -> Outcome:
+        """`action` may be a function of the env, called after the gates (as a policy is). An
+        action the episode rejects fails the test."""
+        self.episode.observe()
         if callable(action):
-            action = action(env)
-        if action is not None:
-            env.execute(action)
-        env.advance_clock(self.t)
-        self.t += 1
+            action = action(self.env)
+        outcome = self.episode.act(action or FactoredAction())
+        assert outcome.rejected is None, outcome.rejected
+        return outcome
 
     def slot(self, i: int) -> SeedSlot:
         return self.env.slot_at(i)
@@ -114,14 +120,17 @@ class Driver:
         return slot
 
 
+def _driver(model: torch.nn.Module, task: TaskData, seed: int, env: EnvConfig) -> Driver:
+    cfg = GrowConfig(ticks=10_000, seed=seed, device="cpu", env=env)
+    return Driver(build_episode(cfg, model=model, task=task))
+
+
 def cnn_driver(seed: int = 0, width: int = 4, **env_kw: object) -> Driver:
     torch.manual_seed(seed)
     task = digits()
     model = CNNHost(width, 2, 1, task.num_outputs, 8)
     env_kw.setdefault("batches_per_tick", 3)
-    return Driver(
-        GrowthEnv(model, task, EnvConfig(**env_kw), device=torch.device("cpu"), seed=seed)
-    )
+    return _driver(model, task, seed, EnvConfig(**env_kw))
 
 
 def text_driver(seed: int = 0, **env_kw: object) -> Driver:
@@ -131,6 +140,4 @@ def text_driver(seed: int = 0, **env_kw: object) -> Driver:
     env_kw.setdefault("batches_per_tick", 3)
     env_kw.setdefault("batch_size", 16)
     env_kw.setdefault("eval_samples", 64)
-    return Driver(
-        GrowthEnv(model, task, EnvConfig(**env_kw), device=torch.device("cpu"), seed=seed)
-    )
+    return _driver(model, task, seed, EnvConfig(**env_kw))

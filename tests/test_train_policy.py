@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,11 @@ from esper.train_policy import TrainPolicyConfig, train_policy
 def _cfg(out: Path, updates: int) -> TrainPolicyConfig:
     """Tiny, with the default warm start: 2 heuristic episodes (one rollout), cloned."""
     return TrainPolicyConfig(
+        episode=GrowConfig(ticks=3, device="cpu", env=EnvConfig(batches_per_tick=2)),
         num_envs=2,
-        episode_ticks=3,
         num_steps=3,
         updates=updates,
         out=str(out),
-        env=EnvConfig(batches_per_tick=2),
         backend="inprocess",
         imitation=ImitationConfig(episodes=2, epochs=5),
     )
@@ -106,25 +106,32 @@ def _write(tmp: Path, text: str) -> Path:
 def test_periodic_held_out_evaluation(tmp_path: Path) -> None:
     logs: list[dict] = []
     cfg = TrainPolicyConfig(
+        episode=GrowConfig(ticks=2, device="cpu", env=EnvConfig(batches_per_tick=1)),
         num_envs=2,
-        episode_ticks=2,
         num_steps=2,
         updates=2,
         eval_every=1,
-        eval_envs=2,
+        eval_seeds=2,
         out=str(tmp_path),
-        env=EnvConfig(batches_per_tick=1),
         backend="inprocess",
         imitation=ImitationConfig(teacher=None),
     )
     train_policy(cfg, log=lambda u, info: logs.append(info))
     assert all("heldout_metric" in info for info in logs)
     assert all(0.0 <= info["heldout_metric"] <= 1.0 for info in logs)
+    # The evaluator is `esper evaluate`'s: recorded runs on seeds 1000 and 1001, one per update.
+    for update in (1, 2):
+        runs = sorted(
+            p.name for p in (tmp_path / "heldout" / f"update-{update:04d}" / "runs").iterdir()
+        )
+        assert runs == ["learned-s1000", "learned-s1001"]
+        with RunStore.open(tmp_path / "heldout" / f"update-{update:04d}" / "runs" / runs[0]) as s:
+            assert s.manifest()["config"]["seed"] == 1000
     # the held-out episodes must not move the training stream: a run without them logs the
     # same training returns
     plain: list[dict] = []
     train_policy(
-        TrainPolicyConfig(**{**cfg.__dict__, "eval_every": 0, "out": str(tmp_path / "b")}),
+        replace(cfg, eval_every=0, out=str(tmp_path / "b")),
         log=lambda u, info: plain.append(info),
     )
     assert [i["return_mean"] for i in logs] == [i["return_mean"] for i in plain]

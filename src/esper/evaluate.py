@@ -1,6 +1,10 @@
 """`esper evaluate`: policies side by side on held-out seeds at matched ticks (paper §7 table).
 
-Every (policy, seed) pair is a full growth run with the same config but the policy. The table
+Held-out seeds are 1000 and up: `esper train-policy` draws its episodes' seeds below 1000. One
+evaluator, `run_held_out`, serves both `esper evaluate` and the periodic held-out evaluation of a
+policy in training: every (policy, seed) pair is a full recorded growth run (`esper.run`) of the
+same config but the policy, its seed mapped to host, data and policy as in any run
+(`RunSeeds`). The table
 gives median / q25 of the task metric and of the final reward, parameters added, FLOPs delta, the
 blueprint distribution of committed seeds, rent and churn paid, and a paired bootstrap confidence
 interval on the difference in final reward to each baseline that was run (`none`, `random`,
@@ -19,10 +23,12 @@ from pathlib import Path
 
 from esper.config import GrowConfig
 from esper.run import GrowResult, start_run
-from esper.tamiyo.policies import POLICIES
+from esper.tamiyo.policies import POLICIES, Policy
 
-HELD_OUT_SEEDS = tuple(range(1000, 1010))
-"""Seeds no training run uses (train-policy draws environment seeds below 1000)."""
+FIRST_HELD_OUT = 1000
+"""Seeds from here on are held out: training draws its episodes' seeds below it."""
+HELD_OUT_SEEDS = tuple(range(FIRST_HELD_OUT, FIRST_HELD_OUT + 10))
+"""The default held-out seeds of `esper evaluate`."""
 BASELINES = ("none", "random", "heuristic")
 """Policies every other row is compared with, when they were run."""
 
@@ -100,6 +106,63 @@ def variants(policies: Sequence[str], sample: bool) -> list[tuple[str, str, bool
     return rows
 
 
+def held_out_seeds(n: int, first: int = FIRST_HELD_OUT) -> list[int]:
+    """`n` held-out seeds from `first` (which must be held out: >= FIRST_HELD_OUT)."""
+    if first < FIRST_HELD_OUT:
+        raise ValueError(
+            f"seed {first} is drawn in training: held-out seeds start at {FIRST_HELD_OUT}"
+        )
+    if n < 1:
+        raise ValueError(f"need at least one held-out seed, got {n}")
+    return list(range(first, first + n))
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One row of an evaluation: a label, the config its runs use (the seed is replaced), and
+    optionally a policy object to run instead of `config.policy` (a policy still in training)."""
+
+    label: str
+    config: GrowConfig
+    policy: Policy | None = None
+
+
+def run_held_out(
+    contenders: Sequence[Contender],
+    seeds: Sequence[int],
+    out: Path,
+    progress: Callable[[str, int, GrowResult], None] | None = None,
+) -> dict[str, list[GrowResult]]:
+    """Every contender on every seed (each seed must be held out), interleaved so that drift in
+    the machine hits every contender alike; runs recorded under `out/runs/LABEL-sSEED`."""
+    for seed in seeds:
+        held_out_seeds(1, seed)
+    results: dict[str, list[GrowResult]] = {c.label: [] for c in contenders}
+    for seed in seeds:
+        for c in contenders:
+            name = _run_name(c.label)
+            run = start_run(
+                replace(c.config, seed=seed),
+                policy=c.policy,
+                run_dir=out / "runs" / f"{name}-s{seed}",
+            )
+            try:
+                r = run.run()
+            finally:
+                run.store.close()
+            results[c.label].append(r)
+            if progress is not None:
+                progress(c.label, seed, r)
+    return results
+
+
+def _run_name(label: str) -> str:
+    """A row label as a directory name: a policy file by its stem, "-sampled" for SAMPLED."""
+    base = label.removesuffix(SAMPLED)
+    name = Path(base).stem if base.endswith(".safetensors") else base
+    return name + ("-sampled" if label.endswith(SAMPLED) else "")
+
+
 def evaluate(
     policies: Sequence[str],
     seeds: Sequence[int],
@@ -110,17 +173,11 @@ def evaluate(
 ) -> list[PolicyRow]:
     """Run every policy on every seed; write `evaluation.json` and `evaluation.md` to `out`.
     `sample`: also run each learned policy sampling its actions (a row "NAME (sampled)")."""
-    rows_of = variants(policies, sample)
-    results: dict[str, list[GrowResult]] = {label: [] for label, _, _ in rows_of}
-    for seed in seeds:
-        for label, policy, sampled in rows_of:  # interleaved: drift hits every policy alike
-            cfg = replace(base, policy=policy, seed=seed, sample_actions=sampled)
-            name = Path(policy).stem if policy.endswith(".safetensors") else policy
-            name += "-sampled" if sampled else ""
-            r = start_run(cfg, run_dir=out / "runs" / f"{name}-s{seed}").run()
-            results[label].append(r)
-            if progress is not None:
-                progress(label, seed, r)
+    contenders = [
+        Contender(label, replace(base, policy=policy, sample_actions=sampled))
+        for label, policy, sampled in variants(policies, sample)
+    ]
+    results = run_held_out(contenders, seeds, out, progress)
     bases = {b: results[b] for b in BASELINES if b in results}
     rows = [_row(p, rs, bases) for p, rs in results.items()]
     out.mkdir(parents=True, exist_ok=True)

@@ -6,36 +6,37 @@ The warm start (`tamiyo.imitation`) records a few episodes of a teacher (the heu
 same environments, clones its decisions and fits the value head to its returns; PPO then starts
 from there. `imitation.teacher = None` starts PPO from a random initialisation instead.
 
-Each environment draws its host seed, data order and host width from `widths` (held-out seeds
-≥ 1000 are never drawn), so the policy sees variety. Every decision of every episode goes to the
-flight recorder of the training run; the policy is checkpointed (weights-only, with its
-normalisers) after every update, together with the optimizer, so training resumes at an update
-boundary (environments restart their episodes from fresh specs on resume).
+Each episode is an `esper grow` run (`cfg.episode`, built by `esper.run.build_episode`) whose
+seed (below 1000: held-out seeds are never drawn) and host width (from `widths`) are drawn, so
+the policy sees variety. Every decision and event of every episode goes to the flight recorder of
+the training run; the policy is checkpointed (weights-only, with its normalisers) after every
+update, together with the optimizer, so training resumes at an update boundary (episodes restart
+from fresh specs on resume). The periodic held-out evaluation is `esper evaluate`'s
+(`run_held_out`).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
+import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import nn
 
-from esper.config import config_to_dict
-from esper.contracts import LifecycleConfig, Observation, Op
-from esper.kasmina import CNNHost, save_tensors
-from esper.recorder import DecisionRecord, RunStore, build_manifest
-from esper.run import SPEC_VERSIONS, action_names, obs_vector, slot_state
-from esper.simic import Critic, EconomyConfig, load_critic
+from esper.config import GrowConfig, config_to_dict
+from esper.contracts import Observation, Op
+from esper.evaluate import FIRST_HELD_OUT, Contender, held_out_seeds, run_held_out
+from esper.kasmina import save_tensors
+from esper.recorder import RunStore, build_manifest
+from esper.run import build_episode, load_policy, record_tick, slot_layout
+from esper.simic import Critic, load_critic
 from esper.tamiyo.features import featurize_batch
 from esper.tamiyo.imitation import (
     Demonstrations,
@@ -44,8 +45,7 @@ from esper.tamiyo.imitation import (
     imitation_update,
 )
 from esper.tamiyo.learned import LearnedPolicy
-from esper.tamiyo.masks import illegal_reason
-from esper.tamiyo.policies import make_policy
+from esper.tamiyo.policies import Decision, Policy
 from esper.tamiyo.ppo import (
     HealthMonitor,
     PPOConfig,
@@ -55,22 +55,25 @@ from esper.tamiyo.ppo import (
     compute_gae,
     ppo_update,
 )
-from esper.tolaria.data import load_task
-from esper.tolaria.determinism import seed_everything
-from esper.tolaria.environment import EnvConfig
-from esper.tolaria.vector import EnvSpec, VectorEnv, sample_specs, spec_stream
+from esper.tolaria.determinism import pick_device, seed_everything
+from esper.tolaria.vector import StepResult, VectorEnv
 
 
 @dataclass(frozen=True)
 class TrainPolicyConfig:
     """Everything `esper train-policy` needs."""
 
-    task: str = "digits"
+    episode: GrowConfig = field(default_factory=GrowConfig)
+    """Every training episode is this `esper grow` run (task, host, env, economy, governor;
+    `ticks` is the episode's length) with its seed drawn below 1000 (held-out seeds are never
+    drawn) and its host width from `widths`, built by the same code as `esper grow`
+    (`esper.run.build_episode`): the policy trains in the setting it is deployed in. One epoch
+    per tick (the default env): shorter ticks end episodes before the width-2 host plateaus, and
+    growth cannot pay before then (bench/RESULTS.md)."""
+    widths: tuple[int, ...] = (2, 3, 4)
+    """Host widths episodes draw from (the impaired CNN and two slightly wider ones)."""
     num_envs: int = 8
-    """K environments stepped in lockstep."""
-    episode_ticks: int = 40
-    """Control ticks per growth episode (the `esper grow` default, so the shipped policy is
-    trained in the setting it is deployed in)."""
+    """K episodes stepped in lockstep."""
     num_steps: int = 40
     """Ticks per rollout (per environment) between PPO updates."""
     updates: int = 50
@@ -78,27 +81,21 @@ class TrainPolicyConfig:
     budget_minutes: float = 55.0
     """Wall-clock budget; training stops after the update that crosses it."""
     seed: int = 0
-    widths: tuple[int, ...] = (2, 3, 4)
-    """Host widths environments draw from (the impaired CNN and two slightly wider ones)."""
-    depth: int = 3
+    """Seeds the stream of episodes, the network's initialisation and its sampling."""
     backend: str = "auto"
     """Vector env backend: auto, inprocess, processes."""
     hidden: int = 128
     eval_every: int = 10
-    """Evaluate the deterministic policy on held-out environments every this many updates
-    (and after the last); 0 turns it off."""
-    eval_envs: int = 2
-    """Held-out environments (host and data seeds ≥ 1000, never drawn in training)."""
+    """Evaluate the deterministic policy on held-out seeds every this many updates (and after
+    the last); 0 turns it off."""
+    eval_seeds: int = 2
+    """Held-out runs per evaluation: `esper evaluate`'s runs, seeds 1000, 1001, ..."""
     out: str = "policies/digits"
     critic: str | None = None
     """A critic file (`esper train-critic`): each seed's predicted audit φ, read `lag` ticks
     after it germinated, is added to that tick's training reward × `critic_weight` (paper
     §5.4: audited credit without an audit at training time). None: the economy alone."""
     critic_weight: float = 1.0
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """One epoch per tick, as `esper grow`: shorter ticks end episodes before the width-2 host
-    plateaus, and growth cannot pay before then (bench/RESULTS.md)."""
-    economy: EconomyConfig = field(default_factory=EconomyConfig)
     ppo: PPOConfig = field(
         default_factory=lambda: PPOConfig(
             clip_vloss=False, lr=3e-4, update_epochs=4, ent_coef=0.001
@@ -114,40 +111,41 @@ class TrainPolicyConfig:
     imitation: ImitationConfig = field(default_factory=ImitationConfig)
     """The warm start: behaviour cloning of a teacher before PPO (`teacher=None`: none)."""
 
+    def __post_init__(self) -> None:
+        if not self.widths or min(self.widths) < 1:
+            raise ValueError(f"widths must be non-empty and >= 1, got {self.widths}")
+        for name in ("num_envs", "num_steps", "eval_seeds", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.updates < 0 or self.eval_every < 0 or not self.budget_minutes > 0:
+            raise ValueError("updates and eval_every must be >= 0 and budget_minutes > 0")
+        if self.backend not in ("auto", "inprocess", "processes"):
+            raise ValueError(f"backend must be auto, inprocess or processes, got {self.backend!r}")
 
-def _host(in_channels: int, classes: int, size: int, depth: int, spec: EnvSpec) -> nn.Module:
-    return CNNHost(spec.width, depth, in_channels, classes, size, lifecycle=LifecycleConfig())
+
+def episode_specs(cfg: TrainPolicyConfig) -> Iterator[GrowConfig]:
+    """The endless, reproducible stream of training episodes: `cfg.episode` with a seed drawn
+    uniformly below FIRST_HELD_OUT and a host width drawn from `cfg.widths`."""
+    rng = random.Random(cfg.seed)
+    while True:
+        seed, width = rng.randrange(FIRST_HELD_OUT), rng.choice(cfg.widths)
+        yield replace(cfg.episode, seed=seed, host=replace(cfg.episode.host, width=width))
 
 
 def _record(
     store: RunStore,
     tick: int,
     obs: list[Observation],
-    decisions: list[Any],
-    rewards: torch.Tensor,
-    metrics: dict[str, float],
+    decisions: list[Decision],
+    result: StepResult,
     policy: str = "learned",
 ) -> None:
+    """One tick of every environment: the decisions and events (env = position), the mean
+    reward as the tick's metric."""
     with store.tick(tick) as tx:
-        tx.metrics(metrics)
-        for i, (o, d) in enumerate(zip(obs, decisions, strict=True)):
-            tx.decision(
-                DecisionRecord(
-                    env=i,
-                    tick=tick,
-                    policy=policy,
-                    action=action_names(d.action),
-                    slot_states=[slot_state(s) for s in o.slots],
-                    obs_before=obs_vector(o),
-                    obs_after=None,
-                    mask=d.mask,
-                    probs=d.probs,
-                    entropy=d.entropy,
-                    value=d.value,
-                    reward=float(rewards[i]),
-                    spec_versions=SPEC_VERSIONS,
-                )
-            )
+        tx.metrics({"reward_mean": float(result.rewards.mean())})
+        for i, (o, d, outcome) in enumerate(zip(obs, decisions, result.outcomes, strict=True)):
+            record_tick(tx, i, policy, d, o, outcome)
 
 
 class CriticBonus:
@@ -158,10 +156,10 @@ class CriticBonus:
         self.critic, self.weight = critic, weight
         self.born: list[dict[str, int]] = [{} for _ in range(num_envs)]
 
-    def germinated(self, infos: Any) -> None:
-        """After `act`: note the germinations each env executed, forget finished episodes."""
-        for born, info in zip(self.born, infos, strict=True):
-            born.update({slot: info.tick for slot, op in info.ops if op is Op.GERMINATE})
+    def germinated(self, outcomes: Any) -> None:
+        """After `act`: note the germinations each env executed."""
+        for born, out in zip(self.born, outcomes, strict=True):
+            born.update({slot: out.tick for slot, op in out.ops if op is Op.GERMINATE})
 
     def reset(self, dones: torch.Tensor) -> None:
         for born, done in zip(self.born, dones.tolist(), strict=True):
@@ -179,42 +177,31 @@ class CriticBonus:
         return out
 
 
-def _held_out(
-    cfg: TrainPolicyConfig, task: Any, build: Callable[[EnvSpec], nn.Module], policy: LearnedPolicy
-) -> dict[str, float]:
-    """One episode per held-out environment with the policy's most probable actions."""
-    specs = [
-        EnvSpec(1000 + s.host_seed, 1000 + s.data_seed, s.width)
-        for s in sample_specs(cfg.eval_envs, seed=cfg.seed + 1, widths=cfg.widths, seed_bound=1000)
-    ]
+def _held_out(cfg: TrainPolicyConfig, policy: LearnedPolicy, out: Path, update: int) -> dict:
+    """The policy's most probable actions on held-out seeds, by `esper evaluate`'s evaluator:
+    recorded runs under `out/heldout/update-N`."""
     saved = policy.deterministic, policy.update_normalizers
     policy.deterministic, policy.update_normalizers = True, False
-    returns, metrics = torch.zeros(cfg.eval_envs), []
     try:
-        with VectorEnv(
-            task,
-            cfg.eval_envs,
-            iter(specs * 2),
-            env_cfg=cfg.env,
-            economy_cfg=cfg.economy,
-            episode_ticks=cfg.episode_ticks,
-            build_host=build,
-            validator=illegal_reason,
-            backend="inprocess",
-        ) as venv:
-            for _ in range(cfg.episode_ticks):
-                obs = venv.step_train()
-                result = venv.act([d.action for d in policy.act_batch(obs)])
-                returns += result.rewards.float()
-                metrics += [i.metric for i, d in zip(result.infos, result.dones, strict=True) if d]
+        config = replace(cfg.episode, policy=str(out / "policy.safetensors"))
+        results = run_held_out(
+            [Contender("learned", config, policy)],
+            held_out_seeds(cfg.eval_seeds),
+            out / "heldout" / f"update-{update:04d}",
+        )["learned"]
     finally:
         policy.deterministic, policy.update_normalizers = saved
-    return {"heldout_return": float(returns.mean()), "heldout_metric": sum(metrics) / len(metrics)}
+    n = len(results)
+    return {
+        "heldout_return": sum(r.reward_total for r in results) / n,
+        "heldout_metric": sum(r.final_metric for r in results) / n,
+    }
 
 
 def _demo_rollouts(cfg: TrainPolicyConfig) -> int:
     """Whole rollouts (num_steps × num_envs ticks) that hold `imitation.episodes` episodes."""
-    return math.ceil(cfg.imitation.episodes * cfg.episode_ticks / (cfg.num_envs * cfg.num_steps))
+    ticks = cfg.imitation.episodes * cfg.episode.ticks
+    return math.ceil(ticks / (cfg.num_envs * cfg.num_steps))
 
 
 def _demonstrate(
@@ -230,12 +217,11 @@ def _demonstrate(
     and the observations and done flags for PPO to continue from."""
     teacher = cfg.imitation.teacher
     assert teacher is not None
-    seeds = itertools.count(cfg.seed * 100_003 + 1)  # one per teacher (used by `random`)
 
-    def fresh() -> Any:
-        return make_policy(teacher, seed=next(seeds))
+    def fresh(spec: GrowConfig) -> Policy:  # as `esper grow --policy TEACHER` on that episode
+        return load_policy(replace(spec, policy=teacher), list(policy.slot_names))
 
-    teachers = [fresh() for _ in range(cfg.num_envs)]
+    teachers = [fresh(spec) for spec in venv.specs]
     gs, ss, actions, masks = [], [], [], []
     T = _demo_rollouts(cfg) * cfg.num_steps
     rewards, dones = torch.zeros(T, cfg.num_envs), torch.zeros(T, cfg.num_envs)
@@ -243,28 +229,21 @@ def _demonstrate(
     for t in range(T):
         g, s = featurize_batch(obs)
         decisions = [p.act(o) for p, o in zip(teachers, obs, strict=True)]
-        result = venv.act([d.action for d in decisions])
+        result = venv.act([d.action for d in decisions], [d.reason for d in decisions])
         gs.append(g)
         ss.append(s)
         actions.append(action_indices([d.action for d in decisions]))
         masks.append({h: torch.tensor([d.mask[h] for d in decisions]) for h in decisions[0].mask})
-        _record(
-            store,
-            t,
-            obs,
-            decisions,
-            result.rewards,
-            {"reward_mean": float(result.rewards.mean())},
-            policy=teacher,
-        )
+        _record(store, t, obs, decisions, result, policy=teacher)
         dones[t] = next_done
         raw = result.rewards.float()
         rewards[t] = scaler(raw, result.dones) if cfg.ppo.scale_rewards else raw
         next_done = result.dones.float()
         teachers = [
-            fresh() if d else p for p, d in zip(teachers, result.dones.tolist(), strict=True)
+            fresh(spec) if d else p
+            for p, d, spec in zip(teachers, result.dones.tolist(), venv.specs, strict=True)
         ]
-        obs = venv.step_train()
+        obs = venv.observe()
     # Discounted returns of the teacher: GAE with V = 0 and λ = 1, bootstrapped with 0 where an
     # episode is cut by the end of the demonstrations (they end on an episode boundary when
     # episode_ticks divides num_steps, as in the defaults).
@@ -297,7 +276,7 @@ def _warm_start(
     """Demonstrations (recorded in `out/demos`), then behaviour cloning. The cloned policy is
     also saved alone as `out/warm_start.safetensors` (to evaluate what PPO added), with its
     statistics (returned as well) in `warm_start.json`."""
-    manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, "cpu")
+    manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, str(venv.device))
     out.mkdir(parents=True, exist_ok=True)
     with RunStore.create(out / "demos", manifest) as store:
         demos, obs, next_done = _demonstrate(cfg, venv, policy, store, obs, scaler)
@@ -310,11 +289,13 @@ def _warm_start(
     return summary, obs, next_done
 
 
-def _open_store(cfg: TrainPolicyConfig, out: Path, resume_at: int | None) -> RunStore:
+def _open_store(
+    cfg: TrainPolicyConfig, out: Path, resume_at: int | None, device: torch.device
+) -> RunStore:
     """The training run's flight recorder: created, or reopened and cut back to the ticks of
     the `resume_at` updates already saved."""
     if resume_at is None:
-        manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, "cpu")
+        manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, str(device))
         return RunStore.create(out / "run", manifest)
     store = RunStore.open(out / "run")
     store.truncate_after(resume_at * cfg.num_steps - 1)
@@ -340,22 +321,16 @@ def _rollout(
     finished: list[float] = []
     for t in range(cfg.num_steps):
         step = policy.step(obs)
-        result = venv.act([d.action for d in step.decisions])
+        decisions = step.decisions
+        result = venv.act([d.action for d in decisions], [d.reason for d in decisions])
         buf.add(t, step.g, step.s, step.out, next_done)
         raw[t] = result.rewards.float()
-        finished += [i.metric for i, d in zip(result.infos, result.dones, strict=True) if d]
-        _record(
-            store,
-            update * cfg.num_steps + t,
-            obs,
-            step.decisions,
-            result.rewards,
-            {"reward_mean": float(result.rewards.mean())},
-        )
+        finished += [o.metric for o in result.outcomes if o.done]
+        _record(store, update * cfg.num_steps + t, obs, decisions, result)
         next_done = result.dones.float()
-        obs = venv.step_train()
+        obs = venv.observe()
         if bonus is not None:  # credited to this step's action, as the reward is
-            bonus.germinated(result.infos)
+            bonus.germinated(result.outcomes)
             bonus.reset(result.dones)
             raw[t] += bonus(obs)
         buf.rewards[t] = scaler(raw[t], result.dones) if cfg.ppo.scale_rewards else raw[t]
@@ -370,12 +345,10 @@ def train_policy(
 ) -> Path:
     """Train; returns the path of the final policy file."""
     out = Path(cfg.out)
-    seed_everything(cfg.seed, torch.device("cpu"))
-    task = load_task(cfg.task, seed=cfg.seed)
-    c, size = task.input_shape[0], task.input_shape[-1]
-    build = partial(_host, c, task.num_outputs, size, cfg.depth)
-    specs = spec_stream(seed=cfg.seed, widths=cfg.widths, seed_bound=1000)
-    slot_names = sorted(f"slots.b{i}" for i in range(cfg.depth))
+    device = pick_device(cfg.episode.device)
+    seed_everything(cfg.seed, device)
+    specs = episode_specs(cfg)
+    slot_names = slot_layout(cfg.episode)
     policy = LearnedPolicy(slot_names, hidden=cfg.hidden, seed=cfg.seed)
     policy.update_normalizers = True
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.ppo.lr, eps=1e-5)
@@ -393,18 +366,8 @@ def train_policy(
             next(specs)
     monitor = HealthMonitor()
     t0 = time.perf_counter()
-    with VectorEnv(
-        task,
-        cfg.num_envs,
-        specs,
-        env_cfg=cfg.env,
-        economy_cfg=cfg.economy,
-        episode_ticks=cfg.episode_ticks,
-        build_host=build,
-        validator=illegal_reason,
-        backend=cfg.backend,
-    ) as venv:
-        obs = venv.step_train()
+    with VectorEnv(build_episode, cfg.num_envs, specs, device=device, backend=cfg.backend) as venv:
+        obs = venv.observe()
         next_done = torch.zeros(cfg.num_envs)
         if not resume and cfg.imitation.teacher is not None:
             clone, obs, next_done = _warm_start(cfg, venv, policy, out, obs, scaler)
@@ -415,7 +378,7 @@ def train_policy(
                 -1,
                 {"update": 0, "minutes": (time.perf_counter() - t0) / 60, "imitation": clone},
             )
-        with _open_store(cfg, out, start if resume else None) as store:
+        with _open_store(cfg, out, start if resume else None, device) as store:
             for update in range(start, cfg.updates):
                 buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))
                 raw, finished, obs, next_done = _rollout(
@@ -437,7 +400,7 @@ def train_policy(
                 }
                 last = update + 1 == cfg.updates or info["minutes"] > cfg.budget_minutes
                 if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or last):
-                    info.update(_held_out(cfg, task, build, policy))
+                    info.update(_held_out(cfg, policy, out, update + 1))
                 _log(out, log, update, info)
                 if info["minutes"] > cfg.budget_minutes:
                     break

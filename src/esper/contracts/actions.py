@@ -130,3 +130,21 @@ class FactoredAction:
 
     def as_indices(self) -> dict[str, int]:
         return {head: int(getattr(self, head)) for head in HEADS}
+
+    def names(self) -> dict[str, str]:
+        """Every head by name (the slot as its index), as the flight recorder stores actions."""
+        return {h: str(self.slot) if h == "slot" else getattr(self, h).name for h in HEADS}
+
+    @classmethod
+    def from_names(cls, names: dict[str, str]) -> FactoredAction:
+        """The inverse of `names` (a recorded action, replayed)."""
+        return cls(
+            op=Op[names["op"]],
+            slot=int(names["slot"]),
+            blueprint=Blueprint[names["blueprint"]],
+            style=Style[names["style"]],
+            tempo=Tempo[names["tempo"]],
+            alpha_target=AlphaTarget[names["alpha_target"]],
+            alpha_speed=AlphaSpeed[names["alpha_speed"]],
+            alpha_curve=AlphaCurve[names["alpha_curve"]],
+        )

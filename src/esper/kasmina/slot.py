@@ -213,10 +213,19 @@ class SeedSlot(nn.Module):
         tempo_ticks: int = 5,
         alpha_curve: AlphaCurve = AlphaCurve.LINEAR,
         seed_id: str | None = None,
+        init_seed: int | None = None,
     ) -> None:
-        """Instantiate `spec` here (DORMANT → GERMINATED). The first ramp is fixed now."""
+        """Instantiate `spec` here (DORMANT → GERMINATED). The first ramp is fixed now.
+        `init_seed`: initialise the seed from a private generator with this seed, so that its
+        weights depend on nothing else (the engine derives it from the run's seed, the slot and
+        the tick); None draws from torch's global stream."""
         self._check(actor, Op.GERMINATE)
-        seed, blend = self.build(spec)
+        if init_seed is None:
+            seed, blend = self.build(spec)
+        else:
+            with torch.random.fork_rng(devices=[]):  # modules are built, and initialised, on CPU
+                torch.manual_seed(init_seed)
+                seed, blend = self.build(spec)
         self._sanity_check(seed)
         self.seed, self.blend, self.spec = seed, blend, spec
         self.pending = (alpha_target, tempo_ticks, alpha_curve)

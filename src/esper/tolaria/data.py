@@ -15,6 +15,7 @@ one gather and no Python DataLoader machinery; its generator state goes into che
 
 from __future__ import annotations
 
+import functools
 import pickle
 import sysconfig
 from collections.abc import Iterator
@@ -328,6 +329,8 @@ def _load_cifar10(data_dir: Path | None, device: torch.device) -> TaskData:
 # ─────────────────────────────────────────────────────────────────────────────
 
 TASK_NAMES = ("digits", "text", "cifar10")
+SEEDED_SPLITS = ("digits",)
+"""Tasks whose validation split depends on the seed; the others' splits are fixed."""
 
 
 def load_task(
@@ -353,6 +356,21 @@ def load_task(
     if name == "cifar10":
         return _load_cifar10(data_dir, device)
     raise TaskError(f"unknown task {name!r}; valid names: {', '.join(TASK_NAMES)}")
+
+
+def shared_task(
+    name: str, *, seed: int = 0, device: Device = "cpu", data_dir: Path | None = None
+) -> TaskData:
+    """`load_task` with default options, built once per process for each (task, split, device,
+    folder) and shared: episodes never write a task's tensors. Splits that do not depend on the
+    seed are shared across seeds."""
+    split = seed if name in SEEDED_SPLITS else 0
+    return _shared(name, split, str(torch.device(device)), data_dir)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared(name: str, seed: int, device: str, data_dir: Path | None) -> TaskData:
+    return load_task(name, seed=seed, device=device, data_dir=data_dir)
 
 
 _TOPOLOGY_BY_DIM = {4: Topology.CNN, 3: Topology.SEQ, 2: Topology.VEC}

@@ -7,8 +7,10 @@ numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +26,53 @@ def seed_everything(seed: int, device: torch.device) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     torch.use_deterministic_algorithms(True)
+
+
+@dataclass(frozen=True)
+class RunSeeds:
+    """How one run's seed maps to every random stream the run uses: the one rule, followed by
+    every driver (`esper grow`, `esper.grow`, vectorised training, evaluation, audits), so that
+    one config and seed give one run whichever drives it.
+
+    | stream      | seeded by                         | used for                                 |
+    |-------------|-----------------------------------|------------------------------------------|
+    | split       | `seed`                            | which digits samples are validation      |
+    | host        | `torch.manual_seed(seed)`         | the host's initial weights; then the     |
+    |             |                                   | episode's own torch CPU stream           |
+    | data        | a generator seeded with `seed`    | the order of training batches            |
+    | germination | `derived_seed(seed, "germinate",  | each seed's initial weights (common      |
+    |             |   slot, tick)`                    | random numbers: independent of the rest) |
+    | policy      | `seed`                            | a policy's own generator (random policy, |
+    |             |                                   | a learned policy sampling its actions)   |
+    """
+
+    seed: int
+
+    @property
+    def split(self) -> int:
+        return self.seed
+
+    @property
+    def host(self) -> int:
+        return self.seed
+
+    @property
+    def data(self) -> int:
+        return self.seed
+
+    @property
+    def policy(self) -> int:
+        return self.seed
+
+    def germination(self, slot: str, tick: int) -> int:
+        return derived_seed(self.seed, "germinate", slot, tick)
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed in [0, 2**63) that depends on `parts` alone (e.g. a run's seed, a slot, a tick),
+    stable across processes and Python versions (unlike `hash`)."""
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from esper.kasmina import (
 )
 from esper.simic import SlotEconomics
 from esper.tolaria.data import Batches, TaskData
-from esper.tolaria.determinism import rng_state, set_rng_state
+from esper.tolaria.determinism import RunSeeds, rng_state, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,14 @@ class GrowthEnv:
         self.slots: dict[str, SeedSlot] = dict(sorted(slots_of(model).items()))
         if not self.slots:
             raise ValueError("the model has no SeedSlot: nothing can grow (see insert_slots)")
-        self.batches = Batches(task.train_x, task.train_y, cfg.batch_size, generator_seed=seed)
+        self.seeds = RunSeeds(seed)
+        self.batches = Batches(
+            task.train_x, task.train_y, cfg.batch_size, generator_seed=self.seeds.data
+        )
         n = min(cfg.eval_samples, len(task.val_x))
         self.val_x, self.val_y = task.val_x[:n], task.val_y[:n]
+        self.clock = 0
+        """The tick in progress: how many times the clock has advanced."""
         self.history: list[float] = []
         self.seeds_germinated = 0
         self.optimizer: torch.optim.Optimizer = self._make_optimizer()
@@ -332,6 +337,10 @@ class GrowthEnv:
                 tempo_ticks=action.tempo.ticks,
                 alpha_curve=action.alpha_curve,
                 seed_id=f"seed{self.seeds_germinated}",
+                # Common random numbers: a seed's initial weights depend on the run's seed, its
+                # slot and its tick only, never on which other seeds were germinated before it
+                # (so an audit's coalition retrains start every seed from the same weights).
+                init_seed=self.seeds.germination(slot.name, self.clock),
             )
         elif op is Op.ADVANCE:
             slot.advance(actor=actor)
@@ -351,6 +360,7 @@ class GrowthEnv:
     def advance_clock(self, tick: int) -> None:
         for slot in self.slots.values():
             slot.tick(tick)
+        self.clock = tick + 1
         self.sync_optimizer()
 
     # ---------------------------------------------------------------------------------------
@@ -403,6 +413,7 @@ class GrowthEnv:
             "batches": batches,
             "history": self.history,
             "seeds_germinated": self.seeds_germinated,
+            "clock": self.clock,
         }
         return json.loads(json.dumps(info)), out
 
@@ -426,3 +437,4 @@ class GrowthEnv:
             slot.reset_tick_telemetry()
         self.history = list(info["history"])
         self.seeds_germinated = info["seeds_germinated"]
+        self.clock = info["clock"]

@@ -1,297 +1,146 @@
-"""K growth environments stepped in lockstep: one policy call per control tick for all of them.
+"""K episodes stepped in lockstep: one policy call per control tick for all of them.
 
-Inverted control flow (paper §4.1): the engine drives every environment through the first half of
-the tick and hands the caller K observations at once, so a learned policy runs one batched forward
+Inverted control flow (paper §4.1): the engine drives every episode through the first half of the
+tick and hands the caller K observations at once, so a learned policy runs one batched forward
 per tick instead of K; the caller hands back K actions and the engine finishes the tick.
 
-    obs = venv.step_train()          # each env: train tick → evaluate (fused α=0 ablations)
-                                     #           → gates → observe                 K observations
-    result = venv.act(policy(obs))   # each env: validate (illegal → WAIT) → execute → clock
-                                     #           → Economy prices the tick          rewards (K,)
+    obs = venv.observe()             # each episode: Episode.observe()          K observations
+    result = venv.act(actions)       # each episode: Episode.act(action)        K outcomes
 
-This is `GrowthRun.step` without the governor and the flight recorder. Each environment owns its
-host, optimizer, data order, Economy and its own torch RNG stream (seeded by its spec's host seed,
-swapped in whenever it runs), so its trajectory does not depend on the other environments, the
-order they run in, or the process that runs them. After `episode_ticks` ticks an environment
-reports done=True and is replaced by a fresh one built from the next spec.
+The tick is the episode's (`esper.tolaria.episode`): the vector adds nothing to it, so a run of K
+episodes here gives what K recorded runs (`esper.run.GrowthRun`) give: the same decisions,
+rewards, events and weights (tests/test_parity.py). Episodes are built from specs by a factory
+(`make(spec) -> Episode`, e.g. `esper.run.build_episode` on a `GrowConfig`); after its last tick
+an episode reports done and is replaced by one built from the next spec.
 
-Backends. "inprocess" runs the K environments one after another in this process; "processes" splits
+Backends. "inprocess" runs the K episodes one after another in this process; "processes" splits
 them over worker processes (spawned, one torch thread each) that step their shares in parallel.
 On CPU the hosts are small and a tick is mostly Python and per-op dispatch, so worker processes
 are the way to use several cores (numbers: bench/RESULTS.md, "Vectorised environments"). On CUDA
-the environments run in-process, and K processes would each need their own CUDA context for
-little gain. In-process on CPU, prefer torch.set_num_threads(1): these ops are too small to gain
-from intra-op threads, and on a busy machine OpenMP threads waiting for a preempted sibling make a
+the episodes run in-process, and K processes would each need their own CUDA context for little
+gain. In-process on CPU, prefer torch.set_num_threads(1): these ops are too small to gain from
+intra-op threads, and on a busy machine OpenMP threads waiting for a preempted sibling make a
 tick many times slower.
 
-Overlap on CUDA (`overlap=True`, the default). A tick of one environment reads two results back
-from the device (the training loss, the evaluation's metrics), and each read makes the CPU wait
-for that environment's queued kernels before it can launch the next environment's. So the
-in-process backend splits the first half of the tick at those reads: it launches every
-environment's training tick and evaluation (`GrowthEnv.train_tick_async`, `evaluate_async`),
-each on its own CUDA stream (streams come from torch's pool, so past 32 environments some share
-one), then copies all K results to the host in one transfer (one sync), then finishes the
-environments in order (metrics, G2 gates, observation). The CPU launches environment i+1 while
-the GPU still runs environment i, and independent environments may run concurrently on the GPU.
-Every environment runs the same kernels on the same data as without overlap; only the order
-between environments changes. On CPU (or with `overlap=False`) each environment trains,
-evaluates and is observed before the next starts, exactly as before.
+Overlap on CUDA (`overlap=True`, the default). A tick of one episode reads its results back from
+the device once (training loss and health, the evaluation's metrics), and that read makes the CPU
+wait for the episode's queued kernels before it can launch the next episode's. So the in-process
+backend splits the first half of the tick there: it launches every episode's training and
+evaluation (`Episode.launch`), each on its own CUDA stream (streams come from torch's pool, so past
+32 episodes some share one), copies all K results to the host in one transfer, then finishes the
+episodes in order (`Episode.collect`: governor, metrics, G2 gates, observation). The CPU launches
+episode i+1 while the GPU still runs episode i. Every episode runs the same kernels on the same
+data as without overlap; only the order between episodes changes. A governor trigger is handled
+in `collect`, synchronously, for that episode alone.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from itertools import islice, pairwise
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
-from esper.contracts import FactoredAction, Lifecycle, LifecycleConfig, Observation, Op
-from esper.kasmina import slots_of
-from esper.simic.economy import Economy, EconomyConfig, RewardBreakdown
-from esper.tolaria.data import TaskData
-from esper.tolaria.environment import (
-    EnvConfig,
-    Evaluation,
-    GrowthEnv,
-    PendingEvaluation,
-    PendingTrain,
-)
+from esper.contracts import FactoredAction, Observation
+from esper.tolaria.episode import Episode, Launched, Outcome
 
-Validator = Callable[[FactoredAction, Observation], str | None]
-"""Why an action is illegal in an observation, or None: e.g. `esper.tamiyo.masks.illegal_reason`
-(passed in, as the engine imports no policy code)."""
+Spec = TypeVar("Spec")
 Backend = Literal["auto", "inprocess", "processes"]
-Ops = tuple[tuple[str, Op], ...]
-_Step = tuple[float, RewardBreakdown, Ops, bool]
-"""One env's act: metric, reward, ops executed, done."""
-_Launched = tuple[PendingTrain, PendingEvaluation]
-"""One env's first half of a tick, queued on the device and not yet read back."""
-
-# ---------------------------------------------------------------------------------------------
-# Specs: what makes one environment differ from another
-# ---------------------------------------------------------------------------------------------
+Make = Callable[[Any], Episode]
+"""Builds an episode from a spec; with the processes backend it and the specs must pickle (a
+module-level function such as `esper.run.build_episode`)."""
 
 
 @dataclass(frozen=True)
-class EnvSpec:
-    """One environment's draw: its host init, its data order and its host width."""
-
-    host_seed: int
-    """Seeds the environment's torch RNG stream: host init, then every seed it germinates."""
-    data_seed: int
-    """Seeds the order of its training batches."""
-    width: int
-    """Host width handed to `build_host` (CNN channels, MLP hidden units, ...)."""
-
-
-def spec_stream(
-    *, seed: int, widths: Sequence[int] = (2, 3, 4), seed_bound: int = 2**31
-) -> Iterator[EnvSpec]:
-    """An endless, reproducible stream of specs: width uniform over `widths`, both seeds uniform
-    over [0, seed_bound)."""
-    if not widths or min(widths) < 1 or seed_bound < 1:
-        raise ValueError(
-            f"widths must be non-empty and >= 1, seed_bound >= 1; got {widths}, {seed_bound}"
-        )
-    rng = random.Random(seed)
-    while True:
-        yield EnvSpec(rng.randrange(seed_bound), rng.randrange(seed_bound), rng.choice(widths))
-
-
-def sample_specs(
-    k: int, *, seed: int, widths: Sequence[int] = (2, 3, 4), seed_bound: int = 2**31
-) -> list[EnvSpec]:
-    """The first `k` specs of `spec_stream(seed=seed, ...)`."""
-    return list(islice(spec_stream(seed=seed, widths=widths, seed_bound=seed_bound), k))
-
-
-# ---------------------------------------------------------------------------------------------
-# What one tick returns
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EnvInfo:
-    """One environment's tick, after `act`."""
-
-    tick: int
-    """The tick within the episode that just ended (0-based)."""
-    spec: EnvSpec
-    """The spec of the episode this tick belongs to (not of the fresh env after a reset)."""
-    metric: float
-    """Validation metric this tick; when done, the episode's final metric."""
-    reward: RewardBreakdown
-    ops: Ops
-    """(slot, op) pairs executed, as the economy charged them."""
-    rejected: str | None
-    """Why the policy's action was illegal (it ran as WAIT instead), or None."""
-
-
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(Generic[Spec]):
     rewards: torch.Tensor
-    """(K,) float64 on the CPU: R_total of each environment's tick."""
+    """(K,) float64 on the CPU: R_total of each episode's tick."""
     dones: torch.Tensor
-    """(K,) bool: the environment finished its episode and was reset."""
-    infos: tuple[EnvInfo, ...]
+    """(K,) bool: the episode finished and was replaced by a fresh one."""
+    outcomes: tuple[Outcome, ...]
+    """Each episode's tick (`Outcome`: metric, reward, ops, rejected, events, ...)."""
+    specs: tuple[Spec, ...]
+    """The spec of the episode each outcome belongs to (not of its replacement)."""
 
 
 # ---------------------------------------------------------------------------------------------
-# One environment: GrowthEnv + Economy + clock + RNG stream
+# Episodes stepped one after another: the in-process backend, and each worker's share
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Setup:
-    """Everything shared by the K environments (sent once to each worker)."""
-
-    task: TaskData
-    env_cfg: EnvConfig
-    economy_cfg: EconomyConfig
-    lifecycle_cfg: LifecycleConfig | None
-    episode_ticks: int
-    device: torch.device
-    build_host: Callable[[EnvSpec], nn.Module]
-
-
-class _Runner:
-    def __init__(self, spec: EnvSpec, setup: _Setup) -> None:
-        self.spec, self.setup, self.t = spec, setup, 0
-        self.rng = torch.Generator().manual_seed(spec.host_seed).get_state()
-        with self.own_rng():
-            model = setup.build_host(spec)
-        if setup.lifecycle_cfg is not None:
-            for slot in slots_of(model).values():  # fresh slots: DORMANT, never ticked
-                slot.lifecycle = Lifecycle(slot.name, setup.lifecycle_cfg)
-        self.env = GrowthEnv(
-            model, setup.task, setup.env_cfg, device=setup.device, seed=spec.data_seed
-        )
-        econ = replace(setup.economy_cfg, higher_is_better=setup.task.higher_is_better)
-        self.economy = Economy(econ)
-        self.ev: Evaluation | None = None
-
-    @contextmanager
-    def own_rng(self) -> Iterator[None]:
-        """Run with this environment's CPU RNG stream as torch's global one. Hosts and seeds are
-        built on the CPU and training draws no random numbers, so that stream is the only one."""
-        outer = torch.get_rng_state()
-        torch.set_rng_state(self.rng)
-        try:
-            yield
-        finally:
-            self.rng = torch.get_rng_state()
-            torch.set_rng_state(outer)
-
-    def train(self) -> Observation:
-        return self.collect(self.launch())
-
-    def launch(self) -> _Launched:
-        """Queue this tick's training and evaluation; no host sync (see GrowthEnv)."""
-        with self.own_rng():
-            return self.env.train_tick_async(), self.env.evaluate_async()
-
-    def collect(self, launched: _Launched) -> Observation:
-        """Read the launched results back, record them, evaluate the gates, observe."""
-        env, t = self.env, self.t
-        train = env.finish_train(launched[0])
-        self.ev = ev = env.finish_evaluate(launched[1])
-        env.record_evaluation(ev, t)
-        env.evaluate_gates()
-        return env.observe(
-            t,
-            self.setup.episode_ticks,
-            ev,
-            train,
-            self.economy.last_rents,
-            self.economy.ledger.totals().rent,
-        )
-
-    def act(self, action: FactoredAction) -> _Step:
-        """Execute an already validated action, tick the clock, price the tick."""
-        env, t, ev = self.env, self.t, self.ev
-        assert ev is not None, "act before train"
-        with self.own_rng():  # germination initialises the seed's weights
-            ops = env.execute(action)
-        env.advance_clock(t)
-        prev = env.history[-2] if len(env.history) > 1 else None
-        r = self.economy.step(t, env.slot_economics(), ops, env.host_params(), prev, ev.metric)
-        self.t, self.ev = t + 1, None
-        return ev.metric, r, tuple(ops), self.t == self.setup.episode_ticks
-
-
-def _to_host(launched: list[_Launched]) -> list[_Launched]:
+def _to_host(launched: list[Launched]) -> list[Launched]:
     """`launched` with its device tensors replaced by host copies, all read in one transfer (one
-    host sync). The values are unchanged: float32 results may come back widened to float64,
-    which is exact, and `finish_*` turn them into Python floats either way."""
-    parts = [t for train, ev in launched for t in (train.total, train.health, ev.means)]
+    host sync). Values are unchanged: float32 results come back widened to float64, which is
+    exact, and `collect` turns them into Python floats either way."""
+    parts = [t for x in launched for t in (x.train.total, x.train.health, x.evaluation.means)]
     flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]).cpu()
     chunks = iter(flat.split([t.numel() for t in parts]))
-    return [
-        (
-            replace(
-                train,
-                total=next(chunks).view(train.total.shape),
-                health=next(chunks).view(train.health.shape),
-            ),
-            replace(ev, means=next(chunks).view(ev.means.shape)),
+
+    def back(t: torch.Tensor) -> torch.Tensor:
+        return next(chunks).view(t.shape)
+
+    out = []
+    for x in launched:
+        train = replace(x.train, total=back(x.train.total), health=back(x.train.health))
+        out.append(Launched(train, replace(x.evaluation, means=back(x.evaluation.means))))
+    return out
+
+
+class _Episodes:
+    """Episodes stepped one after another (the in-process backend, and each worker's share)."""
+
+    def __init__(
+        self, make: Make, specs: Sequence[Any], device: torch.device, overlap: bool = False
+    ) -> None:
+        self.make, self.device = make, device
+        self.episodes = [make(s) for s in specs]
+        self.two_phase = overlap and device.type == "cuda"
+        """Launch every episode, read back once, then finish each (module docstring). On CPU it
+        is off: there is nothing to overlap. Tests switch it on there to check that it gives the
+        one-phase results bit for bit."""
+        # One CUDA stream per position (an episode's replacement keeps its position's stream).
+        self._streams = (
+            [torch.cuda.Stream(device) for _ in specs]
+            if self.two_phase and device.type == "cuda"
+            else []
         )
-        for train, ev in launched
-    ]
 
-
-class _Envs:
-    """Runners stepped one after another: the in-process backend, and each worker's share."""
-
-    def __init__(self, specs: Sequence[EnvSpec], setup: _Setup, overlap: bool = False) -> None:
-        self.setup = setup
-        self.runners = [_Runner(s, setup) for s in specs]
-        self.two_phase = overlap and setup.device.type == "cuda"
-        """Launch every env, read back once, then finish each (see the module docstring). On
-        CPU it is off: there is nothing to overlap. Tests switch it on there to check that it
-        gives the one-phase results bit for bit."""
-        # One CUDA stream per runner position (a reset runner keeps its position's stream).
-        self._streams = [torch.cuda.Stream(setup.device) for _ in specs] if self.two_phase else []
-
-    def train(self) -> list[Observation]:
+    def observe(self) -> list[Observation]:
         if not self.two_phase:
-            return [r.train() for r in self.runners]
-        if self.setup.device.type != "cuda":  # CPU (tests): the same phases, no streams
-            launched = [r.launch() for r in self.runners]
+            return [e.observe() for e in self.episodes]
+        if not self._streams:  # CPU (tests): the same phases, no streams
+            launched = [e.launch() for e in self.episodes]
         else:
-            main = torch.cuda.current_stream(self.setup.device)
+            main = torch.cuda.current_stream(self.device)
             launched = []
-            for runner, stream in zip(self.runners, self._streams, strict=True):
-                # The env's tensors (task data, parameters, optimizer state after `act`) were
+            for episode, stream in zip(self.episodes, self._streams, strict=True):
+                # The episode's tensors (data, parameters, optimizer state after `act`) were
                 # last written on the main stream: its side stream starts after that work.
                 stream.wait_stream(main)
                 with torch.cuda.stream(stream):
-                    launched.append(runner.launch())
+                    launched.append(episode.launch())
             for stream in self._streams:
-                main.wait_stream(stream)  # the read-back (on main) waits for every env
+                main.wait_stream(stream)  # the read-back (on main) waits for every episode
         host = _to_host(launched)  # the one host sync of the tick
         # From here on the side streams are idle: tensors they used may be freed or reused.
-        return [r.collect(x) for r, x in zip(self.runners, host, strict=True)]
+        return [e.collect(x) for e, x in zip(self.episodes, host, strict=True)]
 
     def act(
-        self, actions: Sequence[FactoredAction], next_specs: Sequence[EnvSpec | None]
-    ) -> list[_Step]:
+        self, actions: Sequence[FactoredAction], reasons: Sequence[str], next_specs: Sequence[Any]
+    ) -> list[Outcome]:
         out = []
-        for i, (runner, action, spec) in enumerate(
-            zip(self.runners, actions, next_specs, strict=True)
-        ):
-            step = runner.act(action)
-            if step[3]:
-                assert spec is not None, "an environment finished without a next spec"
-                self.runners[i] = _Runner(spec, self.setup)
-            out.append(step)
+        for i, (action, reason) in enumerate(zip(actions, reasons, strict=True)):
+            outcome = self.episodes[i].act(action, reason)
+            if outcome.done:
+                assert next_specs[i] is not None, "an episode finished without a next spec"
+                self.episodes[i] = self.make(next_specs[i])
+            out.append(outcome)
         return out
 
     def close(self) -> None:
@@ -299,20 +148,21 @@ class _Envs:
 
 
 # ---------------------------------------------------------------------------------------------
-# The process backend: W workers, each owning a contiguous share of the K environments
+# The process backend: W workers, each owning a contiguous share of the K episodes
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker(conn: Any, specs: list[EnvSpec], setup: _Setup) -> None:
+def _worker(conn: Any, make: Make, specs: list[Any], device: torch.device) -> None:
     torch.set_num_threads(1)  # one core per worker; tiny ops gain nothing from intra-op threads
+    torch.use_deterministic_algorithms(True)  # as in the parent (`seed_everything`)
     try:
-        envs = _Envs(specs, setup)
+        episodes = _Episodes(make, specs, device)
         conn.send(("ok", None))
         while True:
             cmd, arg = conn.recv()
             if cmd == "close":
                 return
-            conn.send(("ok", envs.train() if cmd == "train" else envs.act(*arg)))
+            conn.send(("ok", episodes.observe() if cmd == "observe" else episodes.act(*arg)))
     except (EOFError, KeyboardInterrupt):
         return  # the parent went away
     except Exception:
@@ -320,8 +170,8 @@ def _worker(conn: Any, specs: list[EnvSpec], setup: _Setup) -> None:
 
 
 class _Processes:
-    def __init__(self, specs: Sequence[EnvSpec], setup: _Setup, workers: int) -> None:
-        if setup.device.type != "cpu":
+    def __init__(self, make: Make, specs: Sequence[Any], device: torch.device, workers: int):
+        if device.type != "cpu":
             raise ValueError("the processes backend is CPU-only; use backend='inprocess' on CUDA")
         k = len(specs)
         workers = max(1, min(workers, k))
@@ -332,9 +182,8 @@ class _Processes:
         self.conns, self.procs = [], []
         for share in self.shares:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker, args=(child, [specs[i] for i in share], setup), daemon=True
-            )
+            args = (child, make, [specs[i] for i in share], device)
+            proc = ctx.Process(target=_worker, args=args, daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -360,14 +209,20 @@ class _Processes:
             conn.send(msg)  # every worker starts before we wait for the first
         return [x for conn in self.conns for x in self._recv(conn)]
 
-    def train(self) -> list[Observation]:
-        return self._all([("train", None)] * len(self.conns))
+    def observe(self) -> list[Observation]:
+        return self._all([("observe", None)] * len(self.conns))
 
     def act(
-        self, actions: Sequence[FactoredAction], next_specs: Sequence[EnvSpec | None]
-    ) -> list[_Step]:
+        self, actions: Sequence[FactoredAction], reasons: Sequence[str], next_specs: Sequence[Any]
+    ) -> list[Outcome]:
         return self._all(
-            [("act", ([actions[i] for i in s], [next_specs[i] for i in s])) for s in self.shares]
+            [
+                (
+                    "act",
+                    ([actions[i] for i in s], [reasons[i] for i in s], [next_specs[i] for i in s]),
+                )
+                for s in self.shares
+            ]
         )
 
     def close(self) -> None:
@@ -390,114 +245,89 @@ def _default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class VectorEnv:
-    """K growth environments in lockstep. Call `step_train()`, then `act(actions)`, once a tick."""
+class VectorEnv(Generic[Spec]):
+    """K episodes in lockstep. Call `observe()`, then `act(actions)`, once a tick."""
 
     def __init__(
         self,
-        task: TaskData,
+        make: Callable[[Spec], Episode],
         k: int,
-        specs: Iterable[EnvSpec],
+        specs: Iterable[Spec],
         *,
-        env_cfg: EnvConfig | None = None,
-        economy_cfg: EconomyConfig | None = None,
-        lifecycle_cfg: LifecycleConfig | None = None,
-        episode_ticks: int,
         device: str | torch.device = "cpu",
-        build_host: Callable[[EnvSpec], nn.Module],
-        validator: Validator,
         backend: Backend = "auto",
         workers: int | None = None,
         overlap: bool = True,
     ) -> None:
-        """`specs` is consumed lazily: the first k build the environments, the next ones replace
-        environments as they finish (pass `spec_stream(...)` for more than one episode).
-        `build_host` runs under the env's RNG stream; with the processes backend it and `task`
-        must pickle (a module-level function). `lifecycle_cfg`, when given, replaces the
-        lifecycle config of every slot the host was built with. `backend="auto"`: processes on
-        CPU with two or more cores and environments, in-process otherwise. `overlap`: on CUDA,
-        in-process, launch every environment on its own stream before reading any back (module
-        docstring); it has no effect on CPU or with the processes backend."""
-        if k < 1 or episode_ticks < 1:
-            raise ValueError(f"k and episode_ticks must be >= 1, got {k}, {episode_ticks}")
-        self.k, self.validator = k, validator
-        self.setup = _Setup(
-            task,
-            env_cfg or EnvConfig(),
-            economy_cfg or EconomyConfig(),
-            lifecycle_cfg,
-            episode_ticks,
-            torch.device(device),
-            build_host,
-        )
+        """`specs` is consumed lazily: the first k build the episodes, the next ones replace
+        episodes as they finish. `device` is the episodes' (it picks the backend and the
+        streams). `backend="auto"`: processes on CPU with two or more cores and episodes,
+        in-process otherwise. `overlap`: on CUDA, in-process, launch every episode on its own
+        stream before reading any back (module docstring); no effect on CPU or with processes."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k, self.device = k, torch.device(device)
         self._spec_iter = iter(specs)
-        self.specs = self._draw(k)
-        """The spec of each environment's current episode."""
-        self.ticks = [0] * k
-        """Each environment's tick within its episode."""
+        self.specs: list[Spec] = self._draw(k)
+        """The spec of each position's current episode."""
         workers = workers or _default_workers()
         if backend == "auto":
-            cpu = self.setup.device.type == "cpu"
+            cpu = self.device.type == "cpu"
             backend = "processes" if cpu and min(k, workers) > 1 else "inprocess"
         if backend == "inprocess":
-            self._envs: _Envs | _Processes = _Envs(self.specs, self.setup, overlap)
+            self._envs: _Episodes | _Processes = _Episodes(make, self.specs, self.device, overlap)
         elif backend == "processes":
-            self._envs = _Processes(self.specs, self.setup, workers)
+            self._envs = _Processes(make, self.specs, self.device, workers)
         else:
             raise ValueError(f"unknown backend {backend!r}; valid: auto, inprocess, processes")
         self.backend: str = backend
-        self.overlap = isinstance(self._envs, _Envs) and self._envs.two_phase
-        """Whether environments overlap on the device (CUDA, in-process, `overlap=True`)."""
+        self.overlap = isinstance(self._envs, _Episodes) and self._envs.two_phase
+        """Whether episodes overlap on the device (CUDA, in-process, `overlap=True`)."""
         self._obs: list[Observation] | None = None
 
-    def _draw(self, n: int) -> list[EnvSpec]:
+    def _draw(self, n: int) -> list[Spec]:
         specs = list(islice(self._spec_iter, n))
         if len(specs) < n:
             raise ValueError(
-                "specs ran out: pass spec_stream(...) to run past the first "
-                "episode of every environment"
+                "specs ran out: pass an endless stream of specs to run past the first "
+                "episode of every position"
             )
         return specs
 
-    def step_train(self) -> list[Observation]:
-        """Train and evaluate every environment for this tick; their K observations."""
+    def observe(self) -> list[Observation]:
+        """The first half of this tick for every episode; their K observations."""
         if self._obs is not None:
-            raise RuntimeError("step_train twice in one tick: call act(actions) first")
-        self._obs = self._envs.train()
+            raise RuntimeError("observe twice in one tick: call act(actions) first")
+        self._obs = self._envs.observe()
         return list(self._obs)
 
-    def act(self, actions: Sequence[FactoredAction]) -> StepResult:
-        """Validate (illegal → WAIT, reason in info), execute, tick every clock once, price."""
-        obs = self._obs
-        if obs is None:
-            raise RuntimeError("act before step_train")
+    def act(
+        self, actions: Sequence[FactoredAction], reasons: Sequence[str] | None = None
+    ) -> StepResult[Spec]:
+        """Finish the tick of every episode with its action (`reasons`: the policy's, for the
+        record); episodes that end are replaced."""
+        if self._obs is None:
+            raise RuntimeError("act before observe")
         if len(actions) != self.k:
             raise ValueError(f"expected {self.k} actions, got {len(actions)}")
-        rejected = [self.validator(a, o) for a, o in zip(actions, obs, strict=True)]
-        run = [FactoredAction() if why else a for a, why in zip(actions, rejected, strict=True)]
-        ending = [t + 1 == self.setup.episode_ticks for t in self.ticks]
-        fresh = iter(self._draw(sum(ending)))  # drawn in env order: the same for every backend
+        reasons = list(reasons) if reasons is not None else [""] * self.k
+        ending = [o.tick + 1 == o.max_ticks for o in self._obs]
+        fresh = iter(self._draw(sum(ending)))  # drawn in position order: the same for any backend
         next_specs = [next(fresh) if end else None for end in ending]
-        steps = self._envs.act(run, next_specs)
+        outcomes = self._envs.act(list(actions), reasons, next_specs)
         self._obs = None
-        infos = []
-        for i, (metric, r, ops, done) in enumerate(steps):
-            assert done == ending[i]
-            infos.append(EnvInfo(self.ticks[i], self.specs[i], metric, r, ops, rejected[i]))
-            if done:
-                self.specs[i], self.ticks[i] = next_specs[i], 0
-            else:
-                self.ticks[i] += 1
-        return StepResult(
-            torch.tensor([r.total for _, r, _, _ in steps], dtype=torch.float64),
-            torch.tensor(ending, dtype=torch.bool),
-            tuple(infos),
-        )
+        specs = tuple(self.specs)
+        for i, outcome in enumerate(outcomes):
+            assert outcome.done == ending[i]
+            if outcome.done:
+                self.specs[i] = next_specs[i]
+        rewards = torch.tensor([o.reward.total for o in outcomes], dtype=torch.float64)
+        return StepResult(rewards, torch.tensor(ending), tuple(outcomes), specs)
 
     def close(self) -> None:
         self._envs.close()
 
-    def __enter__(self) -> VectorEnv:
+    def __enter__(self) -> VectorEnv[Spec]:
         return self
 
     def __exit__(self, *exc: object) -> None:

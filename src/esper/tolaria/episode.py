@@ -1,0 +1,344 @@
+"""One episode: a growth environment, its economy and its governor, one control tick at a time.
+
+The control tick of paper §2.1, written once. Every driver calls it: a recorded run
+(`esper.run.GrowthRun`), K episodes in lockstep (`VectorEnv`), evaluation, audits, benchmarks and
+tests.
+
+    obs = episode.observe()     # callbacks → train one tick → governor (on a trigger: roll back,
+                                #   force-prune the culprit, train again; recorded) → evaluate
+                                #   (fused α=0 ablations) → G2 gates → the observation
+    out = episode.act(action)   # validate (an illegal action is recorded and executes nothing)
+                                #   → execute → every slot's clock → Simic prices the tick
+                                #   → snapshot for the governor              → `Outcome`
+
+`observe()` is `collect(launch())`: `launch` queues the tick's training and evaluation on the
+device and `collect` reads them back (its one host sync, which also carries the governor's health
+checks), so that a vector of episodes on CUDA can queue all of them before reading any.
+
+An episode owns a torch CPU RNG stream (seeded by the run's seed, see `RunSeeds`), swapped in
+whenever it runs, so its trajectory never depends on other episodes in the same process. It knows
+no policy: `act` takes the action and, for the record, the policy's reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from esper.contracts import Actor, FactoredAction, Observation, Op, Stage
+from esper.simic.economy import Economy, EconomyConfig, RewardBreakdown
+from esper.tolaria.environment import (
+    Evaluation,
+    GrowthEnv,
+    PendingEvaluation,
+    PendingTrain,
+    TrainStats,
+)
+from esper.tolaria.governor import Governor, GovernorConfig, Verdict
+
+Validator = Callable[[FactoredAction, Observation], str | None]
+"""Why an action is illegal in an observation, or None: `esper.tamiyo.masks.illegal_reason`
+(passed in: the engine imports no policy code)."""
+Callback = Callable[[int, GrowthEnv], None]
+"""Called as `callback(tick, env)` when a tick begins, before training (fault injection, tests)."""
+Ops = tuple[tuple[str, Op], ...]
+
+# Stages a governor may force-prune (a seed or a committed phage is there to remove).
+_PRUNABLE = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.COMMITTED)
+
+
+class TickEvent(NamedTuple):
+    """Something that happened in a tick, as the flight recorder stores it."""
+
+    kind: str
+    payload: dict[str, Any]
+    slot: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one tick did, after `act`."""
+
+    tick: int
+    metric: float
+    """The validation metric measured this tick (before the action)."""
+    reward: RewardBreakdown
+    ops: Ops
+    """(slot, op) pairs executed, as the economy charged them."""
+    rejected: str | None
+    """Why the action was illegal (recorded; nothing was executed), or None."""
+    events: tuple[TickEvent, ...]
+    """In order: governor events, the action's event, lifecycle changes, and at the last tick
+    the per-seed accounts."""
+    metrics: dict[str, float]
+    """train_loss, val_loss, metric, reward, reward_task, rent, churn, seed_params,
+    host_params: the tick's scalars for the recorder."""
+    observation: Observation
+    """The observation after the action and the clock (the record's `obs_after`)."""
+    done: bool
+    """This was the episode's last tick."""
+    weights_hash: str | None = None
+    """sha256 of the final weights (`weights_hash`), when done."""
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A tick's training and evaluation, queued on the device and not yet read back."""
+
+    train: PendingTrain
+    evaluation: PendingEvaluation
+
+
+@dataclass
+class _Tick:
+    """The half-played tick between `observe` and `act`."""
+
+    observation: Observation
+    train: TrainStats
+    evaluation: Evaluation
+    events: list[TickEvent]
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over the state dict (names and bytes, sorted): equal iff the weights are equal."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Episode:
+    """A growth environment, its economy and governor, played one tick at a time for `ticks`."""
+
+    def __init__(
+        self,
+        env: GrowthEnv,
+        *,
+        ticks: int,
+        economy: EconomyConfig,
+        governor: GovernorConfig | None,
+        validator: Validator,
+        callbacks: Iterable[Callback] = (),
+        rng: torch.Tensor | None = None,
+    ) -> None:
+        """`governor` None runs without safety checks. `rng`: the torch CPU RNG state the
+        episode starts from (default: the global state now)."""
+        if ticks < 1:
+            raise ValueError(f"an episode needs ticks >= 1, got {ticks}")
+        self.env, self.ticks, self.validator = env, ticks, validator
+        self.economy = Economy(replace(economy, higher_is_better=env.task.higher_is_better))
+        self.governor = Governor(governor) if governor is not None else None
+        self.callbacks = list(callbacks)
+        self.rng = rng.clone() if rng is not None else torch.get_rng_state()
+        self.t = 0
+        """The tick in progress (or the next one)."""
+        self.start_metric: float | None = None
+        """The metric after the first tick: the host before any seed could matter."""
+        self._tick: _Tick | None = None
+        if self.governor is not None:
+            self.governor.keep(-1, self.state())
+
+    @contextmanager
+    def own_rng(self) -> Iterator[None]:
+        """Run with this episode's CPU RNG stream as torch's global one."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng)
+        try:
+            yield
+        finally:
+            self.rng = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.ticks
+
+    # -----------------------------------------------------------------------------------------
+    # First half: train, govern, evaluate, observe
+    # -----------------------------------------------------------------------------------------
+    def observe(self) -> Observation:
+        """Play the first half of the tick; the observation a policy acts on."""
+        return self.collect(self.launch())
+
+    def launch(self) -> Launched:
+        """Run the tick's callbacks, then queue its training and evaluation (no host sync)."""
+        if self._tick is not None:
+            raise RuntimeError(f"tick {self.t} was already observed: act on it first")
+        if self.done:
+            raise RuntimeError(f"the episode ended after {self.ticks} ticks")
+        for callback in self.callbacks:
+            callback(self.t, self.env)
+        with self.own_rng():
+            return Launched(self.env.train_tick_async(), self.env.evaluate_async())
+
+    def collect(self, launched: Launched) -> Observation:
+        """Read the launched tick back (one sync), govern it, record it, observe."""
+        env, events = self.env, []
+        train = env.finish_train(launched.train)
+        verdict = self.governor.check(train, env.slots) if self.governor else None
+        if verdict is None:
+            ev = env.finish_evaluate(launched.evaluation)
+        else:  # the queued evaluation measured a broken model: recover, then measure again
+            train = self._recover(verdict, events)
+            ev = env.evaluate()
+        if self.governor is not None:
+            self.governor.accept(train.loss)
+        env.record_evaluation(ev, self.t)
+        env.evaluate_gates()
+        if self.start_metric is None:
+            self.start_metric = ev.metric
+        obs = self._observation(ev, train)
+        self._tick = _Tick(obs, train, ev, events)
+        return obs
+
+    def _recover(self, verdict: Verdict | None, events: list[TickEvent]) -> TrainStats:
+        """Roll back to the last known-good state, force-prune the culprit, train again; until
+        a tick passes (the governor gives up after `max_rollbacks`: GovernorError)."""
+        assert self.governor is not None
+        env = self.env
+        while verdict is not None:
+            payload = {"detail": verdict.detail, "offender": verdict.offender}
+            events.append(TickEvent(f"governor_{verdict.kind}", payload))
+            snap_tick, state = self.governor.rollback()
+            self.load_state(*state)
+            events.append(TickEvent("governor_rollback", {"to_tick": snap_tick}))
+            slot = env.slots.get(verdict.offender) if verdict.offender else None
+            if slot is not None and slot.stage in _PRUNABLE:
+                blueprint = slot.spec.blueprint.name if slot.spec else None
+                seed_id = slot.seed_id
+                slot.prune(actor=Actor.TOLARIA)
+                env.sync_optimizer()
+                events.append(
+                    TickEvent(
+                        "governor_lobotomy", {"blueprint": blueprint, "seed_id": seed_id}, slot.name
+                    )
+                )
+            with self.own_rng():
+                train = env.train_tick()
+            verdict = self.governor.check(train, env.slots)
+        return train
+
+    def _observation(self, ev: Evaluation, train: TrainStats) -> Observation:
+        economy = self.economy
+        rent_paid = economy.ledger.totals().rent
+        return self.env.observe(self.t, self.ticks, ev, train, economy.last_rents, rent_paid)
+
+    # -----------------------------------------------------------------------------------------
+    # Second half: validate, execute, clock, price
+    # -----------------------------------------------------------------------------------------
+    def act(self, action: FactoredAction, reason: str = "") -> Outcome:
+        """Finish the tick with `action` (`reason`: the policy's, for the record)."""
+        tick = self._tick
+        if tick is None:
+            raise RuntimeError(f"act before observe in tick {self.t}")
+        env, t, events = self.env, self.t, tick.events
+        rejected = self.validator(action, tick.observation)
+        ops: Ops = ()
+        if rejected is not None:
+            events.append(TickEvent("rejected_action", {"reason": rejected, **action.names()}))
+        elif action.op is not Op.WAIT:
+            slot = env.slot_at(action.slot)
+            with self.own_rng():
+                ops = tuple(env.execute(action))
+            events.append(self._action_event(action, reason, slot.name))
+        before = {n: s.stage for n, s in env.slots.items()}
+        env.advance_clock(t)
+        events += [
+            TickEvent("lifecycle", {"stage": s.stage.name, "from": before[n].name}, n)
+            for n, s in env.slots.items()
+            if s.stage is not before[n]
+        ]
+        ev = tick.evaluation
+        prev = env.history[-2] if len(env.history) > 1 else None
+        r = self.economy.step(
+            t, env.slot_economics(), list(ops), env.host_params(), prev, ev.metric
+        )
+        after = self._observation(ev, tick.train)
+        metrics = {
+            "train_loss": tick.train.loss,
+            "val_loss": ev.loss,
+            "metric": ev.metric,
+            "reward": r.total,
+            "reward_task": r.task,
+            "rent": r.rent,
+            "churn": r.churn,
+            "seed_params": after.seed_params,
+            "host_params": after.host_params,
+        }
+        done = t + 1 == self.ticks
+        if done:  # the episode's books, per seed, as its last event
+            events.append(TickEvent("seed_accounts", self.seed_accounts()))
+        self.t, self._tick = t + 1, None
+        if self.governor is not None:
+            self.governor.keep(t, self.state())
+        return Outcome(
+            tick=t,
+            metric=ev.metric,
+            reward=r,
+            ops=ops,
+            rejected=rejected,
+            events=tuple(events),
+            metrics=metrics,
+            observation=after,
+            done=done,
+            weights_hash=weights_hash(env.model) if done else None,
+        )
+
+    def _action_event(self, action: FactoredAction, reason: str, name: str) -> TickEvent:
+        """The executed op, with every head of the action (and, for a germination, the seed's
+        whole spec): enough to replay it exactly (audits)."""
+        slot = self.env.slots[name]
+        payload: dict[str, Any] = {
+            "reason": reason,
+            "seed_id": slot.seed_id,
+            "blueprint": slot.spec.blueprint.name if slot.spec else None,
+            "action": action.names(),
+        }
+        if action.op is Op.GERMINATE and slot.spec is not None:
+            payload["spec"] = slot.spec.to_dict()
+        return TickEvent(action.op.name.lower(), payload, name)
+
+    def seed_accounts(self) -> dict[str, dict[str, float]]:
+        """seed_id -> rent_paid, churn_paid, ticks_alive (reward units)."""
+        return {
+            k: {"rent_paid": a.rent_paid, "churn_paid": a.churn_paid, "ticks_alive": a.ticks_alive}
+            for k, a in sorted(self.economy.ledger.per_seed().items())
+        }
+
+    # -----------------------------------------------------------------------------------------
+    # State: the governor's snapshots and a run's checkpoints
+    # -----------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON-able metadata, tensors): environment (model, optimizer, data order, this
+        episode's RNG stream), economy, governor, clock."""
+        with self.own_rng():  # the environment saves the global RNG: make it this episode's
+            info, tensors = self.env.state_dict()
+        info.update(
+            economy=self.economy.state_dict(),
+            governor=self.governor.state_dict() if self.governor else None,
+            tick=self.t,
+            start_metric=self.start_metric,
+        )
+        return info, tensors
+
+    def restore(self, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from a saved `state()` (a resumed run): load it and keep it as the
+        governor's last known-good snapshot."""
+        self.load_state(info, tensors)
+        if self.governor is not None:
+            self.governor.keep(self.t - 1, (info, tensors))
+
+    def load_state(self, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        with self.own_rng():  # ... and on restoring, this episode's stream is restored
+            self.env.load_state_dict(info, tensors)
+        self.economy.load_state_dict(info["economy"])
+        if self.governor is not None and info["governor"] is not None:
+            self.governor.load_state_dict(info["governor"])
+        self.t, self.start_metric, self._tick = info["tick"], info["start_metric"], None
