@@ -37,12 +37,12 @@ from rich.console import Console
 from rich.table import Table
 
 import vector_env
+from esper.audits.estimators import HEADERS, compare_audits, format_rows, to_markdown
+from esper.audits.retrain import Audit, AuditProtocol, candidates_from_run
 from esper.config import GrowConfig, HostConfig, config_from_dict, override
 from esper.recorder import RecorderError, RunStore
 from esper.run import start_run
-from esper.simic.audit import Audit, AuditProtocol, candidates_from_run
 from esper.simic.critic import critic_dataset, fit_critic, held_out
-from esper.simic.estimators import HEADERS, compare_audits, format_rows, to_markdown
 from esper.tolaria.environment import EnvConfig
 
 

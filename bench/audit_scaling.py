@@ -30,16 +30,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from esper.audits.backends import start_local_ray
+from esper.audits.retrain import Audit, AuditProtocol, AuditResult, Candidate, subset_value
 from esper.config import GrowConfig
-from esper.simic.audit import Audit, AuditProtocol, AuditResult, Candidate, subset_value
-from esper.simic.backends import start_local_ray
 from esper.tolaria.environment import EnvConfig
 from vector_env import machine
 
 CANDIDATES = [
-    Candidate("slots.b0", "CONV_LIGHT", 0),
-    Candidate("slots.b1", "LORA", 1),
-    Candidate("slots.b2", "CONV_SMALL", 2),
+    Candidate.advancing("slots.b0", "CONV_LIGHT", 0),
+    Candidate.advancing("slots.b1", "LORA", 1),
+    Candidate.advancing("slots.b2", "CONV_SMALL", 2),
 ]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from esper.audits.retrain import AuditProtocol, Candidate, candidates_from_run
 from esper.recorder import DecisionRecord, RunStore
-from esper.simic.audit import AuditProtocol, Candidate, candidates_from_run
 
 SLOTS = ("slots.b0", "slots.b1", "slots.b2")
 TICKS = 8

@@ -3,26 +3,32 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from esper.config import GrowConfig
-from esper.contracts import Stage
-from esper.recorder import RunStore
-from esper.run import start_run
-from esper.simic.audit import (
+from _engine_helpers import cnn_driver
+from esper.audits.retrain import (
     Audit,
     AuditProtocol,
+    AuditReplayError,
     Candidate,
-    _Replay,
+    ReplayPolicy,
     candidates_from_run,
     ci95,
     subset_value,
 )
+from esper.config import GrowConfig
+from esper.contracts import Blueprint, FactoredAction, Op, Stage
+from esper.recorder import RunStore
+from esper.run import slot_layout, start_run
 from esper.simic.shapley import exact_shapley
-from esper.tolaria.environment import EnvConfig
+from esper.tamiyo.policies import HeuristicConfig
+from esper.tolaria.environment import EnvConfig, GrowthEnv
 
 A = Candidate("slots.b0", "CONV_LIGHT", 0)
 B = Candidate("slots.b1", "CONV_SMALL", 1)
@@ -173,7 +179,10 @@ def test_real_two_seed_audit_on_digits(tmp_path: Path) -> None:
         metric="val_loss",
         repeats=1,
     )
-    seeds = [Candidate("slots.b0", "CONV_LIGHT", 0), Candidate("slots.b1", "CONV_SMALL", 0)]
+    seeds = [
+        Candidate.advancing("slots.b0", "CONV_LIGHT", 0),
+        Candidate.advancing("slots.b1", "CONV_SMALL", 0),
+    ]
     result = Audit(tmp_path / "audit").run(protocol, seeds, workers=1)
     assert result.failures == () and result.retrains == 4
     table = result.values[0]
@@ -182,16 +191,114 @@ def test_real_two_seed_audit_on_digits(tmp_path: Path) -> None:
     assert sum(result.phi.values()) == pytest.approx(full - empty, abs=1e-9)
     assert len(set(table.values())) > 1  # the enabled seeds were really trained in
     # The retrain is deterministic in (subset, repeat): the cache holds what a rerun gives.
-    assert subset_value(protocol, seeds, frozenset(seeds[:1]), 0) == table[(seeds[0].key,)]
+    assert subset_value(protocol, seeds, frozenset(seeds[:1]), 0).value == table[(seeds[0].key,)]
 
 
-def test_replay_germinates_and_advances_enabled_seeds_only(tmp_path: Path) -> None:
+def test_replay_germinates_enabled_seeds_only_at_their_tick(tmp_path: Path) -> None:
     cfg = AuditProtocol(
         config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)), ticks=6
     ).grow_config(0)
-    run = start_run(cfg, run_dir=tmp_path / "r", callbacks=[_Replay([A])])
+    run = start_run(cfg, policy=ReplayPolicy([A], slot_layout(cfg)), run_dir=tmp_path / "r")
+    run.run()
+    (germinate,) = run.store.events("germinate")
+    run.store.close()
+    assert (germinate.slot, germinate.tick) == (A.slot, A.germinate_tick)
+    stages = {n: s.stage for n, s in run.env.slots.items()}
+    assert stages[A.slot] is not Stage.DORMANT
+    assert stages[B.slot] is Stage.DORMANT and stages[C.slot] is Stage.DORMANT
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay fidelity: a retrain of a run's own seeds is that run
+# ---------------------------------------------------------------------------------------------
+
+SOURCE = GrowConfig(
+    ticks=9,
+    seed=3,
+    device="cpu",
+    env=EnvConfig(batches_per_tick=2),
+    heuristic=HeuristicConfig(
+        warmup_ticks=1, plateau_patience=0, hold_ticks=1, fossilize_margin=-10.0
+    ),
+)
+
+
+def _source(tmp_path: Path, cfg: GrowConfig = SOURCE) -> tuple[Path, list[Candidate]]:
+    run = start_run(cfg, run_dir=tmp_path / "source")
     run.run()
     run.store.close()
-    stages = {n: s.stage for n, s in run.env.slots.items()}
-    assert stages[A.slot] in (Stage.BLENDING, Stage.HOLDING)
-    assert stages[B.slot] is Stage.DORMANT and stages[C.slot] is Stage.DORMANT
+    return tmp_path / "source", candidates_from_run(tmp_path / "source")
+
+
+def test_the_full_coalition_replays_the_source_run_exactly(tmp_path: Path) -> None:
+    # Every germination of the source is a candidate (distinct slots): replaying all of them at
+    # the recorded point of the tick, with their heads and their fate (advance, fossilize, ...)
+    # and the same per-seed initial weights, is the source run itself, bit for bit.
+    src, cands = _source(tmp_path)
+    with RunStore.open(src) as store:
+        germinations = store.events("germinate")
+        fates = [e for e in store.events() if e.kind in ("advance", "fossilize", "prune")]
+        final = store.metrics()[-1][1]["val_loss"]
+    assert len(germinations) == len(cands) >= 2 and fates, "the source should grow seeds"
+    assert any(c.fate for c in cands) and all(json.loads(c.germination)["action"] for c in cands)
+    protocol = AuditProtocol(config=SOURCE, ticks=SOURCE.ticks, metric="val_loss", base_seed=3)
+    job = subset_value(protocol, cands, frozenset(cands), 0)
+    assert job.value == final and job.unreached == ()
+
+
+def test_replay_keeps_every_head_of_the_recorded_germination(tmp_path: Path) -> None:
+    src, cands = _source(tmp_path, replace(SOURCE, policy="random", ticks=6, seed=5))
+    assert cands, "the random policy should have germinated"
+    cfg = AuditProtocol(config=SOURCE, ticks=6, base_seed=5).grow_config(0)
+    run = start_run(cfg, policy=ReplayPolicy(cands, slot_layout(cfg)), run_dir=tmp_path / "r")
+    run.run()
+    replayed = {e.slot: (e.tick, e.payload["action"]) for e in run.store.events("germinate")}
+    run.store.close()
+    with RunStore.open(src) as store:
+        recorded = {e.slot: (e.tick, e.payload["action"]) for e in store.events("germinate")}
+    assert all(replayed[c.slot] == recorded[c.slot] for c in cands)
+    assert len({a["style"] + a["tempo"] + a["alpha_target"] for _, a in replayed.values()}) >= 1
+
+
+def test_a_fate_beyond_the_budget_is_reported(tmp_path: Path) -> None:
+    _, cands = _source(tmp_path)
+    last = max(t for c in cands for t, _ in c.fate)
+    short = AuditProtocol(config=SOURCE, ticks=last, base_seed=3)  # the last op is cut off
+    result = Audit(tmp_path / "audit").run(short, cands, workers=1)
+    assert result.failures == () and result.unreached
+    notes = [n for ns in result.unreached.values() for n in ns]
+    assert any(f"recorded at tick {last}" in n for n in notes)
+
+
+class _PoisonAudited:
+    def __init__(self, slot: str, tick: int) -> None:
+        self.slot, self.tick = slot, tick
+
+    def __call__(self, t: int, env: GrowthEnv) -> None:
+        if t == self.tick:
+            with torch.no_grad():
+                next(env.slots[self.slot].seed.parameters()).fill_(float("nan"))
+
+
+def test_a_governor_removing_an_audited_seed_fails_the_retrain_loudly(tmp_path: Path) -> None:
+    cfg = AuditProtocol(config=SOURCE, ticks=6).grow_config(0)
+    policy = ReplayPolicy([A], slot_layout(cfg))
+    poison = _PoisonAudited(A.slot, A.germinate_tick + 2)
+    run = start_run(cfg, policy=policy, run_dir=tmp_path / "r", callbacks=[poison])
+    with pytest.raises(AuditReplayError, match="governor removed audited seed"):
+        run.run()
+    run.store.close()
+
+
+def test_enabling_one_seed_leaves_anothers_initial_weights_alone() -> None:
+    # Common random numbers: b0's seed germinated at tick 1 starts from the same weights whether
+    # or not b1 was germinated before it.
+    def b0_weights(germinate_b1_first: bool) -> list[torch.Tensor]:
+        d = cnn_driver()
+        first = FactoredAction(op=Op.GERMINATE, slot=1, blueprint=Blueprint.CONV_SMALL)
+        d.tick(first if germinate_b1_first else None)
+        d.tick(FactoredAction(op=Op.GERMINATE, slot=0, blueprint=Blueprint.CONV_LIGHT))
+        return [p.detach().clone() for p in d.slot(0).seed.parameters()]
+
+    alone, after = b0_weights(False), b0_weights(True)
+    assert all(torch.equal(a, b) for a, b in zip(alone, after, strict=True))

@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from esper.cli import app
-from esper.config import GrowConfig
-from esper.simic.audit import Audit, AuditProtocol, Candidate
-from esper.simic.backends import (
+from esper.audits.backends import (
     GPU_FRACTION,
     RAY_MISSING,
     BackendUnavailable,
     job_resources,
     start_local_ray,
 )
+from esper.audits.retrain import Audit, AuditProtocol, Candidate
+from esper.cli import app
+from esper.config import GrowConfig
 from esper.tolaria.environment import EnvConfig
 from test_audit import A, B, C, fake_value
 
@@ -98,7 +98,10 @@ def test_real_two_seed_audit_through_ray_matches_local(ray, tmp_path: Path) -> N
         metric="val_loss",
         repeats=1,
     )
-    seeds = [Candidate("slots.b0", "CONV_LIGHT", 0), Candidate("slots.b1", "CONV_SMALL", 0)]
+    seeds = [
+        Candidate.advancing("slots.b0", "CONV_LIGHT", 0),
+        Candidate.advancing("slots.b1", "CONV_SMALL", 0),
+    ]
     remote = Audit(tmp_path / "ray").run(protocol, seeds, backend="ray", workers=2)
     local = Audit(tmp_path / "local").run(protocol, seeds, workers=1)
     assert remote.failures == () == local.failures

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from esper.audits.retrain import candidates_from_run
 from esper.cli import app
 from esper.recorder import RunStore
-from esper.simic.audit import candidates_from_run
 
 runner = CliRunner()
 TINY = """

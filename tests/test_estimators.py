@@ -12,11 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from _credit_helpers import bumpy_value, fake_value, synthetic_run
-from esper.cli import app
-from esper.recorder import RunStore
-from esper.simic.audit import Audit, AuditProtocol
-from esper.simic.critic import average_ranks, spearman
-from esper.simic.estimators import (
+from esper.audits.estimators import (
     ABLATION,
     EXACT,
     LOO,
@@ -34,6 +30,10 @@ from esper.simic.estimators import (
     short_rollout_estimate,
     to_markdown,
 )
+from esper.audits.retrain import Audit, AuditProtocol
+from esper.cli import app
+from esper.recorder import RunStore
+from esper.simic.critic import average_ranks, spearman
 
 PROTOCOL = AuditProtocol(ticks=10, repeats=2)
 # fake_value at 10 ticks: worth b0 1, b1 2, b2 −0.5, synergy b0·b1 3, +0.1·r per seed in repeat r.

@@ -16,17 +16,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from esper.audits.backends import BackendUnavailable, check_backend
+from esper.audits.estimators import HEADERS as ESTIMATOR_HEADERS
+from esper.audits.estimators import compare_audits
+from esper.audits.estimators import format_rows as format_estimator_rows
+from esper.audits.retrain import Audit, AuditProtocol, AuditResult, candidates_from_run
 from esper.config import ConfigError, GrowConfig, config_from_dict, load_config, override
 from esper.evaluate import HELD_OUT_SEEDS, evaluate
 from esper.kasmina import BlueprintError, CheckpointError
 from esper.recorder import RecorderError, RunStore, list_runs
 from esper.run import GrowResult, GrowthRun, resume_run, start_run
-from esper.simic.audit import Audit, AuditProtocol, AuditResult, candidates_from_run
-from esper.simic.backends import BackendUnavailable, check_backend
 from esper.simic.critic import DEFAULT_LAG, critic_dataset, fit_critic, held_out
-from esper.simic.estimators import HEADERS as ESTIMATOR_HEADERS
-from esper.simic.estimators import compare_audits
-from esper.simic.estimators import format_rows as format_estimator_rows
 from esper.tamiyo.imitation import ImitationConfig
 from esper.tamiyo.learned import PolicyLoadError
 from esper.tamiyo.policies import POLICIES
@@ -453,7 +453,8 @@ def audit(
 
 
 def _print_audit(result: AuditResult, run_dir: Path, metric: str) -> None:
-    """φ ± CI and Banzhaf per seed, the pairwise interactions, and any failed retrain."""
+    """φ ± CI and Banzhaf per seed, the pairwise interactions, any failed retrain, and what
+    of the seeds' recorded fate the retrains could not replay within the budget."""
     table = Table(
         "seed",
         "φ (Shapley)",
@@ -474,6 +475,8 @@ def _print_audit(result: AuditResult, run_dir: Path, metric: str) -> None:
             f"[red]failed[/red] subset {list(f.subset)} repeat {f.repeat} after "
             f"{f.attempts} attempts: {f.error.splitlines()[0]}"
         )
+    for job, notes in result.unreached.items():
+        _out().print(f"[yellow]not replayed[/yellow] in {job}: {'; '.join(notes)}")
 
 
 def _audit_compare(

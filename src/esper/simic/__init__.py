@@ -46,9 +46,9 @@ __all__ = [
     "tick_rent",
 ]
 
-# Credit (paper §5.3). The retrain audit lives in `esper.simic.audit`: it drives `esper.run`,
+# Credit (paper §5.3). The retrain audit lives in `esper.audits.retrain`: it drives `esper.run`,
 # which imports this package, so it is not re-exported here; nor are the cheaper estimators
-# priced against it (`esper.simic.estimators`), which build on the audit. The critics of audit
+# priced against it (`esper.audits.estimators`), which build on the audit. The critics of audit
 # credit (paper §5.4, `critic.py`) need numpy and safetensors only, so the policy may use them.
 from esper.simic.critic import (
     Critic,

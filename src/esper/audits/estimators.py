@@ -30,16 +30,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from esper.config import config_from_dict
-from esper.recorder import RunStore
-from esper.simic.audit import (
+from esper.audits.retrain import (
     Audit,
     AuditProtocol,
     Candidate,
     ValueFn,
+    candidate_of,
     subset_key,
     subset_value,
 )
+from esper.config import config_from_dict
+from esper.recorder import RunStore
 from esper.simic.critic import mean_abs_error, spearman
 from esper.simic.shapley import CountingValue, exact_shapley, permutation_shapley, subsets
 
@@ -94,7 +95,7 @@ def job_values(
     audit's cache, the missing ones retrained on `backend` (as `Audit.run` does) and cached.
     Returns (repeat -> key -> value, retrains run). Raises when a retrain fails after its
     retries. Writes no labels."""
-    values, ran, _, failures = audit.values(
+    values, ran, _, failures, _ = audit.values(
         protocol, candidates, needed, backend, workers, retries, ray_address=ray_address
     )
     if failures:
@@ -361,7 +362,8 @@ def recorded_audit(run_dir: str | Path, audit_dir: str | Path | None = None) -> 
         lab = e.labels["shapley"]
         if tuple(lab["candidates"]) != keys or lab["protocol_hash"] != last["protocol_hash"]:
             continue
-        c = Candidate(e.slot or "", e.payload["blueprint"], e.tick, e.id, str(run_dir))
+        with RunStore.open(run_dir) as store:
+            c = candidate_of(store, e, str(run_dir))
         cands[c.key], phi[c.key] = c, float(lab["phi"])
     if set(cands) != set(keys):
         raise ValueError(f"run {run_dir}: the labels of its last audit are incomplete")

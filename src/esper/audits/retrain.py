@@ -3,7 +3,9 @@
     protocol + candidates (≤ 3 germinations of a recorded run)
     → jobs: every subset S of the candidates × repeats r (seed = base_seed + r)
     → each job retrains the host from scratch for a fixed budget with only the seeds in S enabled,
-      germinated at their recorded tick and advanced TRAINING → BLENDING → HOLDING as gates allow
+      each replayed as in its source run (`ReplayPolicy`): germinated at its recorded tick, at the
+      same point of the tick, with every recorded head, then its recorded fate (advance, α
+      retarget, fossilize, prune) at the recorded ticks, each op retried until it is legal
     → v_r(S) = the final validation metric, cached on disk per (protocol hash, S, r)
       (jobs run on a local process pool or as Ray tasks: `backends.py`)
     → per repeat: exact Shapley, Banzhaf and pairwise interactions over the complete table
@@ -16,7 +18,6 @@ noise. It is a label under this protocol (budget, metric, seeds), not ground tru
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import hashlib
 import json
 import statistics
@@ -24,23 +25,30 @@ import tempfile
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from esper.audits.backends import check_backend, open_executor
 from esper.config import GrowConfig, config_to_dict, override
-from esper.contracts import Blueprint, FactoredAction, Op, Stage
+from esper.contracts import Blueprint, FactoredAction, Observation, Op, SeedSpec
 from esper.contracts.files import atomic_write
-from esper.contracts.lifecycle import IllegalTransition
-from esper.recorder import RunStore
-from esper.run import start_run
-from esper.simic.backends import check_backend, open_executor
+from esper.recorder import EventRecord, RunStore
+from esper.run import slot_layout, start_run
 from esper.simic.shapley import banzhaf, exact_shapley, interaction_index, subsets
+from esper.tamiyo.masks import action_masks, illegal_reason
+from esper.tamiyo.policies import Decision
 
 MAX_CANDIDATES = 3
 """2^3 subsets × R repeats retrains is the Phase 1 budget (paper §5.3)."""
 METRICS = ("metric", "val_loss", "train_loss")
 """Scalars of the last tick's record an audit may use as v(S)."""
+REPLAY_VERSION = "replay-v2"
+"""How a retrain replays its candidates (part of the protocol hash, so a change of the rule never
+reuses retrains cached under the old one): v2 germinates at the recorded point of the tick with
+every recorded head and knob, and replays each seed's recorded fate."""
+FATE_KINDS = ("advance", "set_alpha_target", "fossilize", "prune", "governor_lobotomy")
+"""The events after a germination that make up the seed's fate."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,12 +107,21 @@ class AuditProtocol:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One germination to audit: a player of the game. Identity is (slot, blueprint, tick)."""
+    """One germination to audit: a player of the game, with what the source run did to it.
+
+    Its key (slot, blueprint, tick) names it in tables and labels; `germination` and `fate` fix
+    how it is replayed, so they are part of its identity (and of the retrain cache's key)."""
 
     slot: str
     blueprint: str
     """Blueprint name, e.g. "CONV_LIGHT"."""
     germinate_tick: int
+    germination: str = ""
+    """JSON {"action": every head, "spec": the seed's knobs} of the recorded germination ("":
+    the defaults of the blueprint, as in runs recorded before heads were)."""
+    fate: tuple[tuple[int, str], ...] = ()
+    """(tick, JSON action heads) of each later op on this seed in the source run: ADVANCE,
+    SET_ALPHA_TARGET, FOSSILIZE, PRUNE (a governor's removal replays as a PRUNE)."""
     event_id: int | None = field(default=None, compare=False)
     """The source run's germinate event, labelled with the result."""
     source: str | None = field(default=None, compare=False)
@@ -113,6 +130,58 @@ class Candidate:
     @property
     def key(self) -> str:
         return f"{self.slot}:{self.blueprint}@{self.germinate_tick}"
+
+    @classmethod
+    def advancing(cls, slot: str, blueprint: str, tick: int, advances: int = 3) -> Candidate:
+        """A hand-made candidate (no source run): germinated at `tick`, then ADVANCEd on each of
+        the next `advances` ticks (each retried until legal): TRAINING, BLENDING, HOLDING."""
+        advance = json.dumps({"op": "ADVANCE"})
+        return cls(
+            slot, blueprint, tick, fate=tuple((tick + 1 + i, advance) for i in range(advances))
+        )
+
+    @property
+    def cache_key(self) -> str:
+        """`key` plus a digest of how it is replayed."""
+        body = json.dumps([self.germination, self.fate]).encode()
+        return f"{self.key}#{hashlib.sha256(body).hexdigest()[:12]}"
+
+    def germinate_action(self, slot_index: int) -> tuple[FactoredAction, SeedSpec]:
+        recorded = json.loads(self.germination) if self.germination else {}
+        action = (
+            replace(FactoredAction.from_names(recorded["action"]), slot=slot_index)
+            if "action" in recorded
+            else FactoredAction(Op.GERMINATE, slot=slot_index, blueprint=Blueprint[self.blueprint])
+        )
+        spec = SeedSpec(action.blueprint, action.style)  # what the engine germinates from an action
+        if "spec" in recorded and SeedSpec.from_dict(recorded["spec"]) != spec:
+            raise AuditReplayError(f"candidate {self.key}: its recorded knobs cannot be replayed")
+        return action, spec
+
+
+def candidate_of(store: RunStore, event: EventRecord, source: str | None = None) -> Candidate:
+    """The germinate `event` of a recorded run as a candidate: its heads, knobs and fate."""
+    if event.slot is None:
+        raise ValueError(f"germinate event {event.id} names no slot")
+    payload = event.payload
+    recorded = {k: payload[k] for k in ("action", "spec") if k in payload}
+    germination = json.dumps(recorded, sort_keys=True) if recorded else ""
+    fate = []
+    for e in store.events(env=event.env, since_tick=event.tick):
+        if e.id <= event.id or e.slot != event.slot:
+            continue
+        if e.kind == "germinate":
+            break  # the slot's next seed
+        if e.kind in FATE_KINDS and e.payload.get("seed_id") == payload.get("seed_id"):
+            names = e.payload.get("action") or {
+                "op": "PRUNE" if "prune" in e.kind else e.kind.upper()
+            }
+            if e.kind == "governor_lobotomy":
+                names = {"op": "PRUNE"}
+            fate.append((e.tick, json.dumps(names, sort_keys=True)))
+    return Candidate(
+        event.slot, payload["blueprint"], event.tick, germination, tuple(fate), event.id, source
+    )
 
 
 def candidates_from_run(run_dir: str | Path, limit: int = MAX_CANDIDATES) -> list[Candidate]:
@@ -125,62 +194,151 @@ def candidates_from_run(run_dir: str | Path, limit: int = MAX_CANDIDATES) -> lis
         for e in store.events("germinate"):
             if e.slot is None or any(c.slot == e.slot for c in out):
                 continue
-            out.append(Candidate(e.slot, e.payload["blueprint"], e.tick, e.id, str(run_dir)))
+            out.append(candidate_of(store, e, str(run_dir)))
             if len(out) == limit:
                 break
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# One job: retrain with only the seeds in `subset` enabled
+# One job: retrain with only the seeds in `subset` enabled, replaying what the source did
 # ---------------------------------------------------------------------------------------------
 
 
-class _Replay:
-    """Run callback: germinate each enabled candidate at its tick, then ADVANCE it one stage per
-    tick while the gates allow (G2 for TRAINING → BLENDING, a finished ramp for → HOLDING)."""
+class AuditReplayError(RuntimeError):
+    """A retrain cannot replay its candidates (e.g. the governor removed an audited seed)."""
 
-    def __init__(self, enabled: Sequence[Candidate]) -> None:
-        self.enabled = enabled
 
-    def __call__(self, t: int, env: Any) -> None:
-        names = list(env.slots)
-        for c in self.enabled:
-            if c.slot not in env.slots:
-                raise ValueError(f"candidate {c.key}: the host has no slot {c.slot!r}")
-            slot, index = env.slots[c.slot], names.index(c.slot)
-            if t == c.germinate_tick:
-                env.execute(
-                    FactoredAction(Op.GERMINATE, slot=index, blueprint=Blueprint[c.blueprint])
+class ReplayPolicy:
+    """The policy of a coalition retrain: at the tick a candidate germinated in the source run,
+    the same GERMINATE (every head, every knob), chosen where the source's policy chose it, after
+    that tick's training; then the candidate's recorded fate, each op at its recorded tick. An
+    op not yet legal in the retrain (G2 not passed, ramp unfinished) is retried every tick until
+    it is; a germination goes first when both are due. What never happened is `unreached`."""
+
+    name = "replay"
+
+    def __init__(self, enabled: Sequence[Candidate], slots: Sequence[str]) -> None:
+        missing = [c.key for c in enabled if c.slot not in slots]
+        if missing:
+            raise ValueError(f"candidates {missing}: the host has no such slot ({list(slots)})")
+        self.slots = list(slots)
+        self.germinations = sorted(enabled, key=lambda c: (c.germinate_tick, c.slot))
+        self.late: list[str] = []
+        self.pending: list[tuple[int, Candidate, FactoredAction]] = sorted(
+            (
+                (
+                    tick,
+                    c,
+                    replace(
+                        FactoredAction.from_names(_full(json.loads(names))), slot=self._index(c)
+                    ),
                 )
-            elif slot.stage in (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING):
-                # Illegal while G2 has not passed or the ramp is not finished: retry next tick.
-                with contextlib.suppress(IllegalTransition):
-                    env.execute(FactoredAction(Op.ADVANCE, slot=index))
+                for c in enabled
+                for tick, names in c.fate
+            ),
+            key=lambda x: x[0],
+        )
+        self.live: dict[str, Candidate] = {}  # slot -> its candidate, between germinate and prune
+
+    def _index(self, c: Candidate) -> int:
+        return self.slots.index(c.slot)
+
+    def act(self, obs: Observation) -> Decision:
+        self._check_alive(obs)
+        if self.germinations and self.germinations[0].germinate_tick <= obs.tick:
+            c = self.germinations.pop(0)
+            if c.germinate_tick < obs.tick:  # two recorded at one tick (hand-made candidates)
+                self.late.append(f"{c.key}: germinated at tick {obs.tick}")
+            action, _ = c.germinate_action(self._index(c))
+            self.live[c.slot] = c
+            return self._decide(obs, action, f"replay: germinate {c.key}")
+        for i, (tick, c, action) in enumerate(self.pending):
+            if tick > obs.tick:
+                break
+            if c.slot in self.live and illegal_reason(action, obs) is None:
+                del self.pending[i]
+                if action.op is Op.PRUNE:
+                    del self.live[c.slot]
+                return self._decide(obs, action, f"replay: {action.op.name} {c.key} (tick {tick})")
+        return self._decide(obs, FactoredAction(), "replay: nothing due")
+
+    def _check_alive(self, obs: Observation) -> None:
+        """A candidate's seed that left its slot without a replayed PRUNE was removed by the
+        governor: its v(S) would silently be another coalition's, so the job fails loudly."""
+        for c in self.live.values():
+            s = obs.slots[self._index(c)]
+            if s.seed_id is None or s.stage.name in ("PRUNED", "EMBARGOED", "RESETTING"):
+                raise AuditReplayError(
+                    f"the governor removed audited seed {c.key} at tick {obs.tick} of the retrain"
+                )
+
+    def _decide(self, obs: Observation, action: FactoredAction, reason: str) -> Decision:
+        slot = action.slot if action.op is not Op.WAIT else None
+        return Decision(action, action_masks(obs, action.op, slot), reason=reason)
+
+    @property
+    def unreached(self) -> tuple[str, ...]:
+        """What did not happen as recorded: fate ops that never ran (beyond the budget, or never
+        legal), germinations that came late or not at all."""
+        return (
+            *self.late,
+            *(
+                f"{c.key}: germination recorded at tick {c.germinate_tick}"
+                for c in self.germinations
+            ),
+            *(f"{c.key}: {a.op.name} recorded at tick {tick}" for tick, c, a in self.pending),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _full(names: dict[str, str]) -> dict[str, str]:
+    """Recorded heads completed with the defaults (older records name the op only)."""
+    return {**FactoredAction().names(), **names}
+
+
+@dataclass(frozen=True)
+class JobValue:
+    """One retrain's v(S), and what of the candidates' recorded fate it could not replay."""
+
+    value: float
+    unreached: tuple[str, ...] = ()
 
 
 def subset_value(
     protocol: AuditProtocol, candidates: Sequence[Candidate], subset: frozenset, repeat: int
-) -> float:
+) -> JobValue:
     """v_repeat(subset): the final validation metric of a from-scratch run of the fixed budget
-    with policy "none" and only the seeds in `subset` enabled. Deterministic in (subset, repeat)."""
+    where only the seeds in `subset` are germinated, each replayed as in its source run
+    (`ReplayPolicy`). Deterministic in (subset, repeat); each seed's initial weights depend on
+    its slot and tick only (`RunSeeds`), so enabling one never changes another's start."""
     enabled = [c for c in candidates if c in subset]
     late = [c.key for c in enabled if c.germinate_tick >= protocol.ticks]
     if late:
         raise ValueError(f"candidates {late} germinate after the {protocol.ticks}-tick budget")
+    cfg = protocol.grow_config(repeat)
+    policy = ReplayPolicy(enabled, slot_layout(cfg))
     with tempfile.TemporaryDirectory(prefix="esper-audit-") as tmp:
-        run = start_run(
-            protocol.grow_config(repeat), run_dir=Path(tmp) / "run", callbacks=[_Replay(enabled)]
-        )
+        run = start_run(cfg, policy=policy, run_dir=Path(tmp) / "run")
         try:
             run.run()
             value = run.store.metrics()[-1][1][protocol.metric]
         finally:
             run.store.close()
-    return float(value)
+    return JobValue(float(value), policy.unreached)
 
 
-ValueFn = Callable[[AuditProtocol, Sequence[Candidate], frozenset, int], float]
+ValueFn = Callable[[AuditProtocol, Sequence[Candidate], frozenset, int], "float | JobValue"]
+"""A job's value function (`subset_value`; tests pass a plain function returning a float)."""
+
+
+def _job_value(x: float | JobValue) -> JobValue:
+    return x if isinstance(x, JobValue) else JobValue(float(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +418,9 @@ class AuditResult:
     """Jobs answered from the audit directory."""
     failures: tuple[JobFailure, ...] = ()
     ci_method: str = CI_METHOD
+    unreached: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """"r=REPEAT S=KEYS" -> the recorded fate ops that retrain could not replay within its
+    budget (the v(S) of a coalition whose seeds lived longer or shorter than in the source)."""
 
     def label(self, key: str) -> dict[str, Any]:
         lo, hi = self.phi_ci95[key]
@@ -283,8 +444,25 @@ class AuditResult:
 
 
 def subset_key(subset: Iterable[Candidate]) -> tuple[str, ...]:
-    """A subset's cache and table key: its candidates' keys, sorted."""
+    """A subset's table key: its candidates' keys, sorted."""
     return tuple(sorted(c.key for c in subset))
+
+
+def _cache_key(subset: Iterable[Candidate]) -> tuple[str, ...]:
+    """A subset's cache key: its candidates' keys with how each is replayed, sorted."""
+    return tuple(sorted(c.cache_key for c in subset))
+
+
+class JobTable(NamedTuple):
+    """What `Audit.values` returns."""
+
+    values: dict[int, dict[tuple[str, ...], float]]
+    """repeat -> subset key -> v(S)."""
+    retrains: int
+    cached: int
+    failures: tuple[JobFailure, ...]
+    unreached: dict[str, tuple[str, ...]]
+    """As `AuditResult.unreached`."""
 
 
 def _attempt(
@@ -293,10 +471,10 @@ def _attempt(
     candidates: Sequence[Candidate],
     subset: frozenset,
     repeat: int,
-) -> float:
+) -> JobValue:
     """One job; the error comes back as text so that it survives the process boundary."""
     try:
-        return fn(protocol, candidates, subset, repeat)
+        return _job_value(fn(protocol, candidates, subset, repeat))
     except Exception as err:
         raise RuntimeError(f"{type(err).__name__}: {err}\n{traceback.format_exc()}") from None
 
@@ -317,24 +495,27 @@ class Audit:
         text = json.dumps([phash, list(subset), repeat])
         return self.dir / "jobs" / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
 
-    def _load(self, phash: str, subset: tuple[str, ...], repeat: int) -> float | None:
-        path = self._path(phash, subset, repeat)
+    def _load(self, phash: str, subset: frozenset, repeat: int) -> JobValue | None:
+        key = _cache_key(subset)
+        path = self._path(phash, key, repeat)
         if not path.is_file():
             return None
         job = json.loads(path.read_text())
-        if job["protocol_hash"] != phash or tuple(job["subset"]) != subset:
+        if job["protocol_hash"] != phash or tuple(job["subset"]) != key:
             raise ValueError(f"{path}: cache entry does not match its key")
-        return float(job["value"])
+        return JobValue(float(job["value"]), tuple(job.get("unreached", ())))
 
     def _store(
-        self, protocol: AuditProtocol, subset: tuple[str, ...], repeat: int, value: float
+        self, protocol: AuditProtocol, subset: frozenset, repeat: int, job_value: JobValue
     ) -> None:
-        path = self._path(protocol.protocol_hash(), subset, repeat)
+        key = _cache_key(subset)
+        path = self._path(protocol.protocol_hash(), key, repeat)
         job = {
             "protocol_hash": protocol.protocol_hash(),
-            "subset": list(subset),
+            "subset": list(key),
             "repeat": repeat,
-            "value": value,
+            "value": job_value.value,
+            "unreached": list(job_value.unreached),
             "protocol": protocol.canonical(),
         }
         text = json.dumps(job, sort_keys=True)
@@ -361,7 +542,7 @@ class Audit:
         if not 1 <= len(candidates) <= MAX_CANDIDATES or len(set(candidates)) != len(candidates):
             raise ValueError(f"need 1..{MAX_CANDIDATES} distinct candidates, got {candidates}")
         phash = protocol.protocol_hash()
-        values, retrains, cached, failures = self.values(
+        table = self.values(
             protocol,
             candidates,
             subsets(candidates),
@@ -372,7 +553,8 @@ class Audit:
             ray_resources=ray_resources,
             progress=progress,
         )
-        result = _summarise(phash, candidates, values, retrains, cached, failures)
+        result = _summarise(phash, candidates, *table[:4])
+        result = replace(result, unreached=table.unreached)
         self._label_sources(candidates, result)
         return result
 
@@ -388,17 +570,19 @@ class Audit:
         ray_address: str | None = None,
         ray_resources: Mapping[str, Any] | None = None,
         progress: Progress | None = None,
-    ) -> tuple[dict[int, dict[tuple[str, ...], float]], int, int, tuple[JobFailure, ...]]:
+    ) -> JobTable:
         """v_r(S) for the `needed` subsets and every repeat r: from the cache, the missing ones
-        retrained on `backend` and cached. Returns (repeat -> subset key -> value, retrains run,
-        cache hits, failures). Writes no labels (`run` does, the cheaper estimators don't)."""
+        retrained on `backend` and cached. Writes no labels (`run` does, the cheaper estimators
+        don't)."""
         check_backend(backend, ray_address)
         phash = protocol.protocol_hash()
         jobs = [(s, r) for r in range(protocol.repeats) for s in needed]
-        values: dict[int, dict[tuple[str, ...], float]] = {r: {} for r in range(protocol.repeats)}
+        values: dict[int, dict[tuple[str, ...], JobValue]] = {
+            r: {} for r in range(protocol.repeats)
+        }
         pending = []
         for s, r in jobs:
-            hit = self._load(phash, subset_key(s), r)
+            hit = self._load(phash, s, r)
             if hit is None:
                 pending.append((s, r))
             else:
@@ -426,7 +610,14 @@ class Audit:
                 retrains, failures = self._execute(
                     protocol, list(candidates), pending, values, pool, in_flight, retries, settled
                 )
-        return values, retrains, cached, failures
+        unreached = {
+            f"r={r} S={'|'.join(key)}": jv.unreached
+            for r, table in values.items()
+            for key, jv in sorted(table.items())
+            if jv.unreached
+        }
+        plain = {r: {key: jv.value for key, jv in table.items()} for r, table in values.items()}
+        return JobTable(plain, retrains, cached, failures, unreached)
 
     def _execute(
         self,
@@ -463,7 +654,7 @@ class Audit:
                 err = fut.exception()
                 if err is None:
                     values[r][subset_key(s)] = fut.result()
-                    self._store(protocol, subset_key(s), r, fut.result())
+                    self._store(protocol, s, r, fut.result())
                     settled()
                 elif attempts[(s, r)] <= retries:
                     queue.append((s, r))
