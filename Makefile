@@ -1,6 +1,6 @@
 # Two commands do everything from a clean clone (see README):
 #   make run    - the main job on the default task (digits)
-#   make test   - lint, format check and the test suite (pytest exits 5, a failure, when it
+#   make test   - lint, format check, layer contracts (import-linter) and the test suite (pytest exits 5, a failure, when it
 #                 collects no test)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,6 +23,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The policy shipped in src/esper/tamiyo/trained/digits.safetensors (see bench/RESULTS.md).

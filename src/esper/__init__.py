@@ -1,7 +1,20 @@
 """Esper: morphogenetic neural networks that grow and prune their own structure while training."""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from esper.api import grow  # after __version__: submodules read it
+from importlib.metadata import version
+from typing import Any
+
+__version__ = version("esper")  # one source: pyproject.toml
 
 __all__ = ["__version__", "grow"]
+
+
+def __getattr__(name: str) -> Any:
+    # `esper.grow` is the Python API at the top layer. Importing it here eagerly would make every
+    # `import esper.<package>` import torch and the whole engine; resolved on first use instead.
+    if name == "grow":
+        from esper.api import grow
+
+        return grow
+    raise AttributeError(f"module 'esper' has no attribute {name!r}")

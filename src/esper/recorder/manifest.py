@@ -9,15 +9,14 @@ import socket
 import sqlite3
 import subprocess
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy
 import torch
 
-import esper
-
-_PACKAGE_DIR = Path(esper.__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/esper
 
 
 def build_manifest(config: dict[str, Any], seeds: dict[str, Any], device: str) -> dict[str, Any]:
@@ -27,7 +26,7 @@ def build_manifest(config: dict[str, Any], seeds: dict[str, Any], device: str) -
         "config": config,
         "seeds": seeds,
         "device": device,
-        "esper_version": esper.__version__,
+        "esper_version": version("esper"),
         "code": {"commit": commit, "dirty": dirty},
         "libraries": library_versions(),
         "hostname": socket.gethostname(),

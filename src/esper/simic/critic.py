@@ -33,6 +33,7 @@ from safetensors.numpy import save_file
 
 from esper.contracts import Observation, Stage
 from esper.contracts.files import atomic_write
+from esper.recorder import RunStore
 
 LABEL = "shapley"
 DEFAULT_LAG = 3
@@ -210,8 +211,6 @@ def critic_dataset(
     run_dirs: Iterable[str | Path], lag: int = DEFAULT_LAG, label: str = LABEL
 ) -> list[CriticRow]:
     """One row per germinate event that carries a `label` (Shapley) label, in run order."""
-    from esper.recorder import RunStore  # at call time: this module sits below the recorder
-
     if lag < 0:
         raise ValueError(f"lag must be >= 0, got {lag}")
     rows: list[CriticRow] = []
