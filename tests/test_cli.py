@@ -122,3 +122,44 @@ def test_audit_a_recorded_run(tmp_path: Path) -> None:
     assert n >= 1 and "φ (Shapley)" in r.output and f"{2**n} retrained" in r.output
     again = _invoke("audit", str(run), "--budget", "4", "--metric", "val_loss", "--workers", "1")
     assert "0 retrained" in again.output  # every subset came from the audit cache
+
+
+def test_an_internal_bug_keeps_its_traceback(
+    tmp_path: Path, tiny_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the project's own error types become one-line messages: a ValueError raised by our
+    # code is a bug, and hiding its traceback would hide where it is.
+    def broken(*args: object, **kw: object) -> None:
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr("esper.cli.start_run", broken)
+    r = _invoke("grow", "--config", str(tiny_config), "--out", str(tmp_path))
+    assert r.exit_code == 1 and isinstance(r.exception, ValueError)
+    assert "esper: error" not in r.output
+
+
+def test_train_policy_reads_a_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(
+        f'num_envs = 2\nnum_steps = 2\nupdates = 1\neval_every = 0\nbackend = "inprocess"\n'
+        f'out = "{tmp_path / "policy"}"\n'
+        '[episode]\nticks = 2\ndevice = "cpu"\n[episode.env]\nbatches_per_tick = 1\n'
+    )
+    r = _invoke("train-policy", "--config", str(cfg), "--teacher", "none")
+    assert r.exit_code == 0, r.output
+    with RunStore.open(tmp_path / "policy" / "run") as store:
+        recorded = store.manifest()["config"]
+    assert (recorded["num_steps"], recorded["episode"]["ticks"]) == (2, 2)
+    assert recorded["imitation"]["teacher"] is None
+    cfg.write_text("num_envz = 2\n")
+    _assert_clean_failure(_invoke("train-policy", "--config", str(cfg)), "num_envz")
+
+
+def test_help_shows_the_configs_defaults() -> None:
+    from esper.audits.retrain import AuditProtocol
+    from esper.config import GrowConfig
+
+    grow_help = _invoke("grow", "--help").output
+    assert f"(default: {GrowConfig.ticks})" in grow_help
+    audit_help = _invoke("audit", "--help").output
+    assert f"[default: {AuditProtocol.ticks}]" in audit_help  # typer shows it

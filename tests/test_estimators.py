@@ -30,7 +30,7 @@ from esper.audits.estimators import (
     short_rollout_estimate,
     to_markdown,
 )
-from esper.audits.retrain import Audit, AuditProtocol
+from esper.audits.retrain import Audit, AuditError, AuditProtocol
 from esper.cli import app
 from esper.recorder import RunStore
 from esper.simic.critic import average_ranks, spearman
@@ -104,7 +104,7 @@ def broken(protocol, candidates, subset, repeat) -> float:
 
 def test_a_failed_retrain_is_an_error_not_a_credit(tmp_path: Path) -> None:
     cands = synthetic_run(tmp_path / "src")
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(AuditError, match="out of memory"):
         leave_one_out_estimate(
             Audit(tmp_path / "a", value_fn=broken), PROTOCOL, cands, workers=1, retries=0
         )

@@ -20,6 +20,7 @@ import torch
 from _engine_helpers import FAST_HEURISTIC, finite_params, small_config, text_config, tiny_text
 from esper.config import HostConfig, config_to_dict
 from esper.contracts import Stage
+from esper.kasmina import CheckpointError
 from esper.run import GrowthRun, resume_run, start_run
 from esper.simic import EconomyConfig
 from esper.tamiyo.policies import HeuristicConfig
@@ -163,7 +164,7 @@ def test_resume_rejects_a_corrupt_checkpoint(tmp_path: Path) -> None:
     (ck,) = [c for c in run.store.checkpoints() if c.tick == 2]
     path = tmp_path / "r" / ck.path
     path.write_bytes(path.read_bytes()[:-8] + b"corrupt!")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt"):
         resume_run(tmp_path / "r")
 
 

@@ -1,13 +1,17 @@
-"""The command line: `esper grow`, `esper runs`, `esper show RUN`.
+"""The command line: `esper grow`, `runs`, `show`, `evaluate`, `train-policy`, `audit`,
+`train-critic`.
 
-Flags override the config file, which overrides `GrowConfig`'s defaults; each default is defined
-once, in the config dataclasses. Known failures print one line and exit 2, without a traceback.
+Flags override the config file, which overrides the job's config dataclass (`GrowConfig`,
+`TrainPolicyConfig`, `AuditProtocol`); each default is defined once, there, and the help text
+reads it from there. A problem with the user's input (an `EsperError`) prints one line and exits
+2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -16,22 +20,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from esper.audits.backends import BackendUnavailable, check_backend
+from esper.audits.backends import check_backend
 from esper.audits.estimators import HEADERS as ESTIMATOR_HEADERS
 from esper.audits.estimators import compare_audits
 from esper.audits.estimators import format_rows as format_estimator_rows
 from esper.audits.retrain import Audit, AuditProtocol, AuditResult, candidates_from_run
-from esper.config import ConfigError, GrowConfig, config_from_dict, load_config, override
-from esper.evaluate import HELD_OUT_SEEDS, evaluate
-from esper.kasmina import BlueprintError, CheckpointError
-from esper.recorder import RecorderError, RunStore, list_runs
+from esper.config import (
+    ConfigError,
+    GrowConfig,
+    HostConfig,
+    config_from_dict,
+    load_config,
+    override,
+)
+from esper.contracts.errors import EsperError
+from esper.evaluate import FIRST_HELD_OUT, HELD_OUT_SEEDS, evaluate, held_out_seeds
+from esper.recorder import RunStore, list_runs
 from esper.run import GrowResult, GrowthRun, resume_run, start_run
+from esper.simic import EconomyConfig
 from esper.simic.critic import DEFAULT_LAG, critic_dataset, fit_critic, held_out
 from esper.tamiyo.imitation import ImitationConfig
-from esper.tamiyo.learned import PolicyLoadError
 from esper.tamiyo.policies import POLICIES
-from esper.tolaria.data import TASK_NAMES, TaskError
-from esper.tolaria.governor import GovernorError
+from esper.tolaria.data import TASK_NAMES
 from esper.train_policy import TrainPolicyConfig, train_policy
 
 app = typer.Typer(
@@ -43,17 +53,8 @@ def _out() -> Console:
     return Console()  # made per call, so the terminal width is read when printing
 
 
-KNOWN_ERRORS = (
-    ConfigError,
-    TaskError,
-    RecorderError,
-    CheckpointError,
-    BlueprintError,
-    GovernorError,
-    PolicyLoadError,
-    ValueError,
-    OSError,
-)
+KNOWN_ERRORS = (EsperError,)
+"""What becomes a one-line error: the user's mistakes, never our bugs."""
 
 
 def _fail(message: str) -> None:
@@ -78,20 +79,39 @@ def _config(config: Path | None, **flags: object) -> GrowConfig:
 
 @app.command()
 def grow(
-    task: Annotated[str | None, typer.Option(help="digits, text or cifar10")] = None,
+    task: Annotated[
+        str | None, typer.Option(help=f"digits, text or cifar10 (default: {GrowConfig.task})")
+    ] = None,
     policy: Annotated[
         str | None,
         typer.Option(
-            help="heuristic, random, none, learned (the shipped PPO policy) or a policy file"
+            help="heuristic, random, none, learned (the shipped PPO policy) or a policy file "
+            f"(default: {GrowConfig.policy})"
         ),
     ] = None,
-    ticks: Annotated[int | None, typer.Option(help="control ticks")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed for every RNG")] = None,
-    w_rent: Annotated[float | None, typer.Option(help="rent weight W_rent")] = None,
-    w_churn: Annotated[float | None, typer.Option(help="churn weight W_churn")] = None,
-    host_width: Annotated[int | None, typer.Option(help="host channels (2: impaired)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    out: Annotated[str | None, typer.Option(help="directory for run directories")] = None,
+    ticks: Annotated[
+        int | None, typer.Option(help=f"control ticks (default: {GrowConfig.ticks})")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help=f"seed for every RNG (default: {GrowConfig.seed})")
+    ] = None,
+    w_rent: Annotated[
+        float | None, typer.Option(help=f"rent weight W_rent [default: {EconomyConfig.w_rent}]")
+    ] = None,
+    w_churn: Annotated[
+        float | None,
+        typer.Option(help=f"churn weight W_churn [default: {EconomyConfig.w_churn}]"),
+    ] = None,
+    host_width: Annotated[
+        int | None,
+        typer.Option(help=f"host channels (2: impaired) (default: {HostConfig.width})"),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help=f"auto, cpu or cuda (default: {GrowConfig.device})")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option(help=f"directory for run directories (default: {GrowConfig.out})")
+    ] = None,
     data_dir: Annotated[str | None, typer.Option(help="CIFAR-10 folder")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume this run directory")] = None,
@@ -213,7 +233,7 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
     """A run's summary and its decision timeline."""
     try:
         store = RunStore.open(run_dir)
-    except RecorderError as e:
+    except KNOWN_ERRORS as e:
         _fail(str(e))
     with store:
         cfg = store.manifest()["config"]
@@ -240,10 +260,13 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
 @app.command("evaluate")
 def evaluate_cmd(
     policies: Annotated[list[str], typer.Argument(help="none, random, heuristic, policy files")],
-    seeds: Annotated[int, typer.Option(help="held-out seeds (1000, 1001, ...)")] = 10,
+    seeds: Annotated[int, typer.Option(help="held-out seeds")] = len(HELD_OUT_SEEDS),
     first_seed: Annotated[
-        int, typer.Option(help="the first held-out seed (>= 1000: training never draws those)")
-    ] = 1000,
+        int,
+        typer.Option(
+            help=f"the first held-out seed (>= {FIRST_HELD_OUT}: training never draws those)"
+        ),
+    ] = FIRST_HELD_OUT,
     ticks: Annotated[int | None, typer.Option(help="control ticks per run")] = None,
     task: Annotated[str | None, typer.Option()] = None,
     host_width: Annotated[int | None, typer.Option()] = None,
@@ -258,12 +281,7 @@ def evaluate_cmd(
         cfg = _config(config, task=task, ticks=ticks, **{"host.width": host_width})
         for p in policies:
             _config(None, policy=p)  # validates each name or file
-        if first_seed < HELD_OUT_SEEDS[0]:
-            _fail(
-                f"--first-seed {first_seed}: seeds below {HELD_OUT_SEEDS[0]} are drawn in "
-                "training, so they are not held out"
-            )
-        chosen = list(range(first_seed, first_seed + seeds))
+        chosen = held_out_seeds(seeds, first_seed)
         rows = evaluate(
             policies,
             chosen,
@@ -297,16 +315,25 @@ def train_policy_cmd(
     ] = None,
     critic_weight: Annotated[float | None, typer.Option(help="weight of the critic's φ")] = None,
     teacher: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="warm start: clone this policy's decisions before PPO ('none': no warm start)"
+            help="warm start: clone this policy's decisions before PPO ('none': no warm start) "
+            f"(default: {ImitationConfig.teacher})"
         ),
-    ] = "heuristic",
+    ] = None,
     demo_episodes: Annotated[
-        int | None, typer.Option(help="teacher episodes recorded for the warm start")
+        int | None,
+        typer.Option(
+            help="teacher episodes recorded for the warm start "
+            f"(default: {ImitationConfig.episodes})"
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="TOML config file (TrainPolicyConfig: [episode], [ppo], [imitation])"),
     ] = None,
 ) -> None:
-    """Phase 1: train a growth policy with PPO over vectorised digits environments."""
+    """Phase 1: train a growth policy with PPO over vectorised environments."""
     changes = {
         "updates": updates,
         "num_envs": envs,
@@ -315,17 +342,17 @@ def train_policy_cmd(
         "out": out,
         "critic": critic,
         "critic_weight": critic_weight,
+        "imitation.episodes": demo_episodes,
     }
-    try:  # teacher "none": no warm start (cloning `none` would only teach WAIT)
-        imitation = ImitationConfig(
-            teacher=None if teacher == "none" else teacher,
-            **({} if demo_episodes is None else {"episodes": demo_episodes}),
-        )
-        cfg = TrainPolicyConfig(
-            **{k: v for k, v in changes.items() if v is not None}, imitation=imitation
-        )
-    except ValueError as e:
-        _fail(str(e))
+    try:
+        base = load_config(config, TrainPolicyConfig) if config else TrainPolicyConfig()
+        # teacher "none": no warm start (cloning `none` would only teach WAIT)
+        teach = {"imitation.teacher": teacher} if teacher != "none" else {}
+        cfg = override(base, **changes, **teach)
+        if teacher == "none":
+            cfg = replace(cfg, imitation=replace(cfg.imitation, teacher=None))
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0])
     columns = (
         TextColumn("[bold]training[/bold]"),
         BarColumn(),
@@ -341,7 +368,8 @@ def train_policy_cmd(
                 if "imitation" in info:  # the warm start, before the first PPO update
                     clone = info["imitation"]
                     bar.console.print(
-                        f"warm start: cloned {clone['decisions']} {teacher} decisions in "
+                        f"warm start: cloned {clone['decisions']} {cfg.imitation.teacher} "
+                        f"decisions in "
                         f"{info['minutes']:.1f} min; NLL {clone['nll']:.3f}, agreement "
                         + ", ".join(f"{op} {a:.0%}" for op, a in clone["op_accuracy_by_op"].items())
                     )
@@ -378,9 +406,13 @@ def audit(
         list[Path] | None,
         typer.Argument(help="with --compare: more audited runs, pooled", show_default=False),
     ] = None,
-    repeats: Annotated[int, typer.Option(help="R: retrains per subset")] = 1,
-    budget: Annotated[int, typer.Option(help="ticks of training per retrain")] = 10,
-    metric: Annotated[str, typer.Option(help="metric, val_loss or train_loss")] = "metric",
+    repeats: Annotated[int, typer.Option(help="R: retrains per subset")] = AuditProtocol.repeats,
+    budget: Annotated[
+        int, typer.Option(help="ticks of training per retrain")
+    ] = AuditProtocol.ticks,
+    metric: Annotated[
+        str, typer.Option(help="metric, val_loss or train_loss")
+    ] = AuditProtocol.metric,
     workers: Annotated[int | None, typer.Option(help="processes (default: the cores)")] = None,
     backend: Annotated[
         str, typer.Option(help="where retrains run: local (a process pool) or ray (Ray tasks)")
@@ -413,10 +445,10 @@ def audit(
             cfg = config_from_dict(store.manifest()["config"])
         candidates = candidates_from_run(run_dir)
         if not candidates:
-            raise ValueError(f"run {run_dir} germinated no seed: nothing to audit")
+            raise ConfigError(f"run {run_dir} germinated no seed: nothing to audit")
         last = max(c.germinate_tick for c in candidates)
         if budget <= last:
-            raise ValueError(
+            raise ConfigError(
                 f"--budget {budget} must exceed the last germination tick ({last}),"
                 " so that every seed can be trained in"
             )
@@ -447,7 +479,7 @@ def audit(
                 ray_address=ray_address,
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )
-    except (*KNOWN_ERRORS, BackendUnavailable) as e:
+    except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     _print_audit(result, run_dir, metric)
 
@@ -493,7 +525,7 @@ def _audit_compare(
                 ray_address=ray_address,
                 progress=lambda r: status.update(f"estimating {r} (cached retrains are reused)"),
             )
-    except (*KNOWN_ERRORS, BackendUnavailable, RuntimeError) as e:  # RuntimeError: a retrain failed
+    except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     table = Table(
         *ESTIMATOR_HEADERS,
@@ -534,7 +566,7 @@ def train_critic_cmd(
     try:
         rows = critic_dataset(runs, lag=lag)
         if not rows:
-            raise ValueError("no audited germination in these runs: run `esper audit RUN` first")
+            raise ConfigError("no audited germination in these runs: run `esper audit RUN` first")
         n_runs = len({r.run for r in rows})
         score = held_out(rows, folds, l2, lag) if n_runs >= 2 else None
         critic = fit_critic(rows, l2, lag)

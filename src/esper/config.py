@@ -1,4 +1,5 @@
-"""One typed config per job. `GrowConfig` is the whole of `esper grow`; every default lives here.
+"""One typed config per job. `GrowConfig` is the whole of `esper grow`; every default lives here
+(and `TrainPolicyConfig`, in `esper.train_policy`, is `esper train-policy`, loaded the same way).
 
 Config files are TOML whose tables mirror the nested dataclasses (`[env]`, `[economy]`,
 `[governor]`, `[heuristic]`, `[lifecycle]`, `[host]`); an unknown key is an error naming it.
@@ -12,20 +13,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from esper.contracts import LifecycleConfig
+from esper.contracts.errors import ConfigError
 from esper.simic import EconomyConfig
 from esper.tamiyo.policies import HeuristicConfig
 from esper.tolaria.environment import EnvConfig
 from esper.tolaria.governor import GovernorConfig
 
-
-class ConfigError(ValueError):
-    """A config file or value that cannot be used."""
-
-
 HOST_KINDS = ("auto", "cnn", "mlp", "transformer")
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -146,27 +144,32 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
     return float(value) if hint is float else value
 
 
-def config_from_dict(data: dict[str, Any]) -> GrowConfig:
-    return _build(GrowConfig, data, "")
+def config_from_dict(data: dict[str, Any], cls: type[C] = GrowConfig) -> C:  # type: ignore[assignment]
+    """A `cls` (any job's config dataclass) from nested dicts, strictly."""
+    return _build(cls, data, "")
 
 
-def load_config(path: str | Path) -> GrowConfig:
+def load_config(path: str | Path, cls: type[C] = GrowConfig) -> C:  # type: ignore[assignment]
+    """A `cls` from a TOML file whose tables mirror its nested dataclasses."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    return config_from_dict(data)
+    return config_from_dict(data, cls)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def override(cfg: GrowConfig, **changes: Any) -> GrowConfig:
-    """`cfg` with the non-None top-level `changes` applied (dotted keys reach into tables)."""
+def override(cfg: C, **changes: Any) -> C:
+    """`cfg` (any job's config) with the non-None `changes` applied (dotted keys reach into
+    tables), checked as strictly as a config file."""
     data = config_to_dict(cfg)
     for key, value in changes.items():
         if value is None:
@@ -180,4 +183,4 @@ def override(cfg: GrowConfig, **changes: Any) -> GrowConfig:
                 )
             node = node[part]
         node[last] = value
-    return config_from_dict(data)
+    return config_from_dict(data, type(cfg))

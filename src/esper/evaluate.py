@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from esper.config import GrowConfig
+from esper.contracts.errors import ConfigError
 from esper.run import GrowResult, start_run
 from esper.tamiyo.policies import POLICIES, Policy
 
@@ -109,11 +110,12 @@ def variants(policies: Sequence[str], sample: bool) -> list[tuple[str, str, bool
 def held_out_seeds(n: int, first: int = FIRST_HELD_OUT) -> list[int]:
     """`n` held-out seeds from `first` (which must be held out: >= FIRST_HELD_OUT)."""
     if first < FIRST_HELD_OUT:
-        raise ValueError(
-            f"seed {first} is drawn in training: held-out seeds start at {FIRST_HELD_OUT}"
+        raise ConfigError(
+            f"seed {first} is drawn in training, so it is not held out: held-out seeds start "
+            f"at {FIRST_HELD_OUT}"
         )
     if n < 1:
-        raise ValueError(f"need at least one held-out seed, got {n}")
+        raise ConfigError(f"need at least one held-out seed, got {n}")
     return list(range(first, first + n))
 
 

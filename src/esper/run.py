@@ -23,7 +23,9 @@ from torch import nn
 
 from esper.config import GrowConfig, config_from_dict, config_to_dict
 from esper.contracts import Observation, SlotTelemetry
+from esper.contracts.errors import ConfigError
 from esper.kasmina import (
+    CheckpointError,
     CNNHost,
     MLPHost,
     TransformerHost,
@@ -75,7 +77,7 @@ def build_host(cfg: GrowConfig, task: TaskData) -> nn.Module:
     if kind == "transformer":
         d = h.width if h.width >= 8 else 64
         return TransformerHost(task.num_outputs, d, h.depth, 4, task.train_x.shape[1], **slot_kw)
-    raise ValueError(f"unknown host kind {kind!r}; valid: auto, cnn, mlp, transformer")
+    raise ConfigError(f"unknown host kind {kind!r}; valid: auto, cnn, mlp, transformer")
 
 
 def task_of(cfg: GrowConfig) -> TaskData:
@@ -131,7 +133,7 @@ def load_policy(cfg: GrowConfig, slot_names: list[str]) -> Policy:
         return LearnedPolicy.load(
             path, expect_slots=slot_names, seed=seed, deterministic=not cfg.sample_actions
         )
-    raise ValueError(
+    raise ConfigError(
         f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, learned, "
         "or the path of a trained policy (.safetensors)"
     )
@@ -282,11 +284,11 @@ class GrowthRun:
         last = self.store.last_complete_tick()
         ckpts = [c for c in self.store.checkpoints() if last is not None and c.tick <= last]
         if not ckpts:
-            raise ValueError(f"run {self.run_dir} has no checkpoint to resume from")
+            raise CheckpointError(f"run {self.run_dir} has no checkpoint to resume from")
         ck = ckpts[-1]
         path = self.run_dir / ck.path
         if hashlib.sha256(path.read_bytes()).hexdigest() != ck.sha256:
-            raise ValueError(f"checkpoint {path} does not match its recorded hash (corrupt)")
+            raise CheckpointError(f"checkpoint {path} does not match its recorded hash (corrupt)")
         with safe_open(str(path), framework="pt", device=str(self.env.device)) as f:
             info = json.loads(f.metadata()["esper_run"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)

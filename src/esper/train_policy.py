@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from esper.config import GrowConfig, config_to_dict
 from esper.contracts import Observation, Op
+from esper.contracts.errors import ConfigError
 from esper.evaluate import FIRST_HELD_OUT, Contender, held_out_seeds, run_held_out
 from esper.kasmina import save_tensors
 from esper.recorder import RunStore, build_manifest
@@ -113,14 +114,14 @@ class TrainPolicyConfig:
 
     def __post_init__(self) -> None:
         if not self.widths or min(self.widths) < 1:
-            raise ValueError(f"widths must be non-empty and >= 1, got {self.widths}")
+            raise ConfigError(f"widths must be non-empty and >= 1, got {self.widths}")
         for name in ("num_envs", "num_steps", "eval_seeds", "hidden"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.updates < 0 or self.eval_every < 0 or not self.budget_minutes > 0:
-            raise ValueError("updates and eval_every must be >= 0 and budget_minutes > 0")
+            raise ConfigError("updates and eval_every must be >= 0 and budget_minutes > 0")
         if self.backend not in ("auto", "inprocess", "processes"):
-            raise ValueError(f"backend must be auto, inprocess or processes, got {self.backend!r}")
+            raise ConfigError(f"backend must be auto, inprocess or processes, got {self.backend!r}")
 
 
 def episode_specs(cfg: TrainPolicyConfig) -> Iterator[GrowConfig]:
@@ -464,7 +465,7 @@ def _load_training_state(
 ) -> int:
     path = out / "training.safetensors"
     if not path.is_file():
-        raise ValueError(f"nothing to resume in {out}: {path.name} is missing")
+        raise ConfigError(f"nothing to resume in {out}: {path.name} is missing")
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["esper_training"])
     loaded = LearnedPolicy.load(out / "policy.safetensors", expect_slots=policy.slot_names)

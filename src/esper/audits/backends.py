@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from esper.contracts.errors import ConfigError, EsperError
+
 BACKENDS = ("local", "ray")
 RAY_MISSING = "the ray backend needs the ray extra: pip install 'esper[ray]'"
 GPU_FRACTION = 0.25
@@ -30,16 +32,16 @@ GPU_FRACTION = 0.25
 uses a fraction of a card, so four share one."""
 
 
-class BackendUnavailable(ImportError):
+class BackendUnavailable(EsperError, ImportError):
     """The backend's optional dependency is not installed."""
 
 
 def check_backend(backend: str, ray_address: str | None = None) -> None:
     """A known backend whose dependency imports, or a clear error."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if ray_address is not None and backend != "ray":
-        raise ValueError("a Ray address needs backend='ray'")
+        raise ConfigError("a Ray address needs backend='ray'")
     if backend == "ray":
         _import_ray()
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from esper.audits.retrain import (
     Audit,
+    AuditError,
     AuditProtocol,
     Candidate,
     ValueFn,
@@ -100,7 +101,7 @@ def job_values(
     )
     if failures:
         f = failures[0]
-        raise RuntimeError(
+        raise AuditError(
             f"{len(failures)} retrain(s) failed, e.g. subset {list(f.subset)} "
             f"repeat {f.repeat}: {f.error.splitlines()[0]}"
         )
@@ -234,14 +235,14 @@ def last_contribution(candidate: Candidate) -> float | None:
     from the decision records between its germination and the slot's next one; None when it
     never blended (a TRAINING seed does not change the output, so it has no contribution)."""
     if candidate.source is None:
-        raise ValueError(f"candidate {candidate.key} has no source run")
+        raise AuditError(f"candidate {candidate.key} has no source run")
     with RunStore.open(Path(candidate.source)) as store:
         germs = [e for e in store.events("germinate") if e.slot == candidate.slot]
         mine = [e for e in germs if e.id == candidate.event_id] or [
             e for e in germs if e.tick == candidate.germinate_tick
         ]
         if not mine:
-            raise ValueError(f"{candidate.source}: no germination of {candidate.key}")
+            raise AuditError(f"{candidate.source}: no germination of {candidate.key}")
         env = mine[0].env
         end = min(
             (e.tick for e in germs if e.env == env and e.tick > candidate.germinate_tick),
@@ -335,12 +336,12 @@ def _protocol_from_cache(audit_dir: Path, phash: str, repeats: int) -> AuditProt
             base_seed=c["base_seed"],
         )
         if protocol.protocol_hash() != phash:
-            raise ValueError(
+            raise AuditError(
                 f"{path}: its protocol no longer hashes to {phash[:12]} "
                 "(recorded by another Esper version?)"
             )
         return protocol
-    raise ValueError(
+    raise AuditError(
         f"{audit_dir}: no cached retrain of protocol {phash[:12]}; the audit cache was removed"
     )
 
@@ -353,7 +354,7 @@ def recorded_audit(run_dir: str | Path, audit_dir: str | Path | None = None) -> 
     with RunStore.open(run_dir) as store:
         labelled = [e for e in store.events("germinate") if "shapley" in e.labels]
     if not labelled:
-        raise ValueError(f"run {run_dir} has no audited seed: run `esper audit {run_dir}` first")
+        raise AuditError(f"run {run_dir} has no audited seed: run `esper audit {run_dir}` first")
     last = labelled[-1].labels["shapley"]  # the latest audit's candidate set
     keys = tuple(last["candidates"])
     cands: dict[str, Candidate] = {}
@@ -366,7 +367,7 @@ def recorded_audit(run_dir: str | Path, audit_dir: str | Path | None = None) -> 
             c = candidate_of(store, e, str(run_dir))
         cands[c.key], phi[c.key] = c, float(lab["phi"])
     if set(cands) != set(keys):
-        raise ValueError(f"run {run_dir}: the labels of its last audit are incomplete")
+        raise AuditError(f"run {run_dir}: the labels of its last audit are incomplete")
     protocol = _protocol_from_cache(audit_dir, last["protocol_hash"], int(last["repeats"]))
     return RecordedAudit(run_dir, protocol, tuple(cands[k] for k in keys), phi)
 
@@ -431,7 +432,7 @@ def compare_audits(
     """Every estimator on every run's recorded audit, against its exact φ. `backend`:
     backend= and ray_address=, as for `Audit.run`."""
     if not run_dirs:
-        raise ValueError("no runs to compare")
+        raise AuditError("no runs to compare")
     per_run = []
     for run_dir in run_dirs:
         rec = recorded_audit(run_dir)

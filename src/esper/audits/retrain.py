@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from esper.audits.backends import check_backend, open_executor
 from esper.config import GrowConfig, config_to_dict, override
 from esper.contracts import Blueprint, FactoredAction, Observation, Op, SeedSpec
+from esper.contracts.errors import ConfigError, EsperError
 from esper.contracts.files import atomic_write
 from esper.recorder import EventRecord, RunStore
 from esper.run import slot_layout, start_run
@@ -74,9 +75,9 @@ class AuditProtocol:
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+            raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.ticks < 1 or self.repeats < 1:
-            raise ValueError(f"ticks and repeats must be >= 1, got {self.ticks}, {self.repeats}")
+            raise ConfigError(f"ticks and repeats must be >= 1, got {self.ticks}, {self.repeats}")
 
     def canonical(self) -> dict[str, Any]:
         return {
@@ -188,7 +189,7 @@ def candidates_from_run(run_dir: str | Path, limit: int = MAX_CANDIDATES) -> lis
     """The first `limit` (≤ 3) germinations of a recorded run, one per slot (a later
     re-germination of a slot could not coexist with the first in a retrain)."""
     if not 1 <= limit <= MAX_CANDIDATES:
-        raise ValueError(f"limit must be in 1..{MAX_CANDIDATES}, got {limit}")
+        raise ConfigError(f"limit must be in 1..{MAX_CANDIDATES}, got {limit}")
     out: list[Candidate] = []
     with RunStore.open(Path(run_dir)) as store:
         for e in store.events("germinate"):
@@ -205,7 +206,11 @@ def candidates_from_run(run_dir: str | Path, limit: int = MAX_CANDIDATES) -> lis
 # ---------------------------------------------------------------------------------------------
 
 
-class AuditReplayError(RuntimeError):
+class AuditError(EsperError, ValueError):
+    """An audit that cannot be done as asked (no audited seed, a failed retrain, a lost cache)."""
+
+
+class AuditReplayError(EsperError, RuntimeError):
     """A retrain cannot replay its candidates (e.g. the governor removed an audited seed)."""
 
 
@@ -221,7 +226,7 @@ class ReplayPolicy:
     def __init__(self, enabled: Sequence[Candidate], slots: Sequence[str]) -> None:
         missing = [c.key for c in enabled if c.slot not in slots]
         if missing:
-            raise ValueError(f"candidates {missing}: the host has no such slot ({list(slots)})")
+            raise ConfigError(f"candidates {missing}: the host has no such slot ({list(slots)})")
         self.slots = list(slots)
         self.germinations = sorted(enabled, key=lambda c: (c.germinate_tick, c.slot))
         self.late: list[str] = []
@@ -320,7 +325,7 @@ def subset_value(
     enabled = [c for c in candidates if c in subset]
     late = [c.key for c in enabled if c.germinate_tick >= protocol.ticks]
     if late:
-        raise ValueError(f"candidates {late} germinate after the {protocol.ticks}-tick budget")
+        raise ConfigError(f"candidates {late} germinate after the {protocol.ticks}-tick budget")
     cfg = protocol.grow_config(repeat)
     policy = ReplayPolicy(enabled, slot_layout(cfg))
     with tempfile.TemporaryDirectory(prefix="esper-audit-") as tmp:
@@ -540,7 +545,7 @@ class Audit:
         1 + `retries` times; `progress(done, total)` is called as each job settles."""
         candidates = list(candidates)
         if not 1 <= len(candidates) <= MAX_CANDIDATES or len(set(candidates)) != len(candidates):
-            raise ValueError(f"need 1..{MAX_CANDIDATES} distinct candidates, got {candidates}")
+            raise ConfigError(f"need 1..{MAX_CANDIDATES} distinct candidates, got {candidates}")
         phash = protocol.protocol_hash()
         table = self.values(
             protocol,

@@ -27,11 +27,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from esper.contracts import Blueprint, SeedSpec, Topology
+from esper.contracts.errors import EsperError
 from esper.kasmina.layers import ChannelAffine, channel_dim, conv_of, pointwise, prenorm, spatial
 from esper.kasmina.lysis import UnitMask, keep_in, keep_out
 
 
-class BlueprintError(ValueError):
+class BlueprintError(EsperError, ValueError):
     """Unknown blueprint, or a blueprint asked for on a topology it does not support."""
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from esper.contracts import AlphaCurve, SeedSpec, Stage
+from esper.contracts.errors import EsperError
 from esper.contracts.files import atomic_write
 from esper.kasmina.alpha import AlphaSchedule
 from esper.kasmina.hosts import slots_of, wrap_in_phage
@@ -28,7 +29,7 @@ FORMAT = "esper.kasmina.model"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EsperError, RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from esper.contracts.errors import EsperError
 from esper.recorder.records import (
     DECISION,
     CheckpointRecord,
@@ -34,7 +35,7 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x45535052  # "ESPR": SQLite's header field that marks the file as an Esper run
 
 
-class RecorderError(Exception):
+class RecorderError(EsperError):
     """A run that cannot be created, opened or written; the message names the file and why."""
 
 

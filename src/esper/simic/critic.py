@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from esper.contracts import Observation, Stage
+from esper.contracts.errors import ConfigError, EsperError
 from esper.contracts.files import atomic_write
 from esper.recorder import RunStore
 
@@ -212,7 +213,7 @@ def critic_dataset(
 ) -> list[CriticRow]:
     """One row per germinate event that carries a `label` (Shapley) label, in run order."""
     if lag < 0:
-        raise ValueError(f"lag must be >= 0, got {lag}")
+        raise ConfigError(f"lag must be >= 0, got {lag}")
     rows: list[CriticRow] = []
     for run_dir in run_dirs:
         with RunStore.open(Path(run_dir)) as store:
@@ -312,7 +313,7 @@ class Critic:
         return atomic_write(path, lambda tmp: save_file(arrays, str(tmp), metadata=header))
 
 
-class CriticLoadError(ValueError):
+class CriticLoadError(EsperError, ValueError):
     pass
 
 
@@ -375,7 +376,7 @@ def run_folds(rows: Sequence[CriticRow], k: int | None = None) -> list[tuple[lis
     if k is None:
         k = len(runs)
     if not 2 <= k <= len(runs):
-        raise ValueError(f"need 2 <= folds <= runs ({len(runs)}), got {k}")
+        raise ConfigError(f"need 2 <= folds <= runs ({len(runs)}), got {k}")
     fold_of = {run: i % k for i, run in enumerate(runs)}
     out = []
     for f in range(k):
@@ -410,7 +411,7 @@ def fit_critic(
 ) -> Critic:
     """Ridge regression of φ on the rows' features; `l2` None: `choose_l2`."""
     if not rows:
-        raise ValueError("no labelled germinations to train on: audit some runs first")
+        raise ConfigError("no labelled germinations to train on: audit some runs first")
     critic = _fit(rows, choose_l2(rows, lag) if l2 is None else l2, lag)
     critic.meta = {
         "rows": len(rows),

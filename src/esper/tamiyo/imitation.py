@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from esper.contracts import HEADS, TAMIYO_OPS, FactoredAction
+from esper.contracts.errors import ConfigError
 from esper.tamiyo.network import HEAD_INDEX, RELEVANT, TamiyoNet
 from esper.tamiyo.policies import POLICIES
 
@@ -45,11 +46,11 @@ class ImitationConfig:
 
     def __post_init__(self) -> None:
         if self.episodes < 1 or self.epochs < 1 or self.minibatch_size < 1:
-            raise ValueError("imitation.episodes, epochs and minibatch_size must be >= 1")
+            raise ConfigError("imitation.episodes, epochs and minibatch_size must be >= 1")
         if self.lr <= 0 or self.vf_coef < 0:
-            raise ValueError("imitation.lr must be > 0 and vf_coef >= 0")
+            raise ConfigError("imitation.lr must be > 0 and vf_coef >= 0")
         if self.teacher is not None and self.teacher not in POLICIES:
-            raise ValueError(f"unknown teacher {self.teacher!r}; valid: {', '.join(POLICIES)}")
+            raise ConfigError(f"unknown teacher {self.teacher!r}; valid: {', '.join(POLICIES)}")
 
 
 def action_indices(actions: list[FactoredAction]) -> torch.Tensor:

@@ -33,6 +33,7 @@ from esper.contracts import (
     Style,
     Tempo,
 )
+from esper.contracts.errors import EsperError
 from esper.kasmina import save_tensors
 from esper.tamiyo.features import (
     GLOBAL_DIM,
@@ -50,7 +51,7 @@ VERSION = 1
 BLUEPRINT_LIBRARY = "kasmina-13-v1"  # the blueprint head's meaning; as run.SPEC_VERSIONS
 
 
-class PolicyLoadError(RuntimeError):
+class PolicyLoadError(EsperError, RuntimeError):
     """A policy file that is missing, corrupt, or made for another layout or spec."""
 
 

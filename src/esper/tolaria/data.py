@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from esper.contracts import Topology
+from esper.contracts.errors import EsperError
 
 try:  # numpy >= 2 (and 1.26's forward-compat alias); the old path only warns there
     from numpy._core import multiarray as _multiarray
@@ -36,7 +37,7 @@ except ImportError:  # pragma: no cover - numpy < 1.26
 Device = str | torch.device
 
 
-class TaskError(ValueError):
+class TaskError(EsperError, ValueError):
     """A task cannot be built: unknown name, missing or unsafe files, impossible sizes."""
 
 
@@ -387,20 +388,20 @@ def from_tensors(
 ) -> TaskData:
     """A classification task from user tensors: x (N, C, H, W), (N, T, C) or (N, C); y (N,) ints."""
     if train_x.dim() not in _TOPOLOGY_BY_DIM:
-        raise ValueError(f"train_x must have 2, 3 or 4 dims (batch first), got {train_x.dim()}")
+        raise TaskError(f"train_x must have 2, 3 or 4 dims (batch first), got {train_x.dim()}")
     if val_x.shape[1:] != train_x.shape[1:]:
-        raise ValueError(
+        raise TaskError(
             f"val_x samples {tuple(val_x.shape[1:])} differ from train_x samples "
             f"{tuple(train_x.shape[1:])}"
         )
     for split, x, y in (("train", train_x, train_y), ("val", val_x, val_y)):
         if y.dim() != 1 or len(x) != len(y):
-            raise ValueError(
+            raise TaskError(
                 f"{split}_y must be 1-D with one label per {split}_x row: "
                 f"x has {len(x)} rows, y has shape {tuple(y.shape)}"
             )
         if len(y) == 0 or y.is_floating_point() or y.is_complex() or int(y.min()) < 0:
-            raise ValueError(f"{split}_y must hold non-negative integer labels, at least one")
+            raise TaskError(f"{split}_y must hold non-negative integer labels, at least one")
     device = torch.device(device)
     return TaskData(
         name=name,

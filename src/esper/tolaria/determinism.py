@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from esper.contracts.errors import ConfigError
+
 
 def seed_everything(seed: int, device: torch.device) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) and turn on deterministic algorithms."""
@@ -115,5 +117,5 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
     return device

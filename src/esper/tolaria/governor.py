@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from esper.contracts.errors import EsperError
 from esper.kasmina import SeedSlot
 from esper.tolaria.environment import TrainStats
 
@@ -47,7 +48,7 @@ class GovernorConfig:
             )
 
 
-class GovernorError(RuntimeError):
+class GovernorError(EsperError, RuntimeError):
     """Training kept failing after rollbacks: the run cannot go on."""
 
 
