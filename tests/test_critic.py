@@ -14,9 +14,18 @@ from _credit_helpers import fake_value, synthetic_run
 from esper.audits.retrain import Audit, AuditProtocol
 from esper.cli import app
 from esper.config import GrowConfig, override
-from esper.contracts import AlphaCurve, Blueprint, Observation, SeedSpec, SlotTelemetry, Stage
+from esper.contracts import (
+    AlphaCurve,
+    Blueprint,
+    Observation,
+    SeedSpec,
+    SlotTelemetry,
+    Stage,
+    obs_vector,
+    slot_state,
+)
 from esper.recorder import RunStore
-from esper.run import obs_vector, slot_state, start_run
+from esper.run import start_run
 from esper.simic.critic import (
     CriticLoadError,
     CriticRow,

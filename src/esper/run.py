@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from esper.config import GrowConfig, config_from_dict, config_to_dict
-from esper.contracts import Observation, SlotTelemetry
+from esper.contracts import Observation, obs_vector, slot_state
 from esper.contracts.errors import ConfigError
 from esper.kasmina import (
     CheckpointError,
@@ -148,34 +148,6 @@ def _cost(model: nn.Module, task: TaskData) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # The flight record of one tick (a run's, or one environment's in vectorised training)
 # ---------------------------------------------------------------------------------------------
-
-
-def slot_state(s: SlotTelemetry) -> dict[str, Any]:
-    return {
-        "name": s.name,
-        "stage": s.stage.name,
-        "alpha": s.alpha,
-        "blueprint": s.spec.blueprint.name if s.spec else None,
-        "ticks_in_stage": s.ticks_in_stage,
-        "contribution": s.contribution,
-        "rent": s.rent,
-    }
-
-
-def obs_vector(obs: Observation) -> list[float]:
-    """A flat numeric view of the observation (the learned policy defines its own features)."""
-    v = [
-        obs.tick / obs.max_ticks,
-        obs.metric,
-        obs.val_loss,
-        obs.train_loss,
-        float(obs.host_params),
-        float(obs.seed_params),
-        obs.rent_paid,
-    ]
-    for s in obs.slots:
-        v += [float(s.stage), s.alpha, float(s.ticks_in_stage), s.contribution or 0.0, s.rent]
-    return v
 
 
 def record_tick(

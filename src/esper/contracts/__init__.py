@@ -27,7 +27,7 @@ from esper.contracts.lifecycle import (
     Stage,
     is_legal,
 )
-from esper.contracts.seeds import Observation, SeedSpec, SlotTelemetry
+from esper.contracts.seeds import Observation, SeedSpec, SlotTelemetry, obs_vector, slot_state
 
 __all__ = [
     "AUTHORITY",
@@ -56,4 +56,6 @@ __all__ = [
     "Tempo",
     "Topology",
     "is_legal",
+    "obs_vector",
+    "slot_state",
 ]

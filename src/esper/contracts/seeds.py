@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from esper.contracts.actions import AlphaCurve, Blueprint, Style
 from esper.contracts.lifecycle import Stage
@@ -109,3 +110,32 @@ class Observation:
     slots: tuple[SlotTelemetry, ...]
     legal_blueprints: tuple[tuple[Blueprint, ...], ...]
     """Blueprints each slot's topology supports, in slot order."""
+
+
+def slot_state(s: SlotTelemetry) -> dict[str, Any]:
+    """One slot as a decision record stores it (`slot_states`)."""
+    return {
+        "name": s.name,
+        "stage": s.stage.name,
+        "alpha": s.alpha,
+        "blueprint": s.spec.blueprint.name if s.spec else None,
+        "ticks_in_stage": s.ticks_in_stage,
+        "contribution": s.contribution,
+        "rent": s.rent,
+    }
+
+
+def obs_vector(obs: Observation) -> list[float]:
+    """A flat numeric view of the observation (the learned policy defines its own features)."""
+    v = [
+        obs.tick / obs.max_ticks,
+        obs.metric,
+        obs.val_loss,
+        obs.train_loss,
+        float(obs.host_params),
+        float(obs.seed_params),
+        obs.rent_paid,
+    ]
+    for s in obs.slots:
+        v += [float(s.stage), s.alpha, float(s.ticks_in_stage), s.contribution or 0.0, s.rent]
+    return v

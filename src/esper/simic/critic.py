@@ -11,11 +11,11 @@
 
 A deployed policy asks `Critic.predict_observation(obs, slot)` for the φ a live seed would earn
 under the audit protocol the critic was trained on. The features are those the flight recorder
-keeps (`esper.run.obs_vector` and `slot_state`), so that recorded rows and live observations map
-to the same numbers; gradient health is not recorded and so is not a feature.
+keeps (`esper.contracts.obs_vector` and `slot_state`, one function for both), so that recorded
+rows and live observations map to the same numbers; gradient health is not recorded and so is
+not a feature.
 
-This module imports numpy and safetensors only: the policy layer may import it. Reading runs
-(`critic_dataset`) imports the recorder at call time.
+This module needs numpy, safetensors and the recorder (to read runs), not torch.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from esper.contracts import Observation, Stage
+from esper.contracts import Observation, Stage, obs_vector, slot_state
 from esper.contracts.errors import ConfigError, EsperError
 from esper.contracts.files import atomic_write
 from esper.recorder import RunStore
@@ -122,9 +122,9 @@ def _finite(x: Any) -> float:
 def snapshot_features(
     obs_vec: Sequence[float], state: Mapping[str, Any], blueprint: str | None
 ) -> dict[str, float]:
-    """Features of one recorded snapshot: the first seven entries of `esper.run.obs_vector`
+    """Features of one recorded snapshot: the first seven entries of `esper.contracts.obs_vector`
     (progress, metric, val_loss, train_loss, host params, seed params, rent paid), one slot's
-    `esper.run.slot_state`, and the seed's blueprint (one-hot, by name)."""
+    `esper.contracts.slot_state`, and the seed's blueprint (one-hot, by name)."""
     progress, metric, val_loss, train_loss, host, seed, rent_paid = obs_vec[:7]
     contribution = state.get("contribution")
     out = {
@@ -156,25 +156,9 @@ def observation_features(
     if slot not in by_name:
         raise ValueError(f"no slot {slot!r} in the observation; slots: {', '.join(by_name)}")
     s = by_name[slot]
-    vec = [
-        obs.tick / obs.max_ticks,
-        obs.metric,
-        obs.val_loss,
-        obs.train_loss,
-        float(obs.host_params),
-        float(obs.seed_params),
-        obs.rent_paid,
-    ]
-    state = {
-        "stage": s.stage.name,
-        "alpha": s.alpha,
-        "ticks_in_stage": s.ticks_in_stage,
-        "contribution": s.contribution,
-        "rent": s.rent,
-    }
     if blueprint is None and s.spec is not None:
         blueprint = s.spec.blueprint.name
-    return snapshot_features(vec, state, blueprint)
+    return snapshot_features(obs_vector(obs), slot_state(s), blueprint)
 
 
 # ---------------------------------------------------------------------------------------------
