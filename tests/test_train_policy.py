@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from esper.cli import app
@@ -135,6 +136,10 @@ def test_periodic_held_out_evaluation(tmp_path: Path) -> None:
         log=lambda u, info: plain.append(info),
     )
     assert [i["return_mean"] for i in logs] == [i["return_mean"] for i in plain]
+    # ... nor the updates (their minibatch shuffles draw from torch's global stream)
+    a = LearnedPolicy.load(tmp_path / "policy.safetensors").net.state_dict()
+    b = LearnedPolicy.load(tmp_path / "b" / "policy.safetensors").net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------

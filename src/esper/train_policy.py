@@ -56,7 +56,7 @@ from esper.tamiyo.ppo import (
     compute_gae,
     ppo_update,
 )
-from esper.tolaria.determinism import pick_device, seed_everything
+from esper.tolaria.determinism import pick_device, rng_state, seed_everything, set_rng_state
 from esper.tolaria.vector import StepResult, VectorEnv
 
 
@@ -183,6 +183,7 @@ def _held_out(cfg: TrainPolicyConfig, policy: LearnedPolicy, out: Path, update: 
     recorded runs under `out/heldout/update-N`."""
     saved = policy.deterministic, policy.update_normalizers
     policy.deterministic, policy.update_normalizers = True, False
+    global_rngs = rng_state()  # the runs seed every RNG; training's streams must not notice
     try:
         config = replace(cfg.episode, policy=str(out / "policy.safetensors"))
         results = run_held_out(
@@ -192,6 +193,7 @@ def _held_out(cfg: TrainPolicyConfig, policy: LearnedPolicy, out: Path, update: 
         )["learned"]
     finally:
         policy.deterministic, policy.update_normalizers = saved
+        set_rng_state(global_rngs)
     n = len(results)
     return {
         "heldout_return": sum(r.reward_total for r in results) / n,
