@@ -249,7 +249,7 @@ def _demonstrate(
         obs = venv.observe()
     # Discounted returns of the teacher: GAE with V = 0 and λ = 1, bootstrapped with 0 where an
     # episode is cut by the end of the demonstrations (they end on an episode boundary when
-    # episode_ticks divides num_steps, as in the defaults).
+    # episode.ticks divides num_steps, as in the defaults).
     zeros = torch.zeros(cfg.num_envs)
     _, returns = compute_gae(
         rewards, torch.zeros_like(rewards), dones, zeros, next_done, cfg.ppo.gamma, 1.0

@@ -1,1 +1,2 @@
-"""Tolaria, the engine: growth environments, governor, determinism, tasks."""
+"""Tolaria, the engine: the one control tick (`Episode`), vectorised episodes, the growth
+environment, the governor, determinism and seeds, tasks."""
