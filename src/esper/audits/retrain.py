@@ -174,11 +174,10 @@ def candidate_of(store: RunStore, event: EventRecord, source: str | None = None)
         if e.kind == "germinate":
             break  # the slot's next seed
         if e.kind in FATE_KINDS and e.payload.get("seed_id") == payload.get("seed_id"):
-            names = e.payload.get("action") or {
-                "op": "PRUNE" if "prune" in e.kind else e.kind.upper()
-            }
-            if e.kind == "governor_lobotomy":
+            if e.kind == "governor_lobotomy":  # the source's governor removed it: a prune
                 names = {"op": "PRUNE"}
+            else:  # records before op events carried their heads name the op by the kind
+                names = e.payload.get("action") or {"op": e.kind.upper()}
             fate.append((e.tick, json.dumps(names, sort_keys=True)))
     return Candidate(
         event.slot, payload["blueprint"], event.tick, germination, tuple(fate), event.id, source
@@ -230,24 +229,17 @@ class ReplayPolicy:
         self.slots = list(slots)
         self.germinations = sorted(enabled, key=lambda c: (c.germinate_tick, c.slot))
         self.late: list[str] = []
-        self.pending: list[tuple[int, Candidate, FactoredAction]] = sorted(
-            (
-                (
-                    tick,
-                    c,
-                    replace(
-                        FactoredAction.from_names(_full(json.loads(names))), slot=self._index(c)
-                    ),
-                )
-                for c in enabled
-                for tick, names in c.fate
-            ),
-            key=lambda x: x[0],
-        )
+        fate = [(tick, c, self._action(c, names)) for c in enabled for tick, names in c.fate]
+        self.pending = sorted(fate, key=lambda x: x[0])  # (recorded tick, candidate, action)
         self.live: dict[str, Candidate] = {}  # slot -> its candidate, between germinate and prune
 
     def _index(self, c: Candidate) -> int:
         return self.slots.index(c.slot)
+
+    def _action(self, c: Candidate, names: str) -> FactoredAction:
+        """A recorded op (heads by name; older records name the op only) on `c`'s slot."""
+        recorded = {**FactoredAction().names(), **json.loads(names)}
+        return replace(FactoredAction.from_names(recorded), slot=self._index(c))
 
     def act(self, obs: Observation) -> Decision:
         self._check_alive(obs)
@@ -296,15 +288,10 @@ class ReplayPolicy:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {}  # a retrain is never resumed: its run lives in a temporary directory
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-def _full(names: dict[str, str]) -> dict[str, str]:
-    """Recorded heads completed with the defaults (older records name the op only)."""
-    return {**FactoredAction().names(), **names}
 
 
 @dataclass(frozen=True)
