@@ -38,7 +38,8 @@ from rich.table import Table
 
 import vector_env
 from esper.audits.estimators import HEADERS, compare_audits, format_rows, to_markdown
-from esper.audits.retrain import Audit, AuditProtocol, candidates_from_run
+from esper.audits.replay import candidates_from_run
+from esper.audits.retrain import Audit, AuditProtocol
 from esper.config import GrowConfig, HostConfig, config_from_dict, override
 from esper.recorder import RecorderError, RunStore
 from esper.run import start_run

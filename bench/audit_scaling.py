@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from esper.audits.backends import start_local_ray
-from esper.audits.retrain import Audit, AuditProtocol, AuditResult, Candidate, subset_value
+from esper.audits.replay import Candidate
+from esper.audits.retrain import Audit, AuditProtocol, AuditResult, subset_value
 from esper.config import GrowConfig
 from esper.tolaria.environment import EnvConfig
 from vector_env import machine

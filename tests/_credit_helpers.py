@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esper.audits.retrain import AuditProtocol, Candidate, candidates_from_run
+from esper.audits.replay import Candidate, candidates_from_run
+from esper.audits.retrain import AuditProtocol
 from esper.recorder import DecisionRecord, RunStore
 
 SLOTS = ("slots.b0", "slots.b1", "slots.b2")

@@ -12,16 +12,8 @@ import pytest
 import torch
 
 from _engine_helpers import cnn_driver
-from esper.audits.retrain import (
-    Audit,
-    AuditProtocol,
-    AuditReplayError,
-    Candidate,
-    ReplayPolicy,
-    candidates_from_run,
-    ci95,
-    subset_value,
-)
+from esper.audits.replay import AuditReplayError, Candidate, ReplayPolicy, candidates_from_run
+from esper.audits.retrain import Audit, AuditProtocol, ci95, subset_value
 from esper.config import GrowConfig
 from esper.contracts import Blueprint, FactoredAction, Op, Stage
 from esper.recorder import RunStore
@@ -172,17 +164,20 @@ def test_labels_land_on_the_source_germinate_events(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+REAL_PROTOCOL = AuditProtocol(
+    config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)),
+    ticks=6,
+    metric="val_loss",
+    repeats=1,
+)
+REAL_SEEDS = [
+    Candidate.advancing("slots.b0", "CONV_LIGHT", 0),
+    Candidate.advancing("slots.b1", "CONV_SMALL", 0),
+]
+
+
 def test_real_two_seed_audit_on_digits(tmp_path: Path) -> None:
-    protocol = AuditProtocol(
-        config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)),
-        ticks=6,
-        metric="val_loss",
-        repeats=1,
-    )
-    seeds = [
-        Candidate.advancing("slots.b0", "CONV_LIGHT", 0),
-        Candidate.advancing("slots.b1", "CONV_SMALL", 0),
-    ]
+    protocol, seeds = REAL_PROTOCOL, REAL_SEEDS
     result = Audit(tmp_path / "audit").run(protocol, seeds, workers=1)
     assert result.failures == () and result.retrains == 4
     table = result.values[0]

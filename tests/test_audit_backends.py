@@ -19,11 +19,9 @@ from esper.audits.backends import (
     job_resources,
     start_local_ray,
 )
-from esper.audits.retrain import Audit, AuditProtocol, Candidate
+from esper.audits.retrain import Audit, AuditProtocol
 from esper.cli import app
-from esper.config import GrowConfig
-from esper.tolaria.environment import EnvConfig
-from test_audit import A, B, C, fake_value
+from test_audit import REAL_PROTOCOL, REAL_SEEDS, A, B, C, fake_value
 
 # One xdist worker runs this whole module (`make test` uses --dist loadgroup), so the module's one
 # Ray instance serves every test in it instead of one instance per worker.
@@ -92,16 +90,7 @@ def test_ray_retries_a_failing_job_then_reports_it(ray, tmp_path: Path) -> None:
 
 
 def test_real_two_seed_audit_through_ray_matches_local(ray, tmp_path: Path) -> None:
-    protocol = AuditProtocol(
-        config=GrowConfig(device="cpu", env=EnvConfig(batches_per_tick=4)),
-        ticks=6,
-        metric="val_loss",
-        repeats=1,
-    )
-    seeds = [
-        Candidate.advancing("slots.b0", "CONV_LIGHT", 0),
-        Candidate.advancing("slots.b1", "CONV_SMALL", 0),
-    ]
+    protocol, seeds = REAL_PROTOCOL, REAL_SEEDS
     remote = Audit(tmp_path / "ray").run(protocol, seeds, backend="ray", workers=2)
     local = Audit(tmp_path / "local").run(protocol, seeds, workers=1)
     assert remote.failures == () == local.failures

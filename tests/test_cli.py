@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from esper.audits.retrain import candidates_from_run
+from esper.audits.replay import candidates_from_run
 from esper.cli import app
 from esper.recorder import RunStore
 

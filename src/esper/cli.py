@@ -24,7 +24,8 @@ from esper.audits.backends import check_backend
 from esper.audits.estimators import HEADERS as ESTIMATOR_HEADERS
 from esper.audits.estimators import compare_audits
 from esper.audits.estimators import format_rows as format_estimator_rows
-from esper.audits.retrain import Audit, AuditProtocol, AuditResult, candidates_from_run
+from esper.audits.replay import candidates_from_run
+from esper.audits.retrain import Audit, AuditProtocol, AuditResult
 from esper.config import (
     ConfigError,
     GrowConfig,

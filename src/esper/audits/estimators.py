@@ -30,13 +30,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from esper.audits.replay import Candidate, candidate_of
 from esper.audits.retrain import (
     Audit,
     AuditError,
     AuditProtocol,
-    Candidate,
     ValueFn,
-    candidate_of,
     subset_key,
     subset_value,
 )

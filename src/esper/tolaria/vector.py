@@ -105,11 +105,7 @@ class _Episodes:
         is off: there is nothing to overlap. Tests switch it on there to check that it gives the
         one-phase results bit for bit."""
         # One CUDA stream per position (an episode's replacement keeps its position's stream).
-        self._streams = (
-            [torch.cuda.Stream(device) for _ in specs]
-            if self.two_phase and device.type == "cuda"
-            else []
-        )
+        self._streams = [torch.cuda.Stream(device) for _ in specs] if self.two_phase else []
 
     def observe(self) -> list[Observation]:
         if not self.two_phase:
