@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import esper
 from _engine_helpers import digits
 from esper.config import GrowConfig
+from esper.contracts.errors import ConfigError
 from esper.kasmina import SeedSlot, insert_slots, slots_of
 from esper.recorder import RunStore
 from esper.tolaria.environment import EnvConfig
@@ -90,3 +91,51 @@ def test_grown_model_is_the_users_module_and_its_metric_is_true(tmp_path: Path) 
         accuracy = (grown(vx).argmax(-1) == vy).float().mean().item()
     assert result.final_metric == pytest.approx(accuracy, abs=1e-6)
     assert result.metric_name == "accuracy" and result.params_end == result.params_start
+
+
+def test_a_built_in_task_by_name(tmp_path: Path) -> None:
+    _, result = esper.grow(user_model(), task="digits", config=CFG, run_dir=tmp_path / "d")
+    assert manifest_config(tmp_path / "d")["task"] == "digits"
+    assert result.metric_name == "accuracy" and 0.0 <= result.final_metric <= 1.0
+
+
+def test_data_and_output_are_checked_before_the_run(tmp_path: Path) -> None:
+    train, val = data()
+    with pytest.raises(ConfigError, match="not both"):
+        esper.grow(user_model(), train, val, task="digits", config=CFG, run_dir=tmp_path / "x")
+    with pytest.raises(ConfigError, match="give train and val data"):
+        esper.grow(user_model(), train, config=CFG, run_dir=tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"logits are \(2, 3\) for input \(2, 1, 8, 8\)"):
+        esper.grow(
+            user_model(),
+            train,
+            val,
+            output=lambda out: out[:, :3],
+            config=CFG,
+            run_dir=tmp_path / "x",
+        )
+    with pytest.raises(ConfigError, match=r"returns dict\('logits': Tensor\(2, 10\)\)"):
+        esper.grow(
+            user_model(),
+            train,
+            val,
+            output=lambda out: {"logits": out},
+            config=CFG,
+            run_dir=tmp_path / "x",
+        )
+    assert not (tmp_path / "x").exists()  # no run was started
+    # `output` is applied in training and evaluation alike
+    model = user_model()
+    _, result = esper.grow(
+        model,
+        train,
+        val,
+        output=lambda out: 2 * out,
+        policy="none",
+        config=CFG,
+        run_dir=tmp_path / "e",
+    )
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(val[0]).argmax(-1) == val[1]).float().mean().item()
+    assert result.final_metric == pytest.approx(accuracy, abs=1e-6)

@@ -300,6 +300,23 @@ def test_from_tensors_rejects_mismatches() -> None:
         from_tensors(torch.randn(10), y, x, y)
 
 
+def test_from_tensors_takes_token_windows_as_next_token_prediction() -> None:
+    text = load_task("text", text_bytes=20_000, seq_len=16)
+    task = from_tensors(text.train_x, text.train_y, text.val_x, text.val_y)
+    assert task.topology is Topology.SEQ and task.input_shape == (16,)
+    assert (task.metric, task.higher_is_better, task.num_classes) == ("bits_per_token", False, None)
+    top = max(int(t.max()) for t in (text.train_x, text.train_y, text.val_x, text.val_y))
+    assert task.vocab_size == task.num_outputs == top + 1
+    assert torch.equal(task.train_y, text.train_y)
+    ids = torch.randint(0, 5, (4, 8))
+    with pytest.raises(ValueError, match="val_y"):
+        from_tensors(ids, ids, ids, ids[:, 0])
+    with pytest.raises(ValueError, match="non-negative integer token ids"):
+        from_tensors(ids, ids, ids, ids - 1)
+    # integer features with one label per row stay a classification task
+    assert from_tensors(ids, ids[:, 0], ids, ids[:, 0]).metric == "accuracy"
+
+
 # ─────────────────────────────────────────────────────────────────────────────
 # Batches
 # ─────────────────────────────────────────────────────────────────────────────

@@ -195,7 +195,7 @@ def test_insert_slots_errors() -> None:
     model = _user_sequential()
     with pytest.raises(KeyError, match="no submodule"):
         insert_slots(model, ["7"], torch.randn(2, 8))
-    with pytest.raises(ValueError, match="dims"):
+    with pytest.raises(ValueError, match="2-, 3- or 4-d feature tensor"):
         insert_slots(nn.Sequential(nn.Flatten(0)), ["0"], torch.randn(2, 3))
 
 

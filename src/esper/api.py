@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from esper.config import GrowConfig, override
-from esper.run import Callback, GrowResult, start_run
-from esper.tolaria.data import from_tensors
+from esper.contracts.errors import ConfigError
+from esper.kasmina import describe, probing
+from esper.run import Callback, GrowResult, start_run, task_of
+from esper.tolaria.data import TASK_NAMES, TaskData, from_tensors
 from esper.tolaria.determinism import pick_device
 
 Data = tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -25,11 +27,59 @@ def _tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
+class Logits(nn.Module):
+    """A user's model with `output` applied to what it returns: the tensor of logits the engine
+    trains and scores (e.g. `output=lambda out: out.logits` for a Hugging Face model)."""
+
+    def __init__(self, model: nn.Module, output: Callable[[Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.model(x))
+
+
+def _check_logits(model: nn.Module, task: TaskData) -> None:
+    """One probe forward on two validation samples: the model must return logits the task's
+    loss can use, or the run would fail deep inside its first tick."""
+    x = task.val_x[:2]
+    with probing(model):
+        out = model(x.to(next(model.parameters()).device))
+    lm = task.vocab_size is not None
+    want = "(batch, positions, vocabulary)" if lm else "(batch, classes)"
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(
+            f"the model returns {describe(out)}, not a tensor of logits {want}: pass "
+            "output=<function of the output>, e.g. output=lambda out: out.logits"
+        )
+    expected = (*x.shape, task.num_outputs) if lm else (len(x), task.num_outputs)
+    ok = out.dim() == len(expected) and out.shape[:-1] == expected[:-1]
+    if not ok or out.shape[-1] < task.num_outputs:
+        raise ConfigError(
+            f"the model's logits are {tuple(out.shape)} for input {tuple(x.shape)}; the task "
+            f"{task.name!r} needs {want} with at least {task.num_outputs} outputs"
+        )
+
+
+def _task(cfg: GrowConfig, train: Data | None, val: Data | None, task: str | None) -> TaskData:
+    if task is not None:
+        if train is not None or val is not None:
+            raise ConfigError("give either train and val data or a built-in task, not both")
+        return task_of(cfg)
+    if train is None or val is None:
+        raise ConfigError(
+            f"give train and val data, or task=<name> for a built-in task ({', '.join(TASK_NAMES)})"
+        )
+    return from_tensors(*_tensors(train), *_tensors(val), device=pick_device(cfg.device))
+
+
 def grow(
     model: nn.Module,
-    train: Data,
-    val: Data,
+    train: Data | None = None,
+    val: Data | None = None,
     *,
+    task: str | None = None,
+    output: Callable[[Any], torch.Tensor] | None = None,
     policy: str | None = None,
     ticks: int | None = None,
     seed: int | None = None,
@@ -38,22 +88,36 @@ def grow(
     callbacks: Iterable[Callback] = (),
     **overrides: Any,
 ) -> tuple[nn.Module, GrowResult]:
-    """Grow `model` (which must contain SeedSlots, see `esper.kasmina.insert_slots`) on
-    classification data `train`/`val` — (x, y) tensors or DataLoaders — and return the grown
-    model and the run's result. The run's settings are `config` (default: `GrowConfig()`); only
-    the keywords given here (`policy`, `ticks`, `seed`, and `overrides` as dotted config keys, e.g.
+    """Grow `model` (which must contain SeedSlots, see `esper.kasmina.insert_slots`) and return
+    it, grown, with the run's result.
+
+    Data: `train` and `val` — (x, y) tensors or DataLoaders of (x, y) batches: classification
+    (y holds one label per sample) or language modelling (x and y (N, T) token ids, y the next
+    tokens) — or `task`, a built-in task by name (`"digits"`, `"text"`, `"cifar10"`).
+    `output` turns what the model returns into the logits tensor, for models that return
+    something else (`output=lambda out: out.logits` for a Hugging Face model).
+
+    The run's settings are `config` (default: `GrowConfig()`); only the keywords given here
+    (`policy`, `ticks`, `seed`, and `overrides` as dotted config keys, e.g.
     `**{"economy.w_rent": 0.1}`) replace its values. For bit-reproducible runs, build the model
     after `torch.manual_seed(seed)`."""
     cfg = override(
-        config or GrowConfig(), policy=policy, ticks=ticks, seed=seed, task="custom", **overrides
+        config or GrowConfig(),
+        policy=policy,
+        ticks=ticks,
+        seed=seed,
+        task=task or "custom",
+        **overrides,
     )
-    device = pick_device(cfg.device)
-    task = from_tensors(*_tensors(train), *_tensors(val), device=device)
+    data = _task(cfg, train, val, task)
+    wrapped = model if output is None else Logits(model, output)
+    _check_logits(wrapped, data)
     run = start_run(
         cfg,
-        model=model,
-        task=task,
+        model=wrapped,
+        task=data,
         run_dir=Path(run_dir) if run_dir is not None else None,
         callbacks=callbacks,
     )
-    return run.env.model, run.run()
+    result = run.run()
+    return model, result

@@ -140,8 +140,9 @@ def load_policy(cfg: GrowConfig, slot_names: list[str]) -> Policy:
 
 
 def _cost(model: nn.Module, task: TaskData) -> tuple[int, int]:
-    """Parameters and FLOPs per sample of the whole model."""
-    c = module_cost(model, tuple(task.input_shape), dtype=task.train_x.dtype)
+    """Parameters and FLOPs per sample of the whole model, probed on the first validation sample
+    (a real one: a user's model may not accept zeros)."""
+    c = module_cost(model, task.val_x[:1])
     return c.params, c.flops
 
 

@@ -4,12 +4,10 @@ from esper.kasmina.alpha import AlphaSchedule, curve_value
 from esper.kasmina.blend import Blend
 from esper.kasmina.blueprints import (
     BlueprintError,
-    Cost,
     SeedModule,
     blueprint_cost,
     blueprints_for,
     build_seed,
-    module_cost,
     parse_blueprint,
     supported_topologies,
 )
@@ -27,12 +25,13 @@ from esper.kasmina.hosts import (
     MLPHost,
     Residual,
     TransformerHost,
-    insert_slots,
     slots_of,
     wrap_in_phage,
 )
+from esper.kasmina.insert import InsertionError, describe, insert_slots
 from esper.kasmina.lysis import UnitMask
 from esper.kasmina.phage import SEDATE, LysisError, Phage, PhageROI
+from esper.kasmina.probe import Cost, module_cost, probing
 from esper.kasmina.slot import GateConfig, GateReport, SeedSlot
 from esper.kasmina.telemetry import host_grad_rms, observe_gradients
 
@@ -46,6 +45,7 @@ __all__ = [
     "Cost",
     "GateConfig",
     "GateReport",
+    "InsertionError",
     "LysisError",
     "MLPHost",
     "Phage",
@@ -60,6 +60,7 @@ __all__ = [
     "blueprints_for",
     "build_seed",
     "curve_value",
+    "describe",
     "host_grad_rms",
     "insert_slots",
     "load_model",
@@ -67,6 +68,7 @@ __all__ = [
     "module_cost",
     "observe_gradients",
     "parse_blueprint",
+    "probing",
     "read_checkpoint",
     "save_model",
     "save_tensors",

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from esper.contracts import Blueprint, SeedSpec, Topology
 from esper.contracts.errors import EsperError
 from esper.kasmina.layers import ChannelAffine, channel_dim, conv_of, pointwise, prenorm, spatial
 from esper.kasmina.lysis import UnitMask, keep_in, keep_out
+from esper.kasmina.probe import Cost, module_cost
 
 
 class BlueprintError(EsperError, ValueError):
@@ -333,27 +332,6 @@ def build_seed(spec: SeedSpec, topology: Topology, channels: int) -> SeedModule:
     if channels < 1:
         raise BlueprintError(f"a slot needs >= 1 channel, got {channels}")
     return build(channels, topology, spec)
-
-
-@dataclass(frozen=True)
-class Cost:
-    params: int
-    flops: int
-    """Floating-point operations per sample counted by torch's FlopCounterMode (matmul/conv/
-    attention; elementwise ops are not counted)."""
-
-
-def module_cost(
-    module: nn.Module, sample_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
-) -> Cost:
-    """Parameters and FLOPs for one sample of shape `sample_shape` (no batch dim); `dtype`
-    int64 for token models."""
-    p = next(iter(module.parameters()), None)
-    x = torch.zeros((1, *sample_shape), dtype=dtype, device=p.device if p is not None else "cpu")
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(x)
-    return Cost(sum(q.numel() for q in module.parameters()), int(counter.get_total_flops()))
 
 
 def blueprint_cost(spec: SeedSpec, topology: Topology, sample_shape: tuple[int, ...]) -> Cost:

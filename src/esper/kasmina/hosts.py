@@ -3,21 +3,19 @@
 Slots sit at structurally meaningful points: after each residual block (CNN, MLP), after the
 attention and after the MLP sub-block of each transformer layer. Host residual blocks are
 `Residual` modules whose branch has lysable units, so a phage can wrap host infrastructure too
-(`wrap_in_phage`).
+(`wrap_in_phage`). Slots in a user's own module: `esper.kasmina.insert`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from esper.contracts import LifecycleConfig, Topology
+from esper.contracts import Topology
 from esper.kasmina.blueprints import CausalSelfAttention, HiddenUnits
 from esper.kasmina.layers import pointwise, prenorm, spatial
 from esper.kasmina.phage import Phage
-from esper.kasmina.slot import GateConfig, SeedSlot
+from esper.kasmina.slot import SeedSlot
 
 
 class Residual(nn.Module):
@@ -160,7 +158,7 @@ class TransformerHost(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Slots in any module
+# Slots and phages in any module (a user's own: `esper.kasmina.insert`)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -173,78 +171,6 @@ def slots_of(model: nn.Module) -> dict[str, SeedSlot]:
                 module.name = path
             found[module.name] = module
     return found
-
-
-def _topology_of(t: torch.Tensor) -> tuple[Topology, int]:
-    if t.dim() == 4:
-        return Topology.CNN, t.shape[1]
-    if t.dim() == 3:
-        return Topology.SEQ, t.shape[2]
-    if t.dim() == 2:
-        return Topology.VEC, t.shape[1]
-    raise ValueError(f"cannot place a slot on a {t.dim()}-d output (need 2, 3 or 4 dims)")
-
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def _slot_home(modules: dict[str, nn.Module], point: str) -> nn.Module:
-    """A module that can own the slot of `point` without its forward ever calling the slot."""
-    parent = point.rpartition(".")[0]
-    ancestors = [parent, point]
-    while parent:
-        parent = parent.rpartition(".")[0]
-        ancestors.append(parent)
-    inside = list(modules[point].modules())
-    for m in [*(modules[a] for a in ancestors), *inside]:
-        if not isinstance(m, _CONTAINERS):
-            return m
-    raise ValueError(
-        f"cannot hold a slot for {point!r}: it, its ancestors and its layers are all "
-        "containers (nn.Sequential/ModuleList/ModuleDict)"
-    )
-
-
-def insert_slots(
-    model: nn.Module,
-    points: Sequence[str],
-    example_input: torch.Tensor,
-    *,
-    lifecycle: LifecycleConfig | None = None,
-    gate: GateConfig | None = None,
-) -> dict[str, SeedSlot]:
-    """Put a SeedSlot on the output of each named submodule of a user's model.
-
-    The slot is applied by a forward hook on the point and stored as a child `<point>_slot`
-    (dots as underscores) of the point's parent, so the user's own state-dict keys do not change.
-    A container parent (nn.Sequential runs every child; a user's loop over an nn.ModuleList
-    would too) cannot hold it: then the point itself, a further ancestor or, last, a layer inside
-    the point does. Channels and topology are read off one forward pass of `example_input`.
-    """
-    modules = dict(model.named_modules())
-    missing = [p for p in points if p not in modules or not p]
-    if missing:
-        raise KeyError(
-            f"no submodule named {missing}; some valid points: {[n for n in modules if n][:12]}"
-        )
-    shapes: dict[str, torch.Tensor] = {}
-    handles = [
-        modules[p].register_forward_hook(lambda m, i, o, p=p: shapes.__setitem__(p, o))
-        for p in points
-    ]
-    with torch.no_grad():
-        model(example_input)
-    for h in handles:
-        h.remove()
-    slots = {}
-    for p in points:
-        topology, channels = _topology_of(shapes[p])
-        slot = SeedSlot(channels, topology, p, lifecycle=lifecycle, gate=gate)
-        slot.to(shapes[p].device)
-        _slot_home(modules, p).add_module(f"{p.replace('.', '_')}_slot", slot)
-        modules[p].register_forward_hook(lambda m, i, o, s=slot: s(o))
-        slots[p] = slot
-    return slots
 
 
 def wrap_in_phage(model: nn.Module, path: str) -> Phage:

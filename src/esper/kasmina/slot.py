@@ -15,6 +15,10 @@ Whatever a seed computes, the host never sees a non-finite δ: its inf/NaN eleme
 forward (so TRAINING stays bit-identical to the slot-free host even when `δ − δ.detach()` would be
 NaN), and a seed whose output went non-finite on a finite input raises its `fault` flag, which the
 engine reads once per tick and the governor blames (a device tensor: no host sync per forward).
+
+Telemetry (the activation probe, the fault flag) is recorded by training forwards only, those run
+with gradients enabled: an evaluation or a measurement under `no_grad` (`esper.kasmina.probe`)
+leaves a slot's telemetry as it found it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from esper.kasmina.alpha import AlphaSchedule
 from esper.kasmina.blend import Blend
 from esper.kasmina.blueprints import SeedModule, build_seed
 from esper.kasmina.phage import Phage, Target
+from esper.kasmina.probe import probing
 
 _IDENTITY, _TRAINING, _BLENDING, _PHAGE = range(4)
 
@@ -163,7 +168,7 @@ class SeedSlot(nn.Module):
         x = h.detach()  # isolation: the seed path sends nothing back into the host before commit
         s = self.seed(x)
         if mode == _TRAINING:
-            if self._probe is None:
+            if self._probe is None and torch.is_grad_enabled():
                 self._probe = x[: self.gate_config.probe_samples].clone()
             d = self._screen(self.blend.delta(x, s, x), x)
             return h + (d - d.detach())  # straight-through: forward h, backward as if α = 1
@@ -178,7 +183,9 @@ class SeedSlot(nn.Module):
 
     def _flag(self, output_finite: torch.Tensor, x: torch.Tensor) -> None:
         """Raise `fault` when the output is non-finite although the input was finite (with a
-        non-finite input the fault lies upstream, in the host)."""
+        non-finite input the fault lies upstream, in the host). Training forwards only."""
+        if not torch.is_grad_enabled():
+            return
         fault = ~output_finite & torch.isfinite(x).all()
         self._fault = fault if self._fault is None else self._fault | fault
 
@@ -361,13 +368,13 @@ class SeedSlot(nn.Module):
         self.last_gate = GateReport(not reasons, tuple(reasons), metrics)
         return self.last_gate
 
-    @torch.no_grad()
     def _probe_shift(self) -> float | None:
         if self._probe is None:
             return None
         x = self._probe
         c = self.blend.coefficient(self.gate_config.probe_alpha)
-        y = x + c * self.blend.delta(x, self.seed(x), x)
+        with probing(self.seed), probing(self.blend):
+            y = x + c * self.blend.delta(x, self.seed(x), x)
         return float(_rms(y - x) / _rms(x).clamp_min(1e-12))
 
     # -- gradient telemetry --------------------------------------------------------------------

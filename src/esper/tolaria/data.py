@@ -7,7 +7,7 @@ Tasks (DESIGN.md, "Tasks and hosts"):
             bytes (vocab 256); x, y are (N, T) int64 windows with y = x shifted by one.
 - `cifar10` the standard CIFAR-10 files from a local folder, binary or python format, (N, 3, 32, 32)
             normalised per channel. Pickles are read with an allow-list unpickler: no code runs.
-- `from_tensors` wraps user tensors.
+- `from_tensors` wraps user tensors: classification, or next-token prediction on token ids.
 
 `Batches` keeps a whole split on the device and slices it by a seeded permutation, so a batch costs
 one gather and no Python DataLoader machinery; its generator state goes into checkpoints.
@@ -54,7 +54,8 @@ class TaskData:
     input_shape: tuple[int, ...]
     """Shape of one sample, without the batch dimension."""
     metric: str
-    """"accuracy" for classification, "bits_per_char" for text."""
+    """"accuracy" for classification, "bits_per_char" for the text task, "bits_per_token" for a
+    user's token data."""
     higher_is_better: bool
     num_classes: int | None = None
     """Classification only."""
@@ -386,7 +387,12 @@ def from_tensors(
     name: str = "custom",
     device: Device = "cpu",
 ) -> TaskData:
-    """A classification task from user tensors: x (N, C, H, W), (N, T, C) or (N, C); y (N,) ints."""
+    """A task from user tensors.
+
+    Classification: x (N, C, H, W), (N, T, C) or (N, C); y (N,) integer labels; scored by accuracy.
+    Language modelling: x and y (N, T) integer token ids, y[:, t] the token that follows x[:, t]
+    (the `text` task's windows); scored in bits per token (lower is better).
+    """
     if train_x.dim() not in _TOPOLOGY_BY_DIM:
         raise TaskError(f"train_x must have 2, 3 or 4 dims (batch first), got {train_x.dim()}")
     if val_x.shape[1:] != train_x.shape[1:]:
@@ -394,14 +400,16 @@ def from_tensors(
             f"val_x samples {tuple(val_x.shape[1:])} differ from train_x samples "
             f"{tuple(train_x.shape[1:])}"
         )
+    if train_x.dim() == 2 and _is_ids(train_x) and train_y.shape == train_x.shape:
+        return _token_task(train_x, train_y, val_x, val_y, name, torch.device(device))
     for split, x, y in (("train", train_x, train_y), ("val", val_x, val_y)):
         if y.dim() != 1 or len(x) != len(y):
             raise TaskError(
-                f"{split}_y must be 1-D with one label per {split}_x row: "
-                f"x has {len(x)} rows, y has shape {tuple(y.shape)}"
+                f"{split}_y must be 1-D with one label per {split}_x row (or, for language "
+                f"modelling, integer token ids shaped like {split}_x): x has shape "
+                f"{tuple(x.shape)}, y has shape {tuple(y.shape)}"
             )
-        if len(y) == 0 or y.is_floating_point() or y.is_complex() or int(y.min()) < 0:
-            raise TaskError(f"{split}_y must hold non-negative integer labels, at least one")
+        _check_ids(f"{split}_y", y, "labels")
     device = torch.device(device)
     return TaskData(
         name=name,
@@ -414,6 +422,44 @@ def from_tensors(
         metric="accuracy",
         higher_is_better=True,
         num_classes=int(max(train_y.max(), val_y.max())) + 1,
+    )
+
+
+def _is_ids(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_ids(what: str, t: torch.Tensor, kind: str) -> None:
+    if t.numel() == 0 or not _is_ids(t) or int(t.min()) < 0:
+        raise TaskError(f"{what} must hold non-negative integer {kind}, at least one")
+
+
+def _token_task(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    name: str,
+    device: torch.device,
+) -> TaskData:
+    """Next-token prediction on (N, T) token-id windows."""
+    if val_y.shape != val_x.shape:
+        raise TaskError(
+            f"val_y {tuple(val_y.shape)} must be shaped like val_x {tuple(val_x.shape)} "
+            "(the next token of each position)"
+        )
+    splits = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y}
+    for what, t in splits.items():
+        _check_ids(what, t, "token ids")
+    ids = {k: v.to(device, torch.int64) for k, v in splits.items()}
+    return TaskData(
+        name=name,
+        topology=Topology.SEQ,
+        **ids,
+        input_shape=tuple(train_x.shape[1:]),
+        metric="bits_per_token",
+        higher_is_better=False,
+        vocab_size=max(int(t.max()) for t in splits.values()) + 1,
     )
 
 

@@ -39,6 +39,7 @@ from esper.kasmina import (
     blueprints_for,
     model_state,
     observe_gradients,
+    probing,
     slots_of,
 )
 from esper.simic import SlotEconomics
@@ -209,33 +210,39 @@ class GrowthEnv:
         """Replicate the validation batch K+1 times; replica i > 0 runs with seed i at α=0."""
         return self.finish_evaluate(self.evaluate_async())
 
-    @torch.no_grad()
     def evaluate_async(self) -> PendingEvaluation:
-        """Queue `evaluate`'s work; no host sync (the sums stay on the device)."""
-        self.model.eval()
+        """Queue `evaluate`'s work; no host sync (the sums stay on the device). A probe: eval mode
+        and `no_grad`, the model's modes and buffers left as they were (`probing`)."""
         active = [s for s in self.slots.values() if s.ablatable]
         reps = len(active) + 1
         sums = torch.zeros(reps, 2, device=self.device)  # per replica: Σ loss, Σ correct
         count = 0
-        for start in range(0, len(self.val_x), self.cfg.eval_batch_size):
-            x = self.val_x[start : start + self.cfg.eval_batch_size]
-            y = self.val_y[start : start + self.cfg.eval_batch_size]
-            n = len(x)
-            for i, slot in enumerate(active, start=1):
-                m = torch.ones(reps * n, device=self.device)
-                m[i * n : (i + 1) * n] = 0.0
-                slot.set_ablation(m)
-            try:
-                logits = self.model(torch.cat([x] * reps))
-            finally:
-                for slot in active:
-                    slot.set_ablation(None)
-            logits = logits.view(reps, n, *logits.shape[1:])
-            for r in range(reps):
-                sums[r, 0] += _loss(logits[r], y) * y.numel()
-                sums[r, 1] += (logits[r].argmax(-1) == y).sum()
-            count += y.numel()
+        with probing(self.model):
+            for start in range(0, len(self.val_x), self.cfg.eval_batch_size):
+                x = self.val_x[start : start + self.cfg.eval_batch_size]
+                y = self.val_y[start : start + self.cfg.eval_batch_size]
+                self._evaluate_batch(x, y, active, sums)
+                count += y.numel()
         return PendingEvaluation(sums / count, tuple(s.name for s in active))
+
+    def _evaluate_batch(
+        self, x: torch.Tensor, y: torch.Tensor, active: list[SeedSlot], sums: torch.Tensor
+    ) -> None:
+        """Add one validation batch's Σ loss and Σ correct, per replica, to `sums`."""
+        reps, n = len(active) + 1, len(x)
+        for i, slot in enumerate(active, start=1):
+            m = torch.ones(reps * n, device=self.device)
+            m[i * n : (i + 1) * n] = 0.0
+            slot.set_ablation(m)
+        try:
+            logits = self.model(torch.cat([x] * reps))
+        finally:
+            for slot in active:
+                slot.set_ablation(None)
+        logits = logits.view(reps, n, *logits.shape[1:])
+        for r in range(reps):
+            sums[r, 0] += _loss(logits[r], y) * y.numel()
+            sums[r, 1] += (logits[r].argmax(-1) == y).sum()
 
     def finish_evaluate(self, pending: PendingEvaluation) -> Evaluation:
         """Metrics and contributions: the one host sync of an evaluation."""
@@ -251,7 +258,7 @@ class GrowthEnv:
     def _metric(self, loss: float, accuracy: float) -> float:
         if self.task.metric == "accuracy":
             return accuracy
-        if self.task.metric == "bits_per_char":
+        if self.task.metric in ("bits_per_char", "bits_per_token"):
             return loss / math.log(2)
         raise ValueError(f"unknown metric {self.task.metric!r}")
 
