@@ -1,12 +1,14 @@
 """One tick, every driver: the same config, policy and seed played as a recorded run (`GrowthRun`)
 and as one of K episodes of a `VectorEnv` (K = 1 and 3, in-process and in worker processes) give
 the same decisions, rewards, events (the whole flight record, hashed) and final weights — with
-the heuristic, the seeded random policy and the shipped learned policy (most probable actions),
-and in runs with an illegal action and with a governor rollback."""
+the heuristic, the seeded random policy and a learned policy (most probable actions; seeded
+random weights, as the shipped policy predates the current blueprint library), and in runs with an
+illegal action and with a governor rollback."""
 
 from __future__ import annotations
 
 import functools
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from esper.config import GrowConfig, HostConfig
 from esper.contracts import RELEVANT_HEADS, FactoredAction, Observation, Op
 from esper.recorder import RunStore
 from esper.run import build_episode, load_policy, record_tick, slot_layout, start_run
+from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.policies import Decision, Policy
 from esper.tolaria.environment import EnvConfig, GrowthEnv
 from esper.tolaria.episode import Episode
@@ -39,7 +42,17 @@ ILLEGAL_TICK, POISON_TICK = 2, 5
 
 def config(policy: str, i: int) -> GrowConfig:
     host = replace(BASE.host, width=WIDTHS[i])
+    policy = str(learned_policy_file()) if policy == "learned" else policy
     return replace(BASE, policy=policy, seed=SEEDS[i], host=host)
+
+
+@functools.cache
+def learned_policy_file() -> Path:
+    """A learned policy for BASE's slot layout with seeded random weights (one file per process)."""
+    path = Path(tempfile.mkdtemp(prefix="esper-parity-")) / "policy.safetensors"
+    names = slot_layout(BASE)
+    LearnedPolicy(names, topologies=["cnn"] * len(names), hidden=32, seed=0).save(path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

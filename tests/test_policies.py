@@ -209,6 +209,7 @@ def test_heuristic_avoids_a_recently_pruned_blueprint_on_that_slot() -> None:
         hold_ticks=1,
         avoid_pruned_ticks=10,
         rotation=("CONV_LIGHT", "MLP"),
+        max_widenings=0,  # the rotation's memory only (widening: test_heuristic_widens_first)
     )
     policy = HeuristicPolicy(cfg)
     held = tele(
@@ -282,3 +283,21 @@ def test_make_policy_rejects_unknown_names() -> None:
         assert valid in str(err.value)
     assert set(POLICIES) == {"heuristic", "random", "none"}
     assert make_policy("none").name == "none"
+
+
+def test_heuristic_widens_first_then_follows_its_rotation() -> None:
+    cfg = HeuristicConfig(warmup_ticks=0, plateau_patience=0, rotation=("MLP",), max_widenings=1)
+    policy = HeuristicPolicy(cfg)
+    dormant = [tele("s0"), tele("s1")]
+    a = policy.act(observe(0, dormant)).action
+    assert (a.op, a.slot, a.blueprint) == (Op.GERMINATE, 0, Blueprint.WIDEN)  # the widest reach
+    widened = tele("s0", Stage.COMMITTED, spec=SeedSpec(Blueprint.WIDEN))
+    a = policy.act(observe(1, [widened, tele("s1")])).action
+    assert (a.op, a.slot, a.blueprint) == (Op.GERMINATE, 1, Blueprint.MLP)  # one is enough
+    # where WIDEN is not legal (a user's module, or a widening already live) it is not tried
+    fresh = HeuristicPolicy(cfg)
+    no_widen = tuple(b for b in Blueprint if b is not Blueprint.WIDEN)
+    a = fresh.act(observe(0, dormant, legal=no_widen)).action
+    assert a.blueprint is Blueprint.MLP
+    never = HeuristicPolicy(replace(cfg, max_widenings=0))
+    assert never.act(observe(0, dormant)).action.blueprint is Blueprint.MLP

@@ -28,8 +28,8 @@ from esper.tolaria.environment import EnvConfig, GrowthEnv
 
 # Commits whatever reaches HOLDING: the margin makes any contribution beat the rent.
 COMMITTING = HeuristicConfig(
-    warmup_ticks=1, plateau_patience=0, hold_ticks=1, fossilize_margin=-10.0
-)
+    warmup_ticks=1, plateau_patience=0, hold_ticks=1, fossilize_margin=-10.0, max_widenings=0
+)  # residual seeds (phages); a committed widening: tests/test_widening.py
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -198,15 +198,17 @@ def test_reward_is_task_minus_rent_minus_churn(tmp_path: Path) -> None:
 
     def look(env: GrowthEnv) -> None:
         in_slots = {id(p) for s in env.slots.values() for p in s.parameters()}
+        absorbed = sum(s.absorbed for s in env.slots.values())  # committed widenings: seeds
         p_host = sum(p.numel() for p in env.model.parameters() if id(p) not in in_slots)
         slots = [
             (
                 s.stage,
-                1.0 if s.phage is not None else s.alpha,
-                sum(p.numel() for p in s.parameters()),
+                1.0 if s.phage is not None or s.absorbed else s.alpha,
+                sum(p.numel() for p in s.parameters()) + s.absorbed,
             )
             for s in env.slots.values()
         ]
+        p_host -= absorbed
         seen.append((slots, p_host))
 
     def at_tick_start(t: int, env: GrowthEnv) -> None:

@@ -34,7 +34,7 @@ from esper.kasmina import (
     slots_of,
 )
 from esper.recorder import DecisionRecord, RunStore, TickWriter, build_manifest
-from esper.tamiyo.learned import LearnedPolicy
+from esper.tamiyo.learned import BLUEPRINT_LIBRARY, LearnedPolicy
 from esper.tamiyo.masks import illegal_reason
 from esper.tamiyo.policies import POLICIES, Decision, Policy, make_policy
 from esper.tolaria.data import TaskData, shared_task
@@ -45,7 +45,7 @@ from esper.tolaria.episode import Callback, Episode, Outcome, weights_hash
 SPEC_VERSIONS = {
     "obs": "obs-v1",
     "reward": "simic-v2",
-    "blueprints": "kasmina-13-v1",
+    "blueprints": BLUEPRINT_LIBRARY,
     "actions": "factored-8-v1",
     "events": "events-v2",
 }

@@ -22,7 +22,7 @@ class Topology(Enum):
 
 
 class Blueprint(IntEnum):
-    """The genome library (paper §6, 13 types). GATED_MLP is our thirteenth: see docs."""
+    """The genome library (paper §6, 13 types) and WIDEN. GATED_MLP is our thirteenth: docs."""
 
     NOOP = 0
     NORM = 1
@@ -37,6 +37,8 @@ class Blueprint(IntEnum):
     MLP_SMALL = 10
     MLP = 11
     GATED_MLP = 12
+    WIDEN = 13
+    """k new channels in the host's residual stream from the slot's block on (kasmina/stream.py)."""
 
 
 class Style(IntEnum):

@@ -33,6 +33,7 @@ from esper.kasmina.lysis import UnitMask
 from esper.kasmina.phage import SEDATE, LysisError, Phage, PhageROI
 from esper.kasmina.probe import Cost, module_cost, probing
 from esper.kasmina.slot import GateConfig, GateReport, SeedSlot
+from esper.kasmina.stream import Compaction, Stream, StreamNorm, Widening
 from esper.kasmina.telemetry import host_grad_rms, observe_gradients
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "BlueprintError",
     "CNNHost",
     "CheckpointError",
+    "Compaction",
     "Cost",
     "GateConfig",
     "GateReport",
@@ -53,8 +55,11 @@ __all__ = [
     "Residual",
     "SeedModule",
     "SeedSlot",
+    "Stream",
+    "StreamNorm",
     "TransformerHost",
     "UnitMask",
+    "Widening",
     "apply_model_state",
     "blueprint_cost",
     "blueprints_for",

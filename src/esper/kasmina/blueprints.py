@@ -300,7 +300,8 @@ _BUILDERS: dict[Blueprint, tuple[frozenset[Topology], Builder]] = {
 
 
 def supported_topologies(blueprint: Blueprint) -> frozenset[Topology]:
-    return _BUILDERS[blueprint][0]
+    """Where a slot seed of `blueprint` can grow (WIDEN is not a slot seed: none)."""
+    return _BUILDERS[blueprint][0] if blueprint in _BUILDERS else frozenset()
 
 
 def blueprints_for(topology: Topology) -> tuple[Blueprint, ...]:
@@ -322,6 +323,11 @@ def build_seed(spec: SeedSpec, topology: Topology, channels: int) -> SeedModule:
     if not isinstance(topology, Topology):
         valid = ", ".join(t.value for t in Topology)
         raise BlueprintError(f"unknown topology {topology!r}; valid topologies: {valid}")
+    if parse_blueprint(spec.blueprint) not in _BUILDERS:
+        raise BlueprintError(
+            f"{spec.blueprint.name} is not a slot seed: a slot on a host that declares its "
+            "residual stream germinates it (esper.kasmina.stream)"
+        )
     tops, build = _BUILDERS[parse_blueprint(spec.blueprint)]
     if topology not in tops:
         valid = ", ".join(b.name for b in blueprints_for(topology))

@@ -24,6 +24,7 @@ from esper.kasmina.alpha import AlphaSchedule
 from esper.kasmina.hosts import slots_of, wrap_in_phage
 from esper.kasmina.phage import Phage
 from esper.kasmina.slot import GateReport, SeedSlot
+from esper.kasmina.stream import Stream, Widening
 
 FORMAT = "esper.kasmina.model"
 VERSION = 1
@@ -62,6 +63,7 @@ def slot_state(slot: SeedSlot) -> dict[str, Any]:
         "phage": _phage_state(slot.phage) if slot.phage is not None else None,
         "gate": None if gate is None else [gate.passed, list(gate.reasons), gate.metrics],
         "seed_id": slot.seed_id,
+        "absorbed": slot.absorbed,
         "contribution": slot.contribution,
         "contribution_tick": slot.contribution_tick,
     }
@@ -83,6 +85,8 @@ def _apply_phage_state(phage: Phage, st: dict[str, Any]) -> Phage:
 
 def restore_slot(slot: SeedSlot, st: dict[str, Any]) -> None:
     """Make `slot` structurally what `st` describes (weights are loaded afterwards)."""
+    if slot.site is not None and st["topology"] == slot.topology.value:
+        slot.channels = st["channels"]  # on a stream that widens, a slot's width is its state's
     if (st["channels"], st["topology"]) != (slot.channels, slot.topology.value):
         raise CheckpointError(
             f"slot {slot.name!r}: checkpoint has {st['channels']} channels on {st['topology']}, "
@@ -95,7 +99,11 @@ def restore_slot(slot: SeedSlot, st: dict[str, Any]) -> None:
         st["ticks_in_stage"],
         st["last_tick"],
     )
-    if st["spec"] is not None:
+    compacted = st["stage"] == Stage.COMMITTED.name and st["phage"] is None
+    if st["spec"] is not None and compacted:  # a committed widening lives in the host's layers
+        slot.spec = SeedSpec.from_dict(st["spec"])
+        slot.absorbed = st.get("absorbed", 0)
+    elif st["spec"] is not None:
         spec = SeedSpec.from_dict(st["spec"])
         seed, blend = slot.build(spec)
         slot.spec = spec
@@ -104,6 +112,8 @@ def restore_slot(slot: SeedSlot, st: dict[str, Any]) -> None:
         else:
             if st["seed_units"] is not None and seed.units != st["seed_units"]:
                 seed.remove_units(torch.arange(st["seed_units"]))
+            if isinstance(seed, Widening):
+                seed.install(slot)
             slot.seed, slot.blend = seed, blend
     slot.schedule = AlphaSchedule.from_dict(st["schedule"])
     target, tempo, curve = st["pending"]
@@ -134,7 +144,35 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
         "version": VERSION,
         "slots": {name: slot_state(s) for name, s in slots_of(model).items()},
         "host_phages": host_phages,
+        "stream": _stream_state(model),
     }
+
+
+def _stream_state(model: nn.Module) -> dict[str, Any] | None:
+    stream = _stream_of(model)
+    if stream is None:
+        return None
+    return {"width": stream.width, "widenings": [list(w) for w in stream.widenings]}
+
+
+def _restore_stream(model: nn.Module, st: dict[str, Any] | None, source: str) -> None:
+    """Give the host's stream layers the shapes of the checkpoint's committed widenings."""
+    stream = _stream_of(model)
+    if stream is None or st is None:
+        if st is not None and st["widenings"]:
+            raise CheckpointError(f"{source} has a widened stream; this model declares none")
+        return
+    if st["width"] != stream.width:
+        raise CheckpointError(
+            f"{source} does not fit this model: it has {st['width']} channels in its residual "
+            f"stream, the model has {stream.width}"
+        )
+    stream.rebuild(model, st["widenings"])
+
+
+def _stream_of(model: nn.Module) -> Stream | None:
+    stream = getattr(model, "stream", None)
+    return stream if isinstance(stream, Stream) else None
 
 
 def save_model(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -206,7 +244,8 @@ def apply_model_state(
     tensors: dict[str, torch.Tensor],
     source: str = "snapshot",
 ) -> None:
-    """Rebuild `model`'s slots and phages as `meta` describes, then load `tensors`."""
+    """Rebuild `model`'s stream (its committed widenings), slots and phages as `meta`
+    describes, then load `tensors`."""
     slots = slots_of(model)
     unknown = sorted(set(meta["slots"]) - set(slots))
     missing = sorted(set(slots) - set(meta["slots"]))
@@ -215,6 +254,9 @@ def apply_model_state(
             f"{source} does not fit this model: slots only in the "
             f"file {unknown}, slots only in the model {missing}"
         )
+    for slot in slots.values():  # live widenings unwrap the stream layers first
+        slot._clear()
+    _restore_stream(model, meta.get("stream"), source)
     for p, st in meta["host_phages"].items():
         current = model.get_submodule(p)
         phage = current if isinstance(current, Phage) else wrap_in_phage(model, p)

@@ -9,6 +9,7 @@ attention and after the MLP sub-block of each transformer layer. Host residual b
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from esper.contracts import Topology
@@ -16,17 +17,33 @@ from esper.kasmina.blueprints import CausalSelfAttention, HiddenUnits
 from esper.kasmina.layers import pointwise, prenorm, spatial
 from esper.kasmina.phage import Phage
 from esper.kasmina.slot import SeedSlot
+from esper.kasmina.stream import Site, Stream, declare_stream
 
 
 class Residual(nn.Module):
-    """y = x + branch(x)."""
+    """y = x + branch(x). A branch that writes more channels than it reads (the block where a
+    widening of the stream begins) adds them to zeros: y = [x, 0] + branch(x)."""
 
-    def __init__(self, branch: nn.Module) -> None:
+    def __init__(self, branch: nn.Module, dim: int = 1) -> None:
         super().__init__()
-        self.branch = branch
+        self.branch, self.dim = branch, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.branch(x)
+        y = self.branch(x)
+        extra = y.shape[self.dim] - x.shape[self.dim]
+        if extra > 0:
+            pad = [0, 0] * (x.dim() - 1 - self.dim % x.dim()) + [0, extra]
+            x = F.pad(x, pad)
+        return x + y
+
+
+def _block_sites(i: int, prefix: str) -> list[Site]:
+    """A `_branch` block's stream layers: norm → first layer → ... → out."""
+    return [
+        Site(i, "norm", f"{prefix}.branch.body.0"),
+        Site(i, "read", f"{prefix}.branch.body.1"),
+        Site(i, "write", f"{prefix}.branch.out"),
+    ]
 
 
 def _branch(c: int, topology: Topology, width: int, first: str) -> HiddenUnits:
@@ -75,6 +92,11 @@ class CNNHost(nn.Module):
             size = size // 2 if size > 2 else size
         self.pools = nn.ModuleList(pools)
         self.head = nn.Linear(width, num_classes)
+        sites = [s for i in range(depth) for s in _block_sites(i, f"blocks.{i}")]
+        blocks = {f"slots.b{i}": i for i in range(depth)}
+        declare_stream(
+            self, Stream(width, Topology.CNN, [*sites, Site(depth, "read", "head")], blocks)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -97,7 +119,7 @@ class MLPHost(nn.Module):
         super().__init__()
         self.inp = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.GELU())
         self.blocks = nn.ModuleList(
-            Residual(_branch(width, Topology.VEC, 2 * width, "point")) for _ in range(depth)
+            Residual(_branch(width, Topology.VEC, 2 * width, "point"), dim=-1) for _ in range(depth)
         )
         self.slots = nn.ModuleDict(
             {
@@ -106,6 +128,11 @@ class MLPHost(nn.Module):
             }
         )
         self.head = nn.Linear(width, num_classes)
+        sites = [s for i in range(depth) for s in _block_sites(i, f"blocks.{i}")]
+        blocks = {f"slots.b{i}": i for i in range(depth)}
+        declare_stream(
+            self, Stream(width, Topology.VEC, [*sites, Site(depth, "read", "head")], blocks)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inp(x)
@@ -135,8 +162,8 @@ class TransformerHost(nn.Module):
         layers, slots = [], {}
         for i in range(n_layers):
             layers += [
-                Residual(CausalSelfAttention(d_model, n_heads, d_model // n_heads)),
-                Residual(_branch(d_model, Topology.SEQ, 4 * d_model, "point")),
+                Residual(CausalSelfAttention(d_model, n_heads, d_model // n_heads), dim=-1),
+                Residual(_branch(d_model, Topology.SEQ, 4 * d_model, "point"), dim=-1),
             ]
             for part in ("attn", "mlp"):
                 slots[f"l{i}_{part}"] = SeedSlot(
@@ -146,6 +173,7 @@ class TransformerHost(nn.Module):
         self.slots = nn.ModuleDict(slots)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
+        declare_stream(self, _transformer_stream(d_model, n_layers))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
@@ -155,6 +183,24 @@ class TransformerHost(nn.Module):
         for layer, slot in zip(self.layers, self.slots.values(), strict=True):
             x = slot(layer(x))
         return self.head(self.norm(x))  # (B, T, vocab)
+
+
+def _transformer_stream(d_model: int, n_layers: int) -> Stream:
+    sites, blocks = [], {}
+    for i in range(n_layers):
+        a, m = 2 * i, 2 * i + 1
+        attn = f"layers.{a}.branch"
+        sites += [Site(a, "norm", f"{attn}.norm")]
+        sites += [Site(a, "read", f"{attn}.{p}") for p in ("q", "k", "v")]
+        sites += [Site(a, "write", f"{attn}.out"), *_block_sites(m, f"layers.{m}")]
+        blocks[f"slots.l{i}_attn"], blocks[f"slots.l{i}_mlp"] = a, m
+    end = 2 * n_layers
+    return Stream(
+        d_model,
+        Topology.SEQ,
+        [*sites, Site(end, "norm", "norm"), Site(end, "read", "head")],
+        blocks,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ leaves a slot's telemetry as it found it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from esper.contracts import (
     Actor,
     AlphaCurve,
+    Blueprint,
     IllegalTransition,
     Lifecycle,
     LifecycleConfig,
@@ -47,6 +49,7 @@ from esper.kasmina.blend import Blend
 from esper.kasmina.blueprints import SeedModule, build_seed
 from esper.kasmina.phage import Phage, Target
 from esper.kasmina.probe import probing
+from esper.kasmina.stream import Compaction, StreamSite, Widening
 
 _IDENTITY, _TRAINING, _BLENDING, _PHAGE = range(4)
 
@@ -131,6 +134,10 @@ class SeedSlot(nn.Module):
         self._fault: torch.Tensor | None = None  # 0-d bool, see `fault`
         self._mode = _IDENTITY
         self._ablation: torch.Tensor | None = None  # per-sample 0/1 multiplier, see `ablating`
+        self.absorbed = 0
+        """Parameters a committed widening added to the host's layers (0 otherwise)."""
+        self.site: StreamSite | None = None
+        """Where this slot sits on its host's residual stream (built-in hosts), for WIDEN."""
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -158,9 +165,17 @@ class SeedSlot(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self._mode == _IDENTITY or self.widening:
+            return h  # a widening acts through the stream layers it wraps, not here
+        dim = 1 if self.topology is Topology.CNN else -1
+        extra = h.shape[dim] - self.channels
+        if extra > 0:  # the stream was widened after this seed was born: it acts on its channels
+            mine, rest = h.split([self.channels, extra], dim)
+            return torch.cat([self._seed_forward(mine.contiguous()), rest], dim)
+        return self._seed_forward(h)
+
+    def _seed_forward(self, h: torch.Tensor) -> torch.Tensor:
         mode = self._mode
-        if mode == _IDENTITY:
-            return h
         if mode == _PHAGE:
             y = self.phage(h, self._ablation)
             self._flag(torch.isfinite(y).all(), h)  # committed tissue: blamed, not masked
@@ -174,6 +189,25 @@ class SeedSlot(nn.Module):
             return h + (d - d.detach())  # straight-through: forward h, backward as if α = 1
         coef = self.coef if self._ablation is None else self.coef * _per_sample(self._ablation, h)
         return h + coef * self._screen(self.blend.delta(h, s, x), x)
+
+    @property
+    def widening(self) -> bool:
+        """Does this slot hold a (not yet committed) WIDEN seed?"""
+        return isinstance(self.seed, Widening)
+
+    @property
+    def widening_live(self) -> bool:
+        """Do this slot's widening's channels run (TRAINING, BLENDING, HOLDING, fading)?"""
+        return self._mode in (_TRAINING, _BLENDING)
+
+    def gate(self, r: torch.Tensor) -> torch.Tensor:
+        """A widening's read-out r as the host receives it: cancelled in the forward in TRAINING
+        (straight-through: backward as if α = 1), scaled by the blend coefficient (and the
+        per-sample ablation) after."""
+        if self._mode == _TRAINING:
+            return r - r.detach()
+        coef = self.coef if self._ablation is None else self.coef * _per_sample(self._ablation, r)
+        return coef * r
 
     def _screen(self, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """δ with its non-finite elements zeroed (their gradient too); flags the seed."""
@@ -233,7 +267,10 @@ class SeedSlot(nn.Module):
             with torch.random.fork_rng(devices=[]):  # modules are built, and initialised, on CPU
                 torch.manual_seed(init_seed)
                 seed, blend = self.build(spec)
-        self._sanity_check(seed)
+        if isinstance(seed, Widening):
+            seed.install(self)  # its layers are sane by construction (the host's, wider)
+        else:
+            self._sanity_check(seed)
         self.seed, self.blend, self.spec = seed, blend, spec
         self.pending = (alpha_target, tempo_ticks, alpha_curve)
         self.seed_id = seed_id
@@ -242,9 +279,26 @@ class SeedSlot(nn.Module):
 
     def build(self, spec: SeedSpec) -> tuple[SeedModule, Blend]:
         """A fresh seed module and its blend operator for this slot, on the slot's device."""
+        if spec.blueprint is Blueprint.WIDEN:
+            seed: SeedModule | Widening = self._widening(spec)
+            blend = Blend(Style.RESIDUAL, self.channels, self.topology, learned=False)
+            return seed.to(self.coef.device), blend.to(self.coef.device)
         seed = build_seed(spec, self.topology, self.channels)
         blend = Blend(spec.style, self.channels, self.topology, learned=_has_params(seed))
         return seed.to(self.coef.device), blend.to(self.coef.device)
+
+    def _widening(self, spec: SeedSpec) -> Widening:
+        if self.site is None:
+            raise IllegalTransition(
+                self.name,
+                self.stage,
+                Actor.TAMIYO,
+                Op.GERMINATE,
+                "WIDEN needs a host that declares its residual stream (the built-in CNN, MLP "
+                "and transformer hosts); a slot in a user's module cannot widen",
+            )
+        k = max(1, math.ceil(self.site.stream.width * spec.channel_width))
+        return Widening(self.site, k)
 
     def advance(self, *, actor: Actor = Actor.TAMIYO) -> Stage:
         """GERMINATED → TRAINING; TRAINING → BLENDING (G2 must have passed); BLENDING → HOLDING
@@ -278,11 +332,19 @@ class SeedSlot(nn.Module):
         self.lifecycle.apply(actor, Op.SET_ALPHA_TARGET)
         self._refresh()
 
-    def fossilize(self, *, actor: Actor = Actor.TAMIYO) -> Phage:
+    def fossilize(self, *, actor: Actor = Actor.TAMIYO) -> Phage | Compaction:
         """HOLDING → COMMITTED: fold α into the seed and rewrap it as a Phage (custody to
-        Emrakul). The α machinery leaves the forward path; isolation ends."""
+        Emrakul). The α machinery leaves the forward path; isolation ends. A widening is
+        compacted into the host's layers instead (`Widening.compact`)."""
         self._check(actor, Op.FOSSILIZE)
         seed, blend = self.seed, self.blend
+        if isinstance(seed, Widening):  # compacted into the host: no phage, nothing left here
+            self.absorbed = self.seed_param_count()
+            compaction = seed.compact(self, blend.coefficient(self.alpha))
+            self.seed = self.blend = None
+            self.lifecycle.apply(actor, Op.FOSSILIZE)
+            self._refresh()
+            return compaction
         seed.scale_output_(blend.coefficient(self.alpha))
         self.seed = self.blend = None
         self.phage = Phage(
@@ -297,6 +359,14 @@ class SeedSlot(nn.Module):
         dropped and the slot goes PRUNED → EMBARGOED → RESETTING → DORMANT on the clock."""
         op = {Actor.TAMIYO: Op.PRUNE, Actor.EMRAKUL: Op.LYSE}.get(actor, Op.EMERGENCY_PRUNE)
         self._check(actor, op)
+        if self.absorbed:
+            raise IllegalTransition(
+                self.name,
+                self.stage,
+                actor,
+                op,
+                "a committed widening is host tissue: its channels are lysed as channel groups",
+            )
         fade = self.lifecycle.config.prune_fade_ticks if fade_ticks is None else fade_ticks
         if actor is Actor.TOLARIA or (self.phage is None and self.alpha == 0.0):
             fade = 0  # emergencies do not wait, and a seed at α = 0 has nothing to fade
@@ -355,7 +425,7 @@ class SeedSlot(nn.Module):
                 f"seed/host gradient ratio {ratio:.2e} outside "
                 f"[{cfg.min_grad_ratio:g}, {cfg.max_grad_ratio:g}]"
             )
-        shift = self._probe_shift()
+        shift = 0.0 if self.widening else self._probe_shift()  # a widening's forward is the STE's
         if shift is None:
             reasons.append("no activation probe captured")
         else:
@@ -400,8 +470,10 @@ class SeedSlot(nn.Module):
 
     # -- telemetry -----------------------------------------------------------------------------
     def seed_param_count(self) -> int:
+        """The seed's parameters (a committed widening's now live in the host's layers: its
+        count is kept, so rent prices it as any committed seed)."""
         mods = [m for m in (self.seed, self.blend, self.phage) if m is not None]
-        return sum(p.numel() for m in mods for p in m.parameters())
+        return self.absorbed + sum(p.numel() for m in mods for p in m.parameters())
 
     def telemetry(self) -> SlotTelemetry:
         seed_rms, host_rms, ratio = self._gradient_health()
@@ -440,7 +512,10 @@ class SeedSlot(nn.Module):
         return self.seed is not None or self.phage is not None
 
     def _clear(self) -> None:
+        if isinstance(self.seed, Widening):
+            self.seed.uninstall(self)
         self.seed = self.blend = self.phage = None
+        self.absorbed = 0
         self.spec = self.last_gate = self.seed_id = None
         self.contribution = self.contribution_tick = None
         self.schedule = AlphaSchedule()
@@ -448,7 +523,7 @@ class SeedSlot(nn.Module):
     def _refresh(self) -> None:
         """Recompute the forward mode and the blend coefficient after any change."""
         stage = self.stage
-        if stage is Stage.COMMITTED or (stage is Stage.PRUNED and self.phage is not None):
+        if self.phage is not None and stage in (Stage.COMMITTED, Stage.PRUNED):
             self._mode = _PHAGE
         elif stage is Stage.TRAINING:
             self._mode = _TRAINING

@@ -48,7 +48,7 @@ from esper.tamiyo.policies import Decision
 
 FORMAT = "esper.tamiyo.policy"
 VERSION = 1
-BLUEPRINT_LIBRARY = "kasmina-13-v1"  # the blueprint head's meaning; as run.SPEC_VERSIONS
+BLUEPRINT_LIBRARY = "kasmina-14-v1"  # the blueprint head's meaning (14: WIDEN); run.SPEC_VERSIONS
 
 
 class PolicyLoadError(EsperError, RuntimeError):
@@ -252,11 +252,11 @@ def _check_layout(
             f"{path}: format {meta.get('format')!r} v{meta.get('version')}; "
             f"expected {FORMAT!r} v{VERSION}"
         )
-    here = {
+    here = {  # the library first: it names what changed when a policy predates a new blueprint
+        "blueprint_library": BLUEPRINT_LIBRARY,
         "obs_spec": OBS_SPEC,
         "global_dim": GLOBAL_DIM,
         "slot_dim": SLOT_DIM,
-        "blueprint_library": BLUEPRINT_LIBRARY,
         "blueprints": [b.name for b in Blueprint],
         "ops": [op.name for op in TAMIYO_OPS],
     }

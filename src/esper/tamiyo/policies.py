@@ -148,6 +148,10 @@ class HeuristicConfig:
         "NORM",
     )
     """Blueprints tried in this order (those a slot's topology lacks are skipped)."""
+    max_widenings: int = 1
+    """Widen the host's residual stream (WIDEN, on the earliest slot that can: the widest reach)
+    before trying the rotation, up to this many times per run (live or committed). 0: never.
+    How wide is the environment's `env.widen_factor`."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -156,6 +160,7 @@ class HeuristicConfig:
             "max_training_ticks",
             "hold_ticks",
             "avoid_pruned_ticks",
+            "max_widenings",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"heuristic.{name} must be >= 0, got {getattr(self, name)}")
@@ -167,6 +172,9 @@ class HeuristicConfig:
                 f"heuristic.rotation must name blueprints, got {unknown or 'none'};"
                 f" valid: {', '.join(Blueprint.__members__)}"
             )
+
+
+_KEPT = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.COMMITTED)
 
 
 class HeuristicPolicy:
@@ -228,6 +236,9 @@ class HeuristicPolicy:
             or self.since_improvement < cfg.plateau_patience
         ):
             return None
+        widen = self._widen(obs)
+        if widen is not None:
+            return widen
         for i, s in enumerate(obs.slots):
             if not slot_allows(s, Op.GERMINATE):
                 continue
@@ -236,6 +247,26 @@ class HeuristicPolicy:
                 self.since_improvement = 0  # give the new seed time before judging again
                 action = FactoredAction(op=Op.GERMINATE, slot=i, blueprint=bp)
                 return _decide(obs, action, f"{s.name}: plateau, germinate {bp.name}")
+        return None
+
+    def _widen(self, obs: Observation) -> Decision | None:
+        """WIDEN on the earliest slot that can, while fewer than `max_widenings` are live or
+        committed (a pruned one is not retried there for `avoid_pruned_ticks`)."""
+        done = sum(
+            s.spec is not None and s.spec.blueprint is Blueprint.WIDEN and s.stage in _KEPT
+            for s in obs.slots
+        )
+        if done >= self.cfg.max_widenings:
+            return None
+        for i, s in enumerate(obs.slots):
+            pruned_at = self.pruned.get(f"{s.name}/WIDEN")
+            recent = pruned_at is not None and obs.tick - pruned_at < self.cfg.avoid_pruned_ticks
+            if slot_allows(s, Op.GERMINATE) and Blueprint.WIDEN in obs.legal_blueprints[i]:
+                if recent:
+                    continue
+                self.since_improvement = 0
+                action = FactoredAction(op=Op.GERMINATE, slot=i, blueprint=Blueprint.WIDEN)
+                return _decide(obs, action, f"{s.name}: plateau, widen the stream")
         return None
 
     def _pick_blueprint(self, obs: Observation, i: int, slot: str) -> Blueprint | None:

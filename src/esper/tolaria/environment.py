@@ -27,6 +27,7 @@ from torch import nn
 
 from esper.contracts import (
     Actor,
+    Blueprint,
     FactoredAction,
     Observation,
     Op,
@@ -34,6 +35,7 @@ from esper.contracts import (
     Stage,
 )
 from esper.kasmina import (
+    Compaction,
     SeedSlot,
     apply_model_state,
     blueprints_for,
@@ -62,11 +64,15 @@ class EnvConfig:
     eval_batch_size: int = 1024
     prune_fade_ticks: int = 0
     """Ticks a pruned seed's α takes to fade out."""
+    widen_factor: float = 1.0
+    """A WIDEN seed adds ceil(widen_factor × the stream's base width) channels."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "batch_size", "eval_samples", "eval_batch_size"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"env.{name} must be > 0, got {getattr(self, name)}")
+        if not self.widen_factor > 0:
+            raise ValueError(f"env.widen_factor must be > 0, got {self.widen_factor}")
         if self.batches_per_tick < 0 or self.prune_fade_ticks < 0 or self.weight_decay < 0:
             raise ValueError("env.batches_per_tick, prune_fade_ticks, weight_decay must be >= 0")
 
@@ -266,8 +272,11 @@ class GrowthEnv:
     # What the policy sees
     # ---------------------------------------------------------------------------------------
     def host_params(self) -> int:
+        """The host's own parameters: not a seed's, a phage's, nor a committed widening's
+        (those are priced as seeds, `SeedSlot.absorbed`)."""
         in_slots = {id(p) for s in self.slots.values() for p in s.parameters()}
-        return sum(p.numel() for p in self.model.parameters() if id(p) not in in_slots)
+        own = sum(p.numel() for p in self.model.parameters() if id(p) not in in_slots)
+        return own - sum(s.absorbed for s in self.slots.values())
 
     def observe(
         self,
@@ -293,8 +302,16 @@ class GrowthEnv:
             seed_params=sum(s.param_count for s in slots),
             rent_paid=rent_paid,
             slots=tuple(slots),
-            legal_blueprints=tuple(blueprints_for(s.topology) for s in self.slots.values()),
+            legal_blueprints=tuple(self._blueprints(s) for s in self.slots.values()),
         )
+
+    def _blueprints(self, slot: SeedSlot) -> tuple[Blueprint, ...]:
+        """What `slot` can germinate: its topology's blueprints, and WIDEN on a host that
+        declares its stream while no other widening of it is live (they would wrap the same
+        layers)."""
+        base = blueprints_for(slot.topology)
+        live = any(s.widening for s in self.slots.values())
+        return (*base, Blueprint.WIDEN) if slot.site is not None and not live else base
 
     def slot_economics(self) -> list[SlotEconomics]:
         """Each slot as Simic prices it (after this tick's action)."""
@@ -335,7 +352,8 @@ class GrowthEnv:
             return []
         slot = self.slot_at(action.slot)
         if op is Op.GERMINATE:
-            spec = spec or SeedSpec(action.blueprint, action.style)
+            width = self.cfg.widen_factor if action.blueprint is Blueprint.WIDEN else 1.0
+            spec = spec or SeedSpec(action.blueprint, action.style, channel_width=width)
             self.seeds_germinated += 1
             slot.germinate(
                 spec,
@@ -358,7 +376,9 @@ class GrowthEnv:
         elif op is Op.PRUNE or op is Op.EMERGENCY_PRUNE:
             slot.prune(actor=actor, fade_ticks=self.cfg.prune_fade_ticks)
         elif op is Op.FOSSILIZE:
-            slot.fossilize(actor=actor)
+            done = slot.fossilize(actor=actor)
+            if isinstance(done, Compaction):
+                self._carry_moments(done)
         else:
             raise ValueError(f"op {op.name} is not executed by the growth environment")
         self.sync_optimizer()
@@ -389,6 +409,24 @@ class GrowthEnv:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = [{"params": ps, "lr": lr, "name": name} for name, ps, lr in self._param_layout()]
         return torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _carry_moments(self, compaction: Compaction) -> None:
+        """A compacted widening replaced host layers by wider ones: each new tensor keeps the
+        Adam moments of the weights it contains (in their slices) and starts fresh (zero) ones
+        for its new rows and columns; the step count is the old weights'."""
+        state = self.optimizer.state
+        for new, old, where in compaction.moved:
+            if old not in state:
+                continue
+            carried = {}
+            for key, value in state[old].items():
+                if torch.is_tensor(value) and value.shape == old.shape:
+                    wide = torch.zeros_like(new)
+                    wide[where] = value
+                    carried[key] = wide
+                else:
+                    carried[key] = value
+            state[new] = carried
 
     def sync_optimizer(self) -> None:
         """Rebuild the parameter groups from the model; keep the state of surviving params only,
