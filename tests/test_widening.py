@@ -51,6 +51,7 @@ from esper.kasmina import (
 from esper.kasmina.stream import _Wide
 from esper.run import load_policy, resume_run, start_run
 from esper.tamiyo.learned import PolicyLoadError
+from esper.tolaria.environment import GrowthEnv
 
 HOSTS: dict[str, Callable[[], nn.Module]] = {
     "cnn": small_cnn,
@@ -347,3 +348,29 @@ def test_a_run_widens_commits_and_resumes_across_the_widening(tmp_path: Path) ->
     resumed = resume_run(tmp_path / "cut")
     assert resumed.start_tick <= cut and resumed.env.model.stream.widenings
     assert resumed.run().weights_hash == result.weights_hash
+
+
+def test_the_governor_rolls_back_and_removes_a_widening_that_poisons_the_host() -> None:
+    d = cnn_driver(width=3)
+    slot = d.grow(0, Stage.BLENDING, Blueprint.WIDEN)
+    d.tick()  # α > 0: the read-outs reach the host
+    assert slot.alpha > 0
+    narrow = {n: p.shape for n, p in d.env.model.named_parameters() if ".seed." not in n}
+
+    def poison(t: int, env: GrowthEnv) -> None:
+        if slot.widening:
+            with torch.no_grad():
+                next(iter(slot.seed.parameters())).fill_(float("inf"))
+
+    d.episode.callbacks.append(poison)
+    outcome = d.tick()
+    kinds = [e.kind for e in outcome.events]
+    assert "governor_rollback" in kinds and "governor_lobotomy" in kinds
+    assert slot.stage in (Stage.PRUNED, Stage.EMBARGOED) and not slot.widening_live
+    d.episode.callbacks.clear()
+    while slot.stage is not Stage.DORMANT:
+        d.tick()
+    assert no_wrappers(d.env.model) and not d.env.model.stream.widenings
+    shapes = {n: p.shape for n, p in d.env.model.named_parameters()}
+    assert shapes == {n.replace(".base.", "."): s for n, s in narrow.items()}
+    assert torch.isfinite(torch.tensor(d.env.history[-1]))
