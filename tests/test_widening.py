@@ -180,16 +180,31 @@ def test_compacted_cnn_layers_have_the_expected_shapes() -> None:
     seed_params = slot.seed_param_count()
     host_params = sum(p.numel() for p in CNNHost(width=3, depth=3, image_size=8).parameters())
     slot.fossilize()
-    k = 2
+    k = 2  # from block 1's input on: block 0 writes z, blocks 1 and 2 and the head read it
     b0, b1, b2 = (model.blocks[i].branch for i in range(3))
-    assert b0.body[1].weight.shape == (6, 3, 3, 3) and b0.out.weight.shape == (3, 6, 1, 1)
-    assert b1.out.weight.shape == (3 + k, 6, 1, 1) and b1.body[1].weight.shape == (6, 3, 3, 3)
-    assert isinstance(b2.body[0], StreamNorm) and b2.body[0].groups == [3, k]
-    assert b2.body[1].weight.shape == (6, 3 + k, 3, 3) and b2.out.weight.shape == (3 + k, 6, 1, 1)
+    assert model.stem[0].weight.shape == (3, 1, 3, 3) and b0.body[1].weight.shape == (6, 3, 3, 3)
+    assert b0.out.weight.shape == (3 + k, 6, 1, 1)
+    for b in (b1, b2):
+        assert isinstance(b.body[0], StreamNorm) and b.body[0].groups == [3, k]
+        assert b.body[1].weight.shape == (6, 3 + k, 3, 3) and b.out.weight.shape == (3 + k, 6, 1, 1)
     assert model.head.weight.shape == (10, 3 + k)
-    # new: b1's k output rows (6k + k), b2's k read columns (9·6·k) and k rows (6k + k), head k·10
-    assert seed_params == (6 * k + k) + 9 * 6 * k + (6 * k + k) + 10 * k
+    # new: three blocks' k output rows (6k + k each), two blocks' k read columns (9·6·k), head k·10
+    assert seed_params == 3 * (6 * k + k) + 2 * 9 * 6 * k + 10 * k
     assert sum(p.numel() for p in model.parameters()) == host_params + seed_params
+
+
+def test_the_first_slot_widens_the_whole_stream() -> None:
+    for kind, first in (("cnn", "stem.0"), ("mlp", "inp.1"), ("transformer", "tok")):
+        model, x = host(kind)
+        slot = slot_named(model, 0)
+        w = slot.channels
+        grow(model, slot, x, WIDEN, Stage.COMMITTED)
+        layer = model.get_submodule(first)
+        channels = layer.embedding_dim if kind == "transformer" else layer.weight.shape[0]
+        assert channels == 2 * w  # k = w: widen_factor 1
+        assert slot_named(model, 1).channels == 2 * w
+        if kind == "transformer":
+            assert model.pos.embedding_dim == 2 * w
 
 
 def test_a_seed_born_before_a_widening_keeps_acting_on_its_own_channels() -> None:

@@ -94,9 +94,8 @@ class CNNHost(nn.Module):
         self.head = nn.Linear(width, num_classes)
         sites = [s for i in range(depth) for s in _block_sites(i, f"blocks.{i}")]
         blocks = {f"slots.b{i}": i for i in range(depth)}
-        declare_stream(
-            self, Stream(width, Topology.CNN, [*sites, Site(depth, "read", "head")], blocks)
-        )
+        ends = [Site(-1, "write", "stem.0"), Site(depth, "read", "head")]
+        declare_stream(self, Stream(width, Topology.CNN, [*sites, *ends], blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -130,9 +129,8 @@ class MLPHost(nn.Module):
         self.head = nn.Linear(width, num_classes)
         sites = [s for i in range(depth) for s in _block_sites(i, f"blocks.{i}")]
         blocks = {f"slots.b{i}": i for i in range(depth)}
-        declare_stream(
-            self, Stream(width, Topology.VEC, [*sites, Site(depth, "read", "head")], blocks)
-        )
+        ends = [Site(-1, "write", "inp.1"), Site(depth, "read", "head")]
+        declare_stream(self, Stream(width, Topology.VEC, [*sites, *ends], blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inp(x)
@@ -186,7 +184,7 @@ class TransformerHost(nn.Module):
 
 
 def _transformer_stream(d_model: int, n_layers: int) -> Stream:
-    sites, blocks = [], {}
+    sites, blocks = [Site(-1, "write", "tok"), Site(-1, "write", "pos")], {}
     for i in range(n_layers):
         a, m = 2 * i, 2 * i + 1
         attn = f"layers.{a}.branch"

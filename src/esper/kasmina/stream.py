@@ -2,13 +2,16 @@
 
 A host with a residual stream (the built-in CNN, MLP and transformer) declares it as a `Stream`:
 for each block, the layer that normalises the stream (`norm`), the layers that read it (`read`:
-the branch's first layer, the head) and the layer that writes it (`write`: the branch's last
-layer). A WIDEN seed germinated in the slot after block b adds k channels z to the stream there:
+the branch's first layer, the head) and the layers that write it (`write`: the stem or the
+embeddings, block −1, and each branch's last layer). A WIDEN seed germinated in the slot after
+block b adds k channels z to the stream from block b's input on (the whole stream for the first
+slot):
 
-    z is born as k new output rows of block b's write layer,
-    every later block normalises z as its own group (a grouped norm: the host's channels keep
-    exactly the statistics they see without the seed), reads it through k new input columns of
-    its read layers, and adds k new output rows to z with its write layer; the head reads z.
+    z is born as k new output rows of the layer that writes block b's input (the stem or the
+    embeddings for b = 0, block b − 1's last layer otherwise),
+    from block b on every block normalises z as its own group (a grouped norm: the host's channels
+    keep exactly the statistics they see without the seed), reads it through k new input columns
+    of its read layers, and adds k new output rows to z with its write layer; the head reads z.
 
 Until commit the new rows and columns live in the seed (`Widening`) and the stream layers are
 wrapped (`_Read`, `_Write`, `_Norm`). Isolation is the slot's, as for any seed: z is computed from
@@ -88,7 +91,8 @@ class StreamNorm(nn.Module):
 @dataclass(frozen=True)
 class Site:
     block: int
-    """Index of the block the layer belongs to; the number of blocks for the head end."""
+    """Index of the block the layer belongs to: −1 for the stem (or embeddings) that write the
+    stream's input, the number of blocks for the head end."""
     role: Role
     path: str
 
@@ -104,18 +108,23 @@ class Stream:
     slot_blocks: dict[str, int]
     """Slot name -> the block after which it sits."""
     widenings: list[tuple[int, int]] = field(default_factory=list)
-
-    def width_after(self, block: int) -> int:
-        """Channels of the stream leaving `block` (committed widenings only)."""
-        return self.width + sum(k for b, k in self.widenings if b <= block)
+    """(b, k): k channels added from block b's input on."""
 
     def groups_entering(self, block: int) -> list[int]:
-        return [self.width, *(k for b, k in self.widenings if b < block)]
+        """Channel groups of the stream entering `block` (committed widenings only)."""
+        return [self.width, *(k for b, k in self.widenings if b <= block)]
+
+    def width_after(self, block: int) -> int:
+        """Channels of the stream leaving `block` (−1: the stem)."""
+        return sum(self.groups_entering(block + 1))
 
     def affected(self, block: int) -> list[Site]:
-        """The layers a widening after `block` touches: its write, and everything later."""
+        """The layers a widening from `block`'s input on touches: the write before it, and every
+        stream layer from it on."""
         return [
-            s for s in self.sites if s.block > block or (s.block == block and s.role == "write")
+            s
+            for s in self.sites
+            if s.block >= block or (s.block == block - 1 and s.role == "write")
         ]
 
     def rebuild(self, host: nn.Module, widenings: Sequence[Sequence[int]]) -> None:
@@ -175,7 +184,16 @@ def _in_out(layer: nn.Module) -> tuple[int, int]:
         return layer.in_features, layer.out_features
     if isinstance(layer, nn.Conv2d):
         return layer.in_channels, layer.out_channels
-    raise TypeError(f"a stream layer must be nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+    if isinstance(layer, nn.Embedding):  # writes only: ids in, `embedding_dim` channels out
+        return layer.num_embeddings, layer.embedding_dim
+    raise TypeError(
+        f"a stream layer must be nn.Linear, nn.Conv2d or nn.Embedding, got {type(layer).__name__}"
+    )
+
+
+def _out_dim(layer: nn.Module) -> int:
+    """The weight's output-channel dimension (an embedding stores (ids, channels))."""
+    return 1 if isinstance(layer, nn.Embedding) else 0
 
 
 def _has_bias(layer: nn.Module) -> bool:
@@ -186,6 +204,8 @@ def _like(base: nn.Module, c_in: int, c_out: int, bias: bool) -> nn.Module:
     """A layer of `base`'s kind (kernel, stride, padding) with other channel counts."""
     if isinstance(base, nn.Linear):
         layer: nn.Module = nn.Linear(c_in, c_out, bias=bias)
+    elif isinstance(base, nn.Embedding):
+        layer = nn.Embedding(c_in, c_out)
     elif isinstance(base, nn.Conv2d) and base.groups == 1:
         layer = nn.Conv2d(
             c_in, c_out, base.kernel_size, base.stride, base.padding, base.dilation, bias=bias
@@ -273,8 +293,8 @@ def _key(path: str) -> str:
 
 
 class Widening(nn.Module):
-    """The seed of a WIDEN germination: k new channels after `block`, as the new rows and
-    columns of every stream layer they touch (`extras`, by layer path)."""
+    """The seed of a WIDEN germination: k new channels from `block`'s input on, as the new rows
+    and columns of every stream layer they touch (`extras`, by layer path)."""
 
     def __init__(self, site: StreamSite, k: int) -> None:
         super().__init__()
@@ -361,7 +381,7 @@ def _merge(
             merged.bias.copy_(base.bias)
         return merged
     merged = _like(base, c_in, c_out + k_out, _has_bias(base))  # new output rows
-    merged.weight.copy_(torch.cat([base.weight, extra.weight], dim=0))
+    merged.weight.copy_(torch.cat([base.weight, extra.weight], dim=_out_dim(base)))
     if _has_bias(base):
         merged.bias.copy_(torch.cat([base.bias, extra.bias]))
     return merged
