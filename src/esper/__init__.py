@@ -7,7 +7,7 @@ from typing import Any
 
 __version__ = version("esper")  # one source: pyproject.toml
 
-__all__ = ["__version__", "grow"]
+__all__ = ["__version__", "export", "grow"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from esper.api import grow
 
         return grow
+    if name == "export":
+        from esper.api import export
+
+        return export
     raise AttributeError(f"module 'esper' has no attribute {name!r}")

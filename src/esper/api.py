@@ -12,6 +12,7 @@ from torch import nn
 from esper.config import GrowConfig, override
 from esper.contracts.errors import ConfigError
 from esper.kasmina import describe, probing
+from esper.kasmina.export import export_model
 from esper.run import Callback, GrowResult, start_run, task_of
 from esper.tolaria.data import TASK_NAMES, TaskData, from_tensors
 from esper.tolaria.determinism import pick_device
@@ -121,3 +122,10 @@ def grow(
     )
     result = run.run()
     return model, result
+
+
+def export(model: nn.Module, example_input: torch.Tensor, out: str | Path) -> tuple[Path, Path]:
+    """Write `model` (grown or not) as plain PyTorch that loads without Esper: `out` as a
+    `torch.export` program (`.pt2`) and its weights beside it (`.safetensors`); returns both
+    paths. `example_input`: a batch the model accepts (the batch size stays dynamic)."""
+    return export_model(model, example_input, out)

@@ -36,8 +36,9 @@ from esper.config import (
 )
 from esper.contracts.errors import EsperError
 from esper.evaluate import FIRST_HELD_OUT, HELD_OUT_SEEDS, evaluate, held_out_seeds
+from esper.kasmina.export import export_model
 from esper.recorder import RunStore, list_runs
-from esper.run import GrowResult, GrowthRun, resume_run, start_run
+from esper.run import GrowResult, GrowthRun, grown_model, resume_run, start_run
 from esper.simic import EconomyConfig
 from esper.simic.critic import DEFAULT_LAG, critic_dataset, fit_critic, held_out
 from esper.tamiyo.imitation import ImitationConfig
@@ -256,6 +257,27 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
             detail = ", ".join(f"{k}={v}" for k, v in sorted(e.payload.items()) if v is not None)
             table.add_row(str(e.tick), e.slot or "", e.kind, detail)
         _out().print(table)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out: Annotated[
+        Path | None, typer.Option(help="the .pt2 file to write (default: RUN/model.pt2)")
+    ] = None,
+) -> None:
+    """Write a run's grown model as plain PyTorch (a torch.export program and its weights as
+    safetensors) that loads and runs without Esper installed."""
+    try:
+        model, task = grown_model(run_dir)
+        program, weights = export_model(model, task.val_x[:2], out or run_dir / "model.pt2")
+    except KNOWN_ERRORS as e:
+        _fail(str(e))
+    _out().print(f"wrote {program} and {weights}")
+    _out().print(
+        "load without Esper: torch.export.load(path).module()(x); weights: "
+        "safetensors.torch.load_file"
+    )
 
 
 @app.command("evaluate")

@@ -254,22 +254,12 @@ class GrowthRun:
 
     def resume(self) -> int:
         """Load the last checkpoint within the last complete tick; drop what came after."""
-        last = self.store.last_complete_tick()
-        ckpts = [c for c in self.store.checkpoints() if last is not None and c.tick <= last]
-        if not ckpts:
-            raise CheckpointError(f"run {self.run_dir} has no checkpoint to resume from")
-        ck = ckpts[-1]
-        path = self.run_dir / ck.path
-        if hashlib.sha256(path.read_bytes()).hexdigest() != ck.sha256:
-            raise CheckpointError(f"checkpoint {path} does not match its recorded hash (corrupt)")
-        with safe_open(str(path), framework="pt", device=str(self.env.device)) as f:
-            info = json.loads(f.metadata()["esper_run"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        tick, info, tensors = last_checkpoint(self.store, self.run_dir, self.env.device)
         self.episode.restore(info, tensors)
         self.policy.load_state_dict(info["policy"])
         self.params_start, self.flops_start = info["params_start"], info["flops_start"]
-        self.store.truncate_after(ck.tick)
-        return ck.tick
+        self.store.truncate_after(tick)
+        return tick
 
     # -- the ticks -------------------------------------------------------------------------------
     def run(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> GrowResult:
@@ -331,6 +321,41 @@ class GrowthRun:
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
+
+
+def last_checkpoint(
+    store: RunStore, run_dir: Path, device: torch.device
+) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]]:
+    """(tick, metadata, tensors) of the last checkpoint within the last complete tick, its hash
+    checked against the record."""
+    last = store.last_complete_tick()
+    ckpts = [c for c in store.checkpoints() if last is not None and c.tick <= last]
+    if not ckpts:
+        raise CheckpointError(f"run {run_dir} has no checkpoint")
+    ck = ckpts[-1]
+    path = run_dir / ck.path
+    if hashlib.sha256(path.read_bytes()).hexdigest() != ck.sha256:
+        raise CheckpointError(f"checkpoint {path} does not match its recorded hash (corrupt)")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        info = json.loads(f.metadata()["esper_run"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    return ck.tick, info, tensors
+
+
+def grown_model(run_dir: Path) -> tuple[nn.Module, TaskData]:
+    """A recorded run's model as its last checkpoint holds it, and its task (the run is only
+    read). Runs of `esper.grow` on a user's module cannot be rebuilt from their config."""
+    with RunStore.open(run_dir) as store:
+        cfg = config_from_dict(store.manifest()["config"])
+        if cfg.task == "custom":
+            raise ConfigError(
+                f"{run_dir} grew a user's module (esper.grow): rebuild it in Python and call "
+                "esper.export(model, example_input, out)"
+            )
+        episode = build_episode(cfg)
+        _, info, tensors = last_checkpoint(store, run_dir, episode.env.device)
+    episode.restore(info, tensors)
+    return episode.env.model, episode.env.task
 
 
 def new_run_dir(cfg: GrowConfig) -> Path:
