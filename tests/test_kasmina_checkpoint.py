@@ -71,7 +71,7 @@ def _populate(model: nn.Module, x: torch.Tensor, blueprints: list[Blueprint]) ->
     s[6].prune(fade_ticks=3)
     tick(s[6])
     grow(model, s[7], x, SeedSpec(next(b), Style.VALVE), Stage.COMMITTED, target=0.7)
-    s[7].prune(actor=Actor.EMRAKUL, fade_ticks=4)
+    s[7].lyse(fade_ticks=4)
     tick(s[7])
     grow(model, s[8], x, SeedSpec(next(b)), Stage.TRAINING)
     s[8].prune(actor=Actor.TOLARIA)

@@ -54,18 +54,25 @@ def test_tamiyo_acts_only_up_to_commit() -> None:
         assert is_legal(stage, Actor.TAMIYO, Op.PRUNE)
 
 
-def test_emrakul_only_touches_committed_phages() -> None:
+def test_emrakul_only_gates_committed_phages_and_never_deletes() -> None:
     for stage in Stage:
         for op in Op:
             want = op is Op.WAIT or (
-                stage is Stage.COMMITTED and op in (Op.SEDATE, Op.LIFT, Op.LYSE)
+                stage is Stage.COMMITTED and op in (Op.SEDATE, Op.WEAKEN, Op.LIFT)
             )
             assert is_legal(stage, Actor.EMRAKUL, op) == want, (stage, op)
+    for op in (Op.LYSE, Op.PRUNE, Op.EMERGENCY_PRUNE):
+        assert not any(is_legal(s, Actor.EMRAKUL, op) for s in Stage)
+
+
+def test_lysis_belongs_to_the_engine() -> None:
+    assert [s for s in Stage if is_legal(s, Actor.TOLARIA, Op.LYSE)] == [Stage.COMMITTED]
+    assert not any(is_legal(s, Actor.TAMIYO, Op.LYSE) for s in Stage)
 
 
 def test_tolaria_never_grows() -> None:
     for stage in Stage:
-        for op in (Op.GERMINATE, Op.ADVANCE, Op.FOSSILIZE, Op.PRUNE, Op.SEDATE, Op.LIFT, Op.LYSE):
+        for op in (Op.GERMINATE, Op.ADVANCE, Op.FOSSILIZE, Op.PRUNE, Op.SEDATE, Op.LIFT):
             assert not is_legal(stage, Actor.TOLARIA, op)
     assert is_legal(Stage.COMMITTED, Actor.TOLARIA, Op.EMERGENCY_PRUNE)
     assert not is_legal(Stage.DORMANT, Actor.TOLARIA, Op.EMERGENCY_PRUNE)
@@ -275,12 +282,25 @@ SPECS = [
         (Blueprint.DEPTHWISE, Style.GATE),
     ]
 ]
-METHODS = ("germinate", "advance", "set_alpha_target", "prune", "fossilize", "sedate", "lift")
-PRUNE_OP = {Actor.TAMIYO: Op.PRUNE, Actor.EMRAKUL: Op.LYSE, Actor.TOLARIA: Op.EMERGENCY_PRUNE}
+METHODS = (
+    "germinate",
+    "advance",
+    "set_alpha_target",
+    "prune",
+    "fossilize",
+    "sedate",
+    "lift",
+    "lyse",
+)
+PRUNE_OP = {Actor.TAMIYO: Op.PRUNE, Actor.EMRAKUL: Op.PRUNE, Actor.TOLARIA: Op.EMERGENCY_PRUNE}
 
 
-def _op_of(method: str, actor: Actor) -> Op:
-    return PRUNE_OP[actor] if method == "prune" else Op[method.upper()]
+def _op_of(method: str, actor: Actor, arg: int = 0) -> Op:
+    if method == "prune":
+        return PRUNE_OP[actor]
+    if method == "sedate":  # `_call` sedates to 0 (SEDATE) or weakens to 0.5 (WEAKEN)
+        return Op.WEAKEN if arg % 2 else Op.SEDATE
+    return Op[method.upper()]
 
 
 def _snapshot(slot: SeedSlot) -> tuple:
@@ -327,6 +347,8 @@ def _call(slot: SeedSlot, method: str, actor: Actor, arg: int, spec: SeedSpec) -
         slot.fossilize(actor=actor)
     elif method == "sedate":
         slot.sedate(target, (0.0, 0.5)[arg % 2], actor=actor)
+    elif method == "lyse":
+        slot.lyse(actor=actor, fade_ticks=arg)
     else:
         slot.lift(target, actor=actor)
 
@@ -345,7 +367,7 @@ def _natural_next(slot: SeedSlot) -> tuple[str, Actor] | None:
     if stage is Stage.HOLDING:
         return "fossilize", Actor.TAMIYO
     if stage is Stage.COMMITTED:
-        return ("sedate", Actor.EMRAKUL) if lc.ticks_in_stage == 0 else ("prune", Actor.EMRAKUL)
+        return ("sedate", Actor.EMRAKUL) if lc.ticks_in_stage == 0 else ("lyse", Actor.TOLARIA)
     return None
 
 
@@ -417,7 +439,7 @@ def test_random_sequences_on_a_real_slot(cfg: LifecycleConfig, steps: list[tuple
             )
         if kind == "op":
             _, actor, method, arg, spec = step
-            op, stage = _op_of(method, actor), slot.stage
+            op, stage = _op_of(method, actor, arg), slot.stage
             if op is Op.ADVANCE and stage is Stage.TRAINING:
                 _train(slot, h)  # the engine evaluates G2 before the policy may advance
                 slot.evaluate_gate()

@@ -397,7 +397,7 @@ def test_emrakul_lysis_of_committed_slot_fades_from_current_sedation() -> None:
     with torch.no_grad():
         full = phage.module(h)
         assert torch.allclose(slot(h), h + 0.5 * full, atol=1e-6)
-    slot.prune(actor=Actor.EMRAKUL, fade_ticks=4)
+    slot.lyse(fade_ticks=4)  # the engine's LysisGovernor
     assert slot.stage is Stage.PRUNED
     for j in range(1, 4):
         with torch.no_grad():  # no jump back to full strength, then a linear fade
@@ -406,10 +406,11 @@ def test_emrakul_lysis_of_committed_slot_fades_from_current_sedation() -> None:
     assert tick(slot) is Stage.EMBARGOED and slot.phage is None
 
 
-def test_emrakul_may_only_sedate_lift_lyse_committed() -> None:
+def test_emrakul_may_only_sedate_weaken_lift_committed() -> None:
     slot = _holding_slot()
     for call in (
         lambda: slot.sedate([0]),
+        lambda: slot.sedate([0], 0.5),
         lambda: slot.lift([0]),
         lambda: slot.prune(actor=Actor.EMRAKUL),
         lambda: slot.fossilize(actor=Actor.EMRAKUL),
@@ -427,7 +428,14 @@ def test_emrakul_may_only_sedate_lift_lyse_committed() -> None:
         assert not torch.equal(slot(h), y)
         slot.lift([0, 1])
         assert torch.equal(slot(h), y)
-    slot.prune(actor=Actor.EMRAKUL)
+    for call in (  # Emrakul never deletes, not even a committed phage
+        lambda: slot.prune(actor=Actor.EMRAKUL),
+        lambda: slot.lyse(actor=Actor.EMRAKUL),
+    ):
+        with pytest.raises(IllegalTransition, match=r"emrakul may not (PRUNE|LYSE)"):
+            call()
+    assert slot.stage is Stage.COMMITTED
+    slot.lyse()  # the engine does
     assert slot.stage is Stage.PRUNED
 
 

@@ -3,8 +3,13 @@
 Pure Python, no torch: the policy, the engine and the body all read the same table.
 
     DORMANT → GERMINATED → TRAINING → BLENDING → HOLDING → COMMITTED
-    TRAINING / BLENDING / HOLDING (Tamiyo) and COMMITTED (Emrakul) → PRUNED
+    TRAINING / BLENDING / HOLDING (Tamiyo) → PRUNED; COMMITTED (the engine's lysis) → PRUNED
     PRUNED → EMBARGOED → RESETTING → DORMANT   (the engine's clock, one step per tick)
+
+Custody (paper §9.1, §9.7): at commit a seed passes from Tamiyo to Emrakul. Tamiyo may never act
+on a committed phage again; Emrakul acts on committed phages only, and never deletes: it may
+SEDATE, WEAKEN and LIFT. Physical removal (LYSE) is the engine's (its LysisGovernor, after
+probation), as are emergency prunes.
 """
 
 from __future__ import annotations
@@ -40,12 +45,13 @@ class Op(IntEnum):
     ADVANCE = 3
     PRUNE = 4
     FOSSILIZE = 5
-    # Emrakul (paper §9.7): soft gating of a phage and its removal.
+    # Emrakul (paper §9.7): soft gating of a phage (SEDATE to 0, WEAKEN by a factor, LIFT).
     SEDATE = 6
     LIFT = 7
+    # Tolaria: physical lysis of a condemned phage (its LysisGovernor), emergency removal (§9.5).
     LYSE = 8
-    # Tolaria (paper §9.5): emergency removal.
     EMERGENCY_PRUNE = 9
+    WEAKEN = 10
 
 
 TAMIYO_OPS: tuple[Op, ...] = (
@@ -70,9 +76,10 @@ AUTHORITY: dict[tuple[Actor, Op], frozenset[Stage]] = {
     (Actor.TAMIYO, Op.FOSSILIZE): frozenset({Stage.HOLDING}),
     (Actor.EMRAKUL, Op.WAIT): _ANY,
     (Actor.EMRAKUL, Op.SEDATE): frozenset({Stage.COMMITTED}),
+    (Actor.EMRAKUL, Op.WEAKEN): frozenset({Stage.COMMITTED}),
     (Actor.EMRAKUL, Op.LIFT): frozenset({Stage.COMMITTED}),
-    (Actor.EMRAKUL, Op.LYSE): frozenset({Stage.COMMITTED}),
     (Actor.TOLARIA, Op.WAIT): _ANY,
+    (Actor.TOLARIA, Op.LYSE): frozenset({Stage.COMMITTED}),
     (Actor.TOLARIA, Op.SET_ALPHA_TARGET): frozenset({Stage.BLENDING, Stage.HOLDING}),
     (Actor.TOLARIA, Op.EMERGENCY_PRUNE): _LIVE_SEED | {Stage.GERMINATED, Stage.COMMITTED},
 }

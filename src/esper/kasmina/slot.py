@@ -356,8 +356,18 @@ class SeedSlot(nn.Module):
 
     def prune(self, *, actor: Actor = Actor.TAMIYO, fade_ticks: int | None = None) -> None:
         """Begin removal: α fades to 0 over `fade_ticks` (default from config), then the seed is
-        dropped and the slot goes PRUNED → EMBARGOED → RESETTING → DORMANT on the clock."""
-        op = {Actor.TAMIYO: Op.PRUNE, Actor.EMRAKUL: Op.LYSE}.get(actor, Op.EMERGENCY_PRUNE)
+        dropped and the slot goes PRUNED → EMBARGOED → RESETTING → DORMANT on the clock. Tamiyo
+        prunes live seeds; the engine prunes in emergencies (no fade) and lyses committed phages
+        (`lyse`); Emrakul never deletes."""
+        op = Op.EMERGENCY_PRUNE if actor is Actor.TOLARIA else Op.PRUNE
+        self._remove(actor, op, fade_ticks)
+
+    def lyse(self, *, actor: Actor = Actor.TOLARIA, fade_ticks: int | None = None) -> None:
+        """Physical removal of a committed phage, by the engine (its LysisGovernor) only: it
+        fades from its current sedation over `fade_ticks`, then the slot is freed."""
+        self._remove(actor, Op.LYSE, fade_ticks)
+
+    def _remove(self, actor: Actor, op: Op, fade_ticks: int | None) -> None:
         self._check(actor, op)
         if self.absorbed:
             raise IllegalTransition(
@@ -368,7 +378,7 @@ class SeedSlot(nn.Module):
                 "a committed widening is host tissue: its channels are lysed as channel groups",
             )
         fade = self.lifecycle.config.prune_fade_ticks if fade_ticks is None else fade_ticks
-        if actor is Actor.TOLARIA or (self.phage is None and self.alpha == 0.0):
+        if op is Op.EMERGENCY_PRUNE or (self.phage is None and self.alpha == 0.0):
             fade = 0  # emergencies do not wait, and a seed at α = 0 has nothing to fade
         if self.phage is not None:
             self.phage.schedule_prune(fade)
@@ -378,8 +388,8 @@ class SeedSlot(nn.Module):
         self._refresh()
 
     def sedate(self, target: Target, value: float = 0.0, *, actor: Actor = Actor.EMRAKUL) -> None:
-        """Emrakul's soft gating of a committed phage (SEDATE = 0, WEAKEN = a factor)."""
-        self._check(actor, Op.SEDATE)
+        """Emrakul's soft gating of a committed phage: SEDATE (value 0) or WEAKEN (a factor)."""
+        self._check(actor, Op.SEDATE if value == 0.0 else Op.WEAKEN)
         self.phage.apply_sedation_mask(target, value)
 
     def lift(self, target: Target, *, actor: Actor = Actor.EMRAKUL) -> None:
