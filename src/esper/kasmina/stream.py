@@ -147,6 +147,11 @@ class Stream:
                 c_out = self.width_after(site.block)
             if (c_in, c_out) != _in_out(layer):
                 _set(host, site.path, _like(layer, c_in, c_out, _has_bias(layer)))
+        self.resize_empty_slots(host)
+
+    def resize_empty_slots(self, host: nn.Module) -> None:
+        """Slots holding nothing take the stream's width where they sit (a seed keeps the width
+        it was born with and acts on those channels)."""
         for slot in _slots(host, self):
             if slot.seed is None and slot.phage is None:
                 slot.channels = self.width_after(self.slot_blocks[slot.name])
@@ -349,9 +354,7 @@ class Widening(nn.Module):
                 moved.append((new, old, tuple(slice(0, n) for n in old.shape)))
             _set(site.host, s.path, merged)
         site.stream.widenings.append((self.block, self.k))
-        for other in _slots(site.host, site.stream):
-            if other.seed is None and other.phage is None:
-                other.channels = site.stream.width_after(site.stream.slot_blocks[other.name])
+        site.stream.resize_empty_slots(site.host)
         return Compaction(moved)
 
 
