@@ -389,3 +389,36 @@ def test_the_governor_rolls_back_and_removes_a_widening_that_poisons_the_host() 
     shapes = {n: p.shape for n, p in d.env.model.named_parameters()}
     assert shapes == {n.replace(".base.", "."): s for n, s in narrow.items()}
     assert torch.isfinite(torch.tensor(d.env.history[-1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", list(HOSTS))
+def test_widening_on_cuda_is_isolated_then_compacts(kind: str) -> None:
+    model, x = host(kind)
+    model, x = model.cuda(), x.cuda()
+    alone = copy.deepcopy(model)
+    slot = slot_named(model, 0)
+    slot.germinate(WIDEN)
+    slot.advance()
+    assert all(p.is_cuda for p in slot.seed.parameters())
+    out, ref = model(x), alone(x)
+    assert torch.equal(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    mine, theirs = host_grads(model), host_grads(alone)
+    assert all(torch.equal(mine[n], g) for n, g in theirs.items())
+    with torch.no_grad():
+        for _ in range(slot.gate_config.min_training_ticks):
+            tick(slot)
+    slot.observe_gradients(torch.ones((), device="cuda"))
+    assert slot.evaluate_gate().passed, str(slot.last_gate)
+    slot.advance()
+    while not slot.schedule.done:
+        tick(slot)
+    slot.advance()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        slot.fossilize()
+        assert no_wrappers(model) and torch.allclose(model(x), before, atol=1e-5, rtol=0)
