@@ -26,6 +26,7 @@ from conftest import (
     small_transformer,
     tick,
 )
+from esper.audits.replay import AuditReplayError, candidates_from_run
 from esper.config import GrowConfig
 from esper.contracts import (
     Blueprint,
@@ -422,3 +423,16 @@ def test_widening_on_cuda_is_isolated_then_compacts(kind: str) -> None:
         before = model(x)
         slot.fossilize()
         assert no_wrappers(model) and torch.allclose(model(x), before, atol=1e-5, rtol=0)
+
+
+def test_an_audit_replays_a_widening_of_the_runs_width(tmp_path: Path) -> None:
+    cfg = small_config(6, heuristic=FAST_HEURISTIC)
+    cfg = replace(cfg, env=replace(cfg.env, widen_factor=0.5))
+    run = start_run(cfg, run_dir=tmp_path / "r")
+    run.run()
+    run.store.close()
+    (widen,) = [c for c in candidates_from_run(tmp_path / "r") if c.blueprint == "WIDEN"]
+    action, spec = widen.germinate_action(0, cfg.env)  # the run's config: its width
+    assert action.blueprint is Blueprint.WIDEN and spec.channel_width == 0.5
+    with pytest.raises(AuditReplayError, match="cannot be replayed"):
+        widen.germinate_action(0)  # another environment would grow another width

@@ -20,6 +20,7 @@ from esper.contracts.errors import ConfigError, EsperError
 from esper.recorder import EventRecord, RunStore
 from esper.tamiyo.masks import action_masks, illegal_reason
 from esper.tamiyo.policies import Decision
+from esper.tolaria.environment import EnvConfig, germination_spec
 
 MAX_CANDIDATES = 3
 """2^3 subsets × R repeats retrains is the Phase 1 budget (paper §5.3)."""
@@ -73,14 +74,18 @@ class Candidate:
         body = json.dumps([self.germination, self.fate]).encode()
         return f"{self.key}#{hashlib.sha256(body).hexdigest()[:12]}"
 
-    def germinate_action(self, slot_index: int) -> tuple[FactoredAction, SeedSpec]:
+    def germinate_action(
+        self, slot_index: int, env: EnvConfig | None = None
+    ) -> tuple[FactoredAction, SeedSpec]:
+        """The recorded germination as an action on `slot_index`, and the seed an environment
+        of config `env` germinates from it, which must be the recorded one."""
         recorded = json.loads(self.germination) if self.germination else {}
         action = (
             replace(FactoredAction.from_names(recorded["action"]), slot=slot_index)
             if "action" in recorded
             else FactoredAction(Op.GERMINATE, slot=slot_index, blueprint=Blueprint[self.blueprint])
         )
-        spec = SeedSpec(action.blueprint, action.style)  # what the engine germinates from an action
+        spec = germination_spec(action, env or EnvConfig())  # what the engine germinates
         if "spec" in recorded and SeedSpec.from_dict(recorded["spec"]) != spec:
             raise AuditReplayError(f"candidate {self.key}: its recorded knobs cannot be replayed")
         return action, spec
@@ -144,11 +149,13 @@ class ReplayPolicy:
 
     name = "replay"
 
-    def __init__(self, enabled: Sequence[Candidate], slots: Sequence[str]) -> None:
+    def __init__(
+        self, enabled: Sequence[Candidate], slots: Sequence[str], env: EnvConfig | None = None
+    ) -> None:
         missing = [c.key for c in enabled if c.slot not in slots]
         if missing:
             raise ConfigError(f"candidates {missing}: the host has no such slot ({list(slots)})")
-        self.slots = list(slots)
+        self.slots, self.env = list(slots), env
         self.germinations = sorted(enabled, key=lambda c: (c.germinate_tick, c.slot))
         self.late: list[str] = []
         fate = [(tick, c, self._action(c, names)) for c in enabled for tick, names in c.fate]
@@ -169,7 +176,7 @@ class ReplayPolicy:
             c = self.germinations.pop(0)
             if c.germinate_tick < obs.tick:  # two recorded at one tick (hand-made candidates)
                 self.late.append(f"{c.key}: germinated at tick {obs.tick}")
-            action, _ = c.germinate_action(self._index(c))
+            action, _ = c.germinate_action(self._index(c), self.env)
             self.live[c.slot] = c
             return self._decide(obs, action, f"replay: germinate {c.key}")
         for i, (tick, c, action) in enumerate(self.pending):

@@ -130,7 +130,7 @@ def subset_value(
     if late:
         raise ConfigError(f"candidates {late} germinate after the {protocol.ticks}-tick budget")
     cfg = protocol.grow_config(repeat)
-    policy = ReplayPolicy(enabled, slot_layout(cfg))
+    policy = ReplayPolicy(enabled, slot_layout(cfg), cfg.env)
     with tempfile.TemporaryDirectory(prefix="esper-audit-") as tmp:
         run = start_run(cfg, policy=policy, run_dir=Path(tmp) / "run")
         try:

@@ -139,6 +139,13 @@ def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+def germination_spec(action: FactoredAction, cfg: EnvConfig) -> SeedSpec:
+    """The seed an environment of config `cfg` germinates for a GERMINATE `action` (a WIDEN's
+    width is the environment's `widen_factor`): one rule for the engine and the audits' replay."""
+    width = cfg.widen_factor if action.blueprint is Blueprint.WIDEN else 1.0
+    return SeedSpec(action.blueprint, action.style, channel_width=width)
+
+
 class GrowthEnv:
     """A host model with SeedSlots, trained on a task, one control tick at a time."""
 
@@ -352,8 +359,7 @@ class GrowthEnv:
             return []
         slot = self.slot_at(action.slot)
         if op is Op.GERMINATE:
-            width = self.cfg.widen_factor if action.blueprint is Blueprint.WIDEN else 1.0
-            spec = spec or SeedSpec(action.blueprint, action.style, channel_width=width)
+            spec = spec or germination_spec(action, self.cfg)
             self.seeds_germinated += 1
             slot.germinate(
                 spec,
