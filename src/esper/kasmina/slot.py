@@ -47,6 +47,7 @@ from esper.contracts.lifecycle import check
 from esper.kasmina.alpha import AlphaSchedule
 from esper.kasmina.blend import Blend
 from esper.kasmina.blueprints import SeedModule, build_seed
+from esper.kasmina.layers import channel_dim
 from esper.kasmina.phage import Phage, Target
 from esper.kasmina.probe import probing
 from esper.kasmina.stream import Compaction, StreamSite, Widening
@@ -167,7 +168,7 @@ class SeedSlot(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self._mode == _IDENTITY or self.widening:
             return h  # a widening acts through the stream layers it wraps, not here
-        dim = 1 if self.topology is Topology.CNN else -1
+        dim = channel_dim(self.topology)
         extra = h.shape[dim] - self.channels
         if extra > 0:  # the stream was widened after this seed was born: it acts on its channels
             mine, rest = h.split([self.channels, extra], dim)

@@ -309,16 +309,21 @@ class GrowthEnv:
             seed_params=sum(s.param_count for s in slots),
             rent_paid=rent_paid,
             slots=tuple(slots),
-            legal_blueprints=tuple(self._blueprints(s) for s in self.slots.values()),
+            legal_blueprints=self._legal_blueprints(),
         )
 
-    def _blueprints(self, slot: SeedSlot) -> tuple[Blueprint, ...]:
-        """What `slot` can germinate: its topology's blueprints, and WIDEN on a host that
+    def _legal_blueprints(self) -> tuple[tuple[Blueprint, ...], ...]:
+        """What each slot can germinate: its topology's blueprints, and WIDEN on a host that
         declares its stream while no other widening of it is live (they would wrap the same
         layers)."""
-        base = blueprints_for(slot.topology)
-        live = any(s.widening for s in self.slots.values())
-        return (*base, Blueprint.WIDEN) if slot.site is not None and not live else base
+        can_widen = not any(s.widening for s in self.slots.values())
+        return tuple(
+            (
+                *blueprints_for(s.topology),
+                *([Blueprint.WIDEN] if s.site is not None and can_widen else []),
+            )
+            for s in self.slots.values()
+        )
 
     def slot_economics(self) -> list[SlotEconomics]:
         """Each slot as Simic prices it (after this tick's action)."""
