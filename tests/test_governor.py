@@ -47,6 +47,20 @@ def test_triggers_nan_explosion_and_divergence_after_warmup() -> None:
     assert gov.check(stats(3.5), {}).kind == "divergence"
 
 
+def test_divergence_needs_more_than_noise_near_zero_loss() -> None:
+    """A well-fit model's loss of 0.05 rising to 0.17 in one tick is noise, not divergence
+    (this rolled a CNN of width 16 on digits back three times and ended its run)."""
+    gov = Governor(GovernorConfig(window=3, warmup_ticks=0))
+    for loss in (0.05, 0.05, 0.05):
+        gov.accept(loss)
+    assert gov.check(stats(0.17), {}) is None
+    assert gov.check(stats(1.6), {}).kind == "divergence"  # 3 × the floor of 0.5
+    off = Governor(GovernorConfig(window=3, warmup_ticks=0, divergence_floor=0.0))
+    for loss in (0.05, 0.05, 0.05):
+        off.accept(loss)
+    assert off.check(stats(0.17), {}).kind == "divergence"
+
+
 def test_blame_goes_to_what_broke_first() -> None:
     d = cnn_driver()
     d.grow(1, Stage.BLENDING)

@@ -72,8 +72,10 @@ def test_lysis_belongs_to_the_engine() -> None:
 
 def test_tolaria_never_grows() -> None:
     for stage in Stage:
-        for op in (Op.GERMINATE, Op.ADVANCE, Op.FOSSILIZE, Op.PRUNE, Op.SEDATE, Op.LIFT):
+        for op in (Op.GERMINATE, Op.ADVANCE, Op.FOSSILIZE, Op.PRUNE, Op.SEDATE, Op.WEAKEN):
             assert not is_legal(stage, Actor.TOLARIA, op)
+    # The LysisGovernor's wake-up after a loss spike: the engine lifts, on committed tissue only.
+    assert [s for s in Stage if is_legal(s, Actor.TOLARIA, Op.LIFT)] == [Stage.COMMITTED]
     assert is_legal(Stage.COMMITTED, Actor.TOLARIA, Op.EMERGENCY_PRUNE)
     assert not is_legal(Stage.DORMANT, Actor.TOLARIA, Op.EMERGENCY_PRUNE)
 

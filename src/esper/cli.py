@@ -91,6 +91,13 @@ def grow(
             f"(default: {GrowConfig.policy})"
         ),
     ] = None,
+    decay: Annotated[
+        str | None,
+        typer.Option(
+            help="the decay policy (Emrakul): heuristic or none (growth only) "
+            f"(default: {GrowConfig.decay})"
+        ),
+    ] = None,
     ticks: Annotated[
         int | None, typer.Option(help=f"control ticks (default: {GrowConfig.ticks})")
     ] = None,
@@ -127,6 +134,7 @@ def grow(
                 config,
                 task=task,
                 policy=policy,
+                decay=decay,
                 ticks=ticks,
                 seed=seed,
                 device=device,
@@ -173,6 +181,14 @@ def _run_with_progress(run: GrowthRun) -> GrowResult:
         return run.run(progress=update)
 
 
+def _change(start: int, end: int, removed: int) -> str:
+    """start → end, with what growth added and decay removed."""
+    return (
+        f"{start:,} → {end:,} (growth +{end - start + removed:,}, decay −{removed:,}, "
+        f"net {end - start:+,})"
+    )
+
+
 def _print_summary(r: GrowResult) -> None:
     table = Table(title=f"Esper run {r.run_dir}", show_header=False)
     table.add_column(style="bold")
@@ -181,14 +197,8 @@ def _print_summary(r: GrowResult) -> None:
     rows = [
         (f"{r.metric_name}, host at first tick", f"{r.start_metric:.4f}"),
         (f"{r.metric_name}, grown model at end", f"{r.final_metric:.4f}"),
-        (
-            "parameters",
-            f"{r.params_start:,} → {r.params_end:,} (+{r.params_end - r.params_start:,})",
-        ),
-        (
-            "FLOPs per sample",
-            f"{r.flops_start:,} → {r.flops_end:,} ({r.flops_end - r.flops_start:+,})",
-        ),
+        ("parameters", _change(r.params_start, r.params_end, r.params_removed)),
+        ("FLOPs per sample", _change(r.flops_start, r.flops_end, r.flops_removed)),
         ("germinated", count(r.germinated)),
         ("committed", count(r.committed)),
         ("pruned", count(r.pruned)),
@@ -250,6 +260,7 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
                 f"metric {first['metric']:.4f} (tick 0) → {last['metric']:.4f} "
                 f"(tick {metrics[-1][0]}); seed params {int(last['seed_params'])}"
             )
+        _print_decay(store.events())
         table = Table("tick", "slot", "event", "detail")
         for e in store.events():
             if e.kind == "decision":
@@ -257,6 +268,21 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
             detail = ", ".join(f"{k}={v}" for k, v in sorted(e.payload.items()) if v is not None)
             table.add_row(str(e.tick), e.slot or "", e.kind, detail)
         _out().print(table)
+
+
+DECAY_EVENTS = ("lysis_probation", "lysis_panic", "lysis_condemned", "lysed", "decay_folded")
+
+
+def _print_decay(events: list) -> None:  # type: ignore[type-arg]
+    """One line on the decay half, when the run had one."""
+    n = Counter(e.kind for e in events if e.kind in DECAY_EVENTS)
+    if not n:
+        return
+    params = sum(e.payload.get("params", 0) for e in events if e.kind == "lysed")
+    _out().print(
+        f"decay: {n['lysis_probation']} sedations, {n['lysis_panic']} woken by a loss spike, "
+        f"{n['lysed']} units lysed ({params:,} parameters), {n['decay_folded']} folded"
+    )
 
 
 @app.command("export")

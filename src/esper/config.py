@@ -2,7 +2,8 @@
 (and `TrainPolicyConfig`, in `esper.train_policy`, is `esper train-policy`, loaded the same way).
 
 Config files are TOML whose tables mirror the nested dataclasses (`[env]`, `[economy]`,
-`[governor]`, `[heuristic]`, `[lifecycle]`, `[host]`); an unknown key is an error naming it.
+`[governor]`, `[heuristic]`, `[lifecycle]`, `[host]`, `[lysis]`, `[emrakul]`); an unknown key is
+an error naming it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any, TypeVar
 
 from esper.contracts import LifecycleConfig
 from esper.contracts.errors import ConfigError
+from esper.emrakul import DECAY_POLICIES, EmrakulConfig
 from esper.simic import EconomyConfig
 from esper.tamiyo.policies import HeuristicConfig
 from esper.tolaria.environment import EnvConfig
 from esper.tolaria.governor import GovernorConfig
+from esper.tolaria.lysis import LysisConfig
 
 HOST_KINDS = ("auto", "cnn", "mlp", "transformer")
 C = TypeVar("C")
@@ -57,6 +60,9 @@ class GrowConfig:
     """digits, text or cifar10."""
     policy: str = "heuristic"
     """heuristic, random, none, learned (the shipped PPO policy), or a trained policy file."""
+    decay: str = "none"
+    """The decay policy (Emrakul): none, or heuristic (host blocks become phages at build time;
+    ROI telemetry, sedation, the LysisGovernor and lysis run in every tick)."""
     sample_actions: bool = False
     """A learned policy samples its actions (seeded by `seed`), as in training, instead of
     taking the most probable one of each head."""
@@ -78,8 +84,14 @@ class GrowConfig:
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     heuristic: HeuristicConfig = field(default_factory=HeuristicConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    lysis: LysisConfig = field(default_factory=LysisConfig)
+    emrakul: EmrakulConfig = field(default_factory=EmrakulConfig)
 
     def __post_init__(self) -> None:
+        if self.decay not in DECAY_POLICIES:
+            raise ConfigError(
+                f"decay must be one of {', '.join(DECAY_POLICIES)}, got {self.decay!r}"
+            )
         if self.ticks < 1:
             raise ConfigError(f"ticks must be >= 1, got {self.ticks}")
         if self.checkpoint_every < 1:

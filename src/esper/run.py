@@ -24,11 +24,13 @@ from torch import nn
 from esper.config import GrowConfig, config_from_dict, config_to_dict
 from esper.contracts import Observation, obs_vector, slot_state
 from esper.contracts.errors import ConfigError
+from esper.emrakul import make_emrakul
 from esper.kasmina import (
     CheckpointError,
     CNNHost,
     MLPHost,
     TransformerHost,
+    mark_host_phages,
     module_cost,
     save_tensors,
     slots_of,
@@ -103,8 +105,11 @@ def build_episode(
         torch.manual_seed(seeds.host)
         if model is None:
             model = build_host(cfg, task)
+            if cfg.decay != "none":  # custody of the host's blocks: Emrakul's, as phages
+                mark_host_phages(model)
         rng = torch.get_rng_state()  # the episode's stream continues from here
     env = GrowthEnv(model, task, cfg.env, device=pick_device(cfg.device), seed=cfg.seed)
+    emrakul = make_emrakul(cfg.decay, cfg.emrakul)
     return Episode(
         env,
         ticks=cfg.ticks,
@@ -113,6 +118,8 @@ def build_episode(
         validator=illegal_reason,
         callbacks=callbacks,
         rng=rng,
+        decay=cfg.lysis if emrakul is not None else None,
+        emrakul=emrakul.act if emrakul is not None else None,
     )
 
 
@@ -201,6 +208,10 @@ class GrowResult:
     params_end: int
     flops_start: int
     flops_end: int
+    params_removed: int = 0
+    """Parameters removed by decay (lysis); growth added params_end − params_start + this."""
+    flops_removed: int = 0
+    """FLOPs per sample removed by decay."""
     germinated: list[str] = field(default_factory=list)
     committed: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
@@ -294,7 +305,7 @@ class GrowthRun:
             for k in ("germinate", "fossilize", "prune")
         }
         totals = self.episode.economy.ledger.totals()
-        start = self.episode.start_metric
+        start, decay = self.episode.start_metric, self.episode.decay
         return GrowResult(
             run_dir=self.run_dir,
             metric_name=self.task.metric,
@@ -304,6 +315,8 @@ class GrowthRun:
             params_end=params,
             flops_start=self.flops_start,
             flops_end=flops,
+            params_removed=decay.lysed_params if decay else 0,
+            flops_removed=decay.lysed_flops if decay else 0,
             germinated=by["germinate"],
             committed=by["fossilize"],
             pruned=by["prune"],

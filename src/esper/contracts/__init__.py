@@ -12,6 +12,7 @@ from esper.contracts.actions import (
     Tempo,
     Topology,
 )
+from esper.contracts.decay import DECAY_OPS, DecayAction, DecayObservation, Scope, UnitROI, unit_key
 from esper.contracts.lifecycle import (
     AUTHORITY,
     SEED_STAGES,
@@ -31,6 +32,7 @@ from esper.contracts.seeds import Observation, SeedSpec, SlotTelemetry, obs_vect
 
 __all__ = [
     "AUTHORITY",
+    "DECAY_OPS",
     "HEADS",
     "RELEVANT_HEADS",
     "SEED_STAGES",
@@ -41,6 +43,8 @@ __all__ = [
     "AlphaSpeed",
     "AlphaTarget",
     "Blueprint",
+    "DecayAction",
+    "DecayObservation",
     "DoubleTick",
     "FactoredAction",
     "IllegalTransition",
@@ -49,13 +53,16 @@ __all__ = [
     "LifecycleError",
     "Observation",
     "Op",
+    "Scope",
     "SeedSpec",
     "SlotTelemetry",
     "Stage",
     "Style",
     "Tempo",
     "Topology",
+    "UnitROI",
     "is_legal",
     "obs_vector",
     "slot_state",
+    "unit_key",
 ]

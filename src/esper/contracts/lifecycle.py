@@ -80,6 +80,8 @@ AUTHORITY: dict[tuple[Actor, Op], frozenset[Stage]] = {
     (Actor.EMRAKUL, Op.LIFT): frozenset({Stage.COMMITTED}),
     (Actor.TOLARIA, Op.WAIT): _ANY,
     (Actor.TOLARIA, Op.LYSE): frozenset({Stage.COMMITTED}),
+    # The LysisGovernor's wake-up: a loss spike in probation lifts the sedation (§9.7).
+    (Actor.TOLARIA, Op.LIFT): frozenset({Stage.COMMITTED}),
     (Actor.TOLARIA, Op.SET_ALPHA_TARGET): frozenset({Stage.BLENDING, Stage.HOLDING}),
     (Actor.TOLARIA, Op.EMERGENCY_PRUNE): _LIVE_SEED | {Stage.GERMINATED, Stage.COMMITTED},
 }

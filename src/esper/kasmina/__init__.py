@@ -4,6 +4,7 @@ from esper.kasmina.alpha import AlphaSchedule, curve_value
 from esper.kasmina.blend import Blend
 from esper.kasmina.blueprints import (
     BlueprintError,
+    HiddenUnits,
     SeedModule,
     blueprint_cost,
     blueprints_for,
@@ -35,6 +36,13 @@ from esper.kasmina.probe import Cost, module_cost, probing
 from esper.kasmina.slot import GateConfig, GateReport, SeedSlot
 from esper.kasmina.stream import Compaction, Stream, StreamNorm, Widening
 from esper.kasmina.telemetry import host_grad_rms, observe_gradients
+from esper.kasmina.tissue import (
+    Tissue,
+    mark_host_phages,
+    mark_phage,
+    set_unit_ablation,
+    tissue_of,
+)
 
 __all__ = [
     "SEDATE",
@@ -47,6 +55,7 @@ __all__ = [
     "Cost",
     "GateConfig",
     "GateReport",
+    "HiddenUnits",
     "InsertionError",
     "LysisError",
     "MLPHost",
@@ -57,6 +66,7 @@ __all__ = [
     "SeedSlot",
     "Stream",
     "StreamNorm",
+    "Tissue",
     "TransformerHost",
     "UnitMask",
     "Widening",
@@ -69,6 +79,8 @@ __all__ = [
     "host_grad_rms",
     "insert_slots",
     "load_model",
+    "mark_host_phages",
+    "mark_phage",
     "model_state",
     "module_cost",
     "observe_gradients",
@@ -77,7 +89,9 @@ __all__ = [
     "read_checkpoint",
     "save_model",
     "save_tensors",
+    "set_unit_ablation",
     "slots_of",
     "supported_topologies",
+    "tissue_of",
     "wrap_in_phage",
 ]

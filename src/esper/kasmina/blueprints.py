@@ -59,6 +59,19 @@ class SeedModule(nn.Module):
     def remove_units(self, keep: torch.Tensor) -> None:
         raise BlueprintError(f"{type(self).__name__} has no lysable units")
 
+    def consumer(self) -> tuple[nn.Module, int]:
+        """The layer that reads the unit mask's output, and the features per unit: the columns
+        that `fold_unit_scale_` scales."""
+        return conv_of(self.out), 1
+
+    @torch.no_grad()
+    def fold_unit_scale_(self, units: list[int], factor: float) -> None:
+        """Fold a mask value into the weights: the consumer's input columns of `units` are
+        scaled by `factor`, so the unit's mask can return to 1 with the same function."""
+        layer, group = self.consumer()
+        for u in units:
+            layer.weight[:, u * group : (u + 1) * group].mul_(factor)
+
 
 class Noop(SeedModule):
     """Contributes nothing: a rent-paying probe of the slot."""
@@ -191,6 +204,9 @@ class SqueezeExcite(SeedModule):
         keep_in(self.fc2, keep)
         self.unit_mask.keep(keep)
 
+    def consumer(self) -> tuple[nn.Module, int]:
+        return self.fc2, 1
+
 
 class CausalSelfAttention(SeedModule):
     """Multi-head causal attention on (B, T, C) sequences. Units: heads."""
@@ -222,6 +238,9 @@ class CausalSelfAttention(SeedModule):
         keep_in(self.out, keep, group=self.head_dim)
         self.unit_mask.keep(keep)
         self.heads = int(keep.numel())
+
+    def consumer(self) -> tuple[nn.Module, int]:
+        return self.out, self.head_dim
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from esper.kasmina.hosts import slots_of, wrap_in_phage
 from esper.kasmina.phage import Phage
 from esper.kasmina.slot import GateReport, SeedSlot
 from esper.kasmina.stream import Stream, Widening
+from esper.kasmina.tissue import PHAGE_MARK, mark_phage, units_module
 
 FORMAT = "esper.kasmina.model"
 VERSION = 1
@@ -144,8 +145,35 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
         "version": VERSION,
         "slots": {name: slot_state(s) for name, s in slots_of(model).items()},
         "host_phages": host_phages,
+        "host_tissue": _host_tissue_state(model),
         "stream": _stream_state(model),
     }
+
+
+def _host_tissue_state(model: nn.Module) -> dict[str, Any]:
+    """Host blocks marked as phages (`kasmina.tissue`): their name and units left after lysis."""
+    out = {}
+    for path, m in model.named_modules():
+        name = getattr(m, PHAGE_MARK, None)
+        target = units_module(m) if name else None
+        if target is not None:
+            out[path] = {"name": name, "units": target.unit_mask.units}
+    return out
+
+
+def _restore_host_tissue(model: nn.Module, st: dict[str, Any], source: str) -> None:
+    """Mark the checkpoint's host phages and give them its unit counts (lysis is replayed by
+    keeping the first units: their weights are loaded afterwards)."""
+    for path, entry in st.items():
+        module = mark_phage(model.get_submodule(path), entry["name"])
+        target = units_module(module)
+        if target.unit_mask.units < entry["units"]:
+            raise CheckpointError(
+                f"{source}: host phage {path!r} has {target.unit_mask.units} units left, "
+                f"cannot restore {entry['units']} (lysis is irreversible)"
+            )
+        if target.unit_mask.units > entry["units"]:
+            target.remove_units(torch.arange(entry["units"]))
 
 
 def _stream_state(model: nn.Module) -> dict[str, Any] | None:
@@ -257,6 +285,7 @@ def apply_model_state(
     for slot in slots.values():  # live widenings unwrap the stream layers first
         slot._clear()
     _restore_stream(model, meta.get("stream"), source)
+    _restore_host_tissue(model, meta.get("host_tissue", {}), source)
     for p, st in meta["host_phages"].items():
         current = model.get_submodule(p)
         phage = current if isinstance(current, Phage) else wrap_in_phage(model, p)

@@ -10,8 +10,35 @@ physical lysis exact.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+Slice = tuple[nn.Parameter, nn.Parameter, tuple[slice | torch.Tensor, ...]]
+"""(new, old, index): a parameter replaced by a slice of an old one, new = old[index]."""
+_SLICES: list[list[Slice]] = []
+
+
+@contextmanager
+def recording_slices() -> Iterator[list[Slice]]:
+    """Collect every parameter that lysis replaces by a slice of itself (so that the engine can
+    slice the optimizer's moments the same way)."""
+    found: list[Slice] = []
+    _SLICES.append(found)
+    try:
+        yield found
+    finally:
+        _SLICES.pop()
+
+
+def _replace(module: nn.Module, name: str, index: tuple[slice | torch.Tensor, ...]) -> None:
+    old = getattr(module, name)
+    new = nn.Parameter(old.detach()[index].clone(), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    for found in _SLICES:
+        found.append((new, old, index))
 
 
 class UnitMask(nn.Module):
@@ -25,14 +52,27 @@ class UnitMask(nn.Module):
         self.units, self.dim, self.group = units, dim, group
         self.register_buffer("mask", torch.ones(units))
         self.active = False
+        self.ablation: torch.Tensor | None = None
+        """(batch, units) per-sample multipliers on top of the mask (the engine's fused
+        evaluation ablates one unit per replica with it); None outside that evaluation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.active:
+        if self.ablation is not None:
+            return x * self._per_sample(x)
+        if not self.active:  # unset: no op at all in the forward (nothing to trace or export)
             return x
         m = self.mask.repeat_interleave(self.group) if self.group > 1 else self.mask
         shape = [1] * x.dim()
         shape[self.dim] = m.numel()
         return x * m.view(shape).to(x.dtype)
+
+    def _per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask[None, :] * self.ablation  # (B, units)
+        if self.group > 1:
+            m = m.repeat_interleave(self.group, dim=1)
+        shape = [1] * x.dim()
+        shape[0], shape[self.dim] = m.shape[0], m.shape[1]
+        return m.view(shape).to(x.dtype)
 
     def set(self, units: list[int], value: float) -> None:
         self.mask[units] = value
@@ -61,9 +101,9 @@ def _expand(keep: torch.Tensor, group: int) -> torch.Tensor:
 def keep_out(layer: nn.Module, keep: torch.Tensor, group: int = 1) -> None:
     """Keep only output features `keep` (unit indices) of a Linear/Conv layer, in place."""
     idx = _expand(keep, group).to(layer.weight.device)
-    layer.weight = nn.Parameter(layer.weight.detach()[idx].clone())
+    _replace(layer, "weight", (idx,))
     if getattr(layer, "bias", None) is not None:
-        layer.bias = nn.Parameter(layer.bias.detach()[idx].clone())
+        _replace(layer, "bias", (idx,))
     if isinstance(layer, nn.Linear):
         layer.out_features = int(idx.numel())
     else:
@@ -75,7 +115,7 @@ def keep_out(layer: nn.Module, keep: torch.Tensor, group: int = 1) -> None:
 def keep_in(layer: nn.Module, keep: torch.Tensor, group: int = 1) -> None:
     """Keep only input features `keep` (unit indices) of a Linear/Conv layer, in place."""
     idx = _expand(keep, group).to(layer.weight.device)
-    layer.weight = nn.Parameter(layer.weight.detach()[:, idx].clone())
+    _replace(layer, "weight", (slice(None), idx))
     if isinstance(layer, nn.Linear):
         layer.in_features = int(idx.numel())
     else:
@@ -86,8 +126,7 @@ def keep_channels(affine: nn.Module, keep: torch.Tensor) -> None:
     """Keep channels `keep` of a per-channel module (norm affine params)."""
     idx = keep.to(next(affine.parameters()).device)
     for name in ("weight", "bias"):
-        p = getattr(affine, name, None)
-        if p is not None:
-            setattr(affine, name, nn.Parameter(p.detach()[idx].clone()))
+        if getattr(affine, name, None) is not None:
+            _replace(affine, name, (idx,))
     if isinstance(affine, nn.GroupNorm):
         affine.num_channels = affine.num_groups = int(idx.numel())

@@ -21,6 +21,7 @@ from esper.simic.economy import (
     slot_rent,
     task_reward,
     tick_rent,
+    unit_rent,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "slot_rent",
     "task_reward",
     "tick_rent",
+    "unit_rent",
 ]
 
 # Credit (paper §5.3). The retrain audit lives in `esper.audits.retrain`: it drives `esper.run`,

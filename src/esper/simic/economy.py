@@ -180,6 +180,15 @@ def slot_rent(alpha: float, p_seed: float, p_host: float, cfg: EconomyConfig) ->
     return min(math.log1p((base + alpha * p_seed) / p_host), cfg.max_rent)
 
 
+def unit_rent(p_unit: float, p_host: float, cfg: EconomyConfig) -> float:
+    """What one phage unit's parameters cost per tick, in reward units (W_rent included): the
+    marginal rent log(1 + P_unit / P_host) with no slot base (a unit holds no slot). Emrakul
+    compares it with the unit's ablation contribution (paper §9.2's ROI)."""
+    if not p_host > 0 or p_unit < 0:
+        raise ValueError(f"need p_host > 0 and p_unit >= 0, got {p_host}, {p_unit}")
+    return cfg.w_rent * min(math.log1p(p_unit / p_host), cfg.max_rent)
+
+
 def tick_rent(
     slots: Iterable[SlotEconomics], p_host: float, cfg: EconomyConfig
 ) -> dict[str, float]:

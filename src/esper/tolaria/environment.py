@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,7 +43,9 @@ from esper.kasmina import (
     model_state,
     observe_gradients,
     probing,
+    set_unit_ablation,
     slots_of,
+    tissue_of,
 )
 from esper.simic import SlotEconomics
 from esper.tolaria.data import Batches, TaskData
@@ -123,6 +126,8 @@ class PendingEvaluation:
     replica i the model with `ablated[i - 1]` at α=0. Reading it syncs the host."""
     ablated: tuple[str, ...]
     """Names of the slots ablated, in replica order."""
+    units: tuple[tuple[str, int], ...] = ()
+    """(phage, unit) ablated (mask 0) in the replicas after the slots', in order."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,9 @@ class Evaluation:
     contributions: dict[str, float] = field(default_factory=dict)
     """Slot name -> metric improvement the seed brings (metric with it − metric at α=0, sign
     flipped for lower-is-better metrics so that positive always means 'helps')."""
+    units: dict[tuple[str, int], tuple[float, float]] = field(default_factory=dict)
+    """(phage, unit) -> (contribution, loss rise) when that unit is ablated: the metric
+    improvement it brings, signed as `contributions`, and val loss ablated − val loss."""
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -219,39 +227,55 @@ class GrowthEnv:
     # ---------------------------------------------------------------------------------------
     # Evaluation, with every blended seed's α=0 ablation in the same pass
     # ---------------------------------------------------------------------------------------
-    def evaluate(self) -> Evaluation:
-        """Replicate the validation batch K+1 times; replica i > 0 runs with seed i at α=0."""
-        return self.finish_evaluate(self.evaluate_async())
+    def evaluate(self, units: Sequence[tuple[str, int]] = ()) -> Evaluation:
+        """Replicate the validation batch K+1 times; replica i > 0 runs with seed i at α=0, then
+        one replica per phage unit in `units` with that unit's mask at 0."""
+        return self.finish_evaluate(self.evaluate_async(units))
 
-    def evaluate_async(self) -> PendingEvaluation:
+    def evaluate_async(self, units: Sequence[tuple[str, int]] = ()) -> PendingEvaluation:
         """Queue `evaluate`'s work; no host sync (the sums stay on the device). A probe: eval mode
         and `no_grad`, the model's modes and buffers left as they were (`probing`)."""
         active = [s for s in self.slots.values() if s.ablatable]
-        reps = len(active) + 1
+        reps = len(active) + len(units) + 1
         sums = torch.zeros(reps, 2, device=self.device)  # per replica: Σ loss, Σ correct
         count = 0
         with probing(self.model):
             for start in range(0, len(self.val_x), self.cfg.eval_batch_size):
                 x = self.val_x[start : start + self.cfg.eval_batch_size]
                 y = self.val_y[start : start + self.cfg.eval_batch_size]
-                self._evaluate_batch(x, y, active, sums)
+                self._evaluate_batch(x, y, active, units, sums)
                 count += y.numel()
-        return PendingEvaluation(sums / count, tuple(s.name for s in active))
+        return PendingEvaluation(sums / count, tuple(s.name for s in active), tuple(units))
 
     def _evaluate_batch(
-        self, x: torch.Tensor, y: torch.Tensor, active: list[SeedSlot], sums: torch.Tensor
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        active: list[SeedSlot],
+        units: Sequence[tuple[str, int]],
+        sums: torch.Tensor,
     ) -> None:
         """Add one validation batch's Σ loss and Σ correct, per replica, to `sums`."""
-        reps, n = len(active) + 1, len(x)
+        reps, n = len(active) + len(units) + 1, len(x)
         for i, slot in enumerate(active, start=1):
             m = torch.ones(reps * n, device=self.device)
             m[i * n : (i + 1) * n] = 0.0
             slot.set_ablation(m)
+        plan: dict[str, torch.Tensor] = {}
+        if units:
+            tissue = tissue_of(self.model)
+            for i, (name, u) in enumerate(units, start=len(active) + 1):
+                if name not in plan:
+                    plan[name] = torch.ones(reps * n, tissue[name].units, device=self.device)
+                plan[name][i * n : (i + 1) * n, u] = 0.0
+            set_unit_ablation(self.model, plan)
         try:
             logits = self.model(torch.cat([x] * reps))
         finally:
             for slot in active:
                 slot.set_ablation(None)
+            if plan:
+                set_unit_ablation(self.model, None)
         logits = logits.view(reps, n, *logits.shape[1:])
         for r in range(reps):
             sums[r, 0] += _loss(logits[r], y) * y.numel()
@@ -266,7 +290,12 @@ class GrowthEnv:
             name: sign * (metrics[0] - metrics[i])
             for i, name in enumerate(pending.ablated, start=1)
         }
-        return Evaluation(metrics[0], loss[0], contributions)
+        first = len(pending.ablated) + 1
+        units = {
+            key: (sign * (metrics[0] - metrics[i]), loss[i] - loss[0])
+            for i, key in enumerate(pending.units, start=first)
+        }
+        return Evaluation(metrics[0], loss[0], contributions, units)
 
     def _metric(self, loss: float, accuracy: float) -> float:
         if self.task.metric == "accuracy":

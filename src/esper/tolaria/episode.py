@@ -23,7 +23,7 @@ no policy: `act` takes the action and, for the record, the policy's reason.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -31,8 +31,17 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from esper.contracts import Actor, FactoredAction, Observation, Op, Stage
+from esper.contracts import (
+    Actor,
+    DecayAction,
+    DecayObservation,
+    FactoredAction,
+    Observation,
+    Op,
+    Stage,
+)
 from esper.simic.economy import Economy, EconomyConfig, RewardBreakdown
+from esper.tolaria.decay import Decay
 from esper.tolaria.environment import (
     Evaluation,
     GrowthEnv,
@@ -41,12 +50,15 @@ from esper.tolaria.environment import (
     TrainStats,
 )
 from esper.tolaria.governor import Governor, GovernorConfig, Verdict
+from esper.tolaria.lysis import LysisConfig, LysisEvent
 
 Validator = Callable[[FactoredAction, Observation], str | None]
 """Why an action is illegal in an observation, or None: `esper.tamiyo.masks.illegal_reason`
 (passed in: the engine imports no policy code)."""
 Callback = Callable[[int, GrowthEnv], None]
 """Called as `callback(tick, env)` when a tick begins, before training (fault injection, tests)."""
+DecayPolicy = Callable[[DecayObservation], Sequence[DecayAction]]
+"""Emrakul: the decay actions for a tick's `DecayObservation` (`esper.emrakul`; passed in)."""
 Ops = tuple[tuple[str, Op], ...]
 
 # Stages a governor may force-prune (a seed or a committed phage is there to remove).
@@ -105,6 +117,10 @@ class _Tick:
     events: list[TickEvent]
 
 
+def _decay_events(events: Iterable[LysisEvent]) -> list[TickEvent]:
+    return [TickEvent(e.kind, {"unit": e.unit, **e.payload}) for e in events]
+
+
 def weights_hash(model: nn.Module) -> str:
     """sha256 over the state dict (names and bytes, sorted): equal iff the weights are equal."""
     h = hashlib.sha256()
@@ -127,9 +143,13 @@ class Episode:
         validator: Validator,
         callbacks: Iterable[Callback] = (),
         rng: torch.Tensor | None = None,
+        decay: LysisConfig | None = None,
+        emrakul: DecayPolicy | None = None,
     ) -> None:
         """`governor` None runs without safety checks. `rng`: the torch CPU RNG state the
-        episode starts from (default: the global state now)."""
+        episode starts from (default: the global state now). `decay`: the LysisGovernor's
+        settings, to run the decay half with `emrakul` choosing its actions (None: growth
+        only)."""
         if ticks < 1:
             raise ValueError(f"an episode needs ticks >= 1, got {ticks}")
         self.env, self.ticks, self.validator = env, ticks, validator
@@ -142,6 +162,10 @@ class Episode:
         self.start_metric: float | None = None
         """The metric after the first tick: the host before any seed could matter."""
         self._tick: _Tick | None = None
+        self.emrakul = emrakul
+        self.decay = (
+            Decay(env.model, env.slots, decay, self.economy.cfg) if decay is not None else None
+        )
         if self.governor is not None:
             self.governor.keep(-1, self.state())
 
@@ -175,8 +199,9 @@ class Episode:
             raise RuntimeError(f"the episode ended after {self.ticks} ticks")
         for callback in self.callbacks:
             callback(self.t, self.env)
+        units = self.decay.plan() if self.decay is not None else []
         with self.own_rng():
-            return Launched(self.env.train_tick_async(), self.env.evaluate_async())
+            return Launched(self.env.train_tick_async(), self.env.evaluate_async(units))
 
     def collect(self, launched: Launched) -> Observation:
         """Read the launched tick back (one sync), govern it, record it, observe."""
@@ -187,10 +212,12 @@ class Episode:
             ev = env.finish_evaluate(launched.evaluation)
         else:  # the queued evaluation measured a broken model: recover, then measure again
             train = self._recover(verdict, events)
-            ev = env.evaluate()
+            ev = env.evaluate(launched.evaluation.units)
         if self.governor is not None:
             self.governor.accept(train.loss)
         env.record_evaluation(ev, self.t)
+        if self.decay is not None:
+            events += _decay_events(self.decay.after_evaluation(ev.units, ev.loss, self.t))
         env.evaluate_gates()
         if self.start_metric is None:
             self.start_metric = ev.metric
@@ -248,6 +275,9 @@ class Episode:
             with self.own_rng():
                 ops = tuple(env.execute(action))
             events.append(self._action_event(action, reason, slot.name))
+        if self.decay is not None and self.emrakul is not None:
+            decisions = self.emrakul(self.decay.observe(t, tick.evaluation.loss))
+            events += _decay_events(self.decay.execute(decisions, t, tick.evaluation.loss))
         before = {n: s.stage for n, s in env.slots.items()}
         env.advance_clock(t)
         events += [
@@ -260,6 +290,9 @@ class Episode:
         r = self.economy.step(
             t, env.slot_economics(), list(ops), env.host_params(), prev, ev.metric
         )
+        if self.decay is not None:  # the safe boundary: priced, not yet snapshotted
+            events += _decay_events(self.decay.safe_boundary(env.optimizer, env.val_x[:1]))
+            env.sync_optimizer()
         after = self._observation(ev, tick.train)
         metrics = {
             "train_loss": tick.train.loss,
@@ -272,6 +305,10 @@ class Episode:
             "seed_params": after.seed_params,
             "host_params": after.host_params,
         }
+        if self.decay is not None:
+            metrics["lysed_params"] = self.decay.lysed_params
+            metrics["lysed_flops"] = self.decay.lysed_flops
+            metrics["sedated_params"] = self.decay.governor.sedated_mass
         done = t + 1 == self.ticks
         if done:  # the episode's books, per seed, as its last event
             events.append(TickEvent("seed_accounts", self.seed_accounts()))
@@ -323,6 +360,7 @@ class Episode:
         info.update(
             economy=self.economy.state_dict(),
             governor=self.governor.state_dict() if self.governor else None,
+            decay=self.decay.state_dict() if self.decay else None,
             tick=self.t,
             start_metric=self.start_metric,
         )
@@ -341,4 +379,6 @@ class Episode:
         self.economy.load_state_dict(info["economy"])
         if self.governor is not None and info["governor"] is not None:
             self.governor.load_state_dict(info["governor"])
+        if self.decay is not None and info.get("decay") is not None:
+            self.decay.load_state_dict(info["decay"])
         self.t, self.start_metric, self._tick = info["tick"], info["start_metric"], None

@@ -12,7 +12,7 @@ fraction of the host's. The check runs on each tick's evaluation loss (one value
 already reads back: no extra host sync). Pure bookkeeping: the caller applies and lifts masks and
 performs the lysis; every transition is returned as an event for the recorder.
 
-Not yet driven by the tick (the decay issue wires it with Emrakul and ROI telemetry).
+Driven by the tick through `esper.tolaria.decay.Decay`.
 """
 
 from __future__ import annotations
@@ -39,12 +39,20 @@ class LysisConfig:
     """Ticks a woken (CRITICAL) unit may not be sedated again."""
     sedation_budget: float = 0.05
     """Largest fraction of the host's parameter mass under sedation at once."""
+    units_per_tick: int = 32
+    """Phage units ablated in each tick's fused evaluation (one replica each). With more units
+    than this, they are measured round-robin in a fixed order (phage name, unit index), so each
+    is measured every ceil(units / units_per_tick) ticks; sedated units are skipped."""
+    roi_window: int = 5
+    """Recent measurements of a unit's contribution kept for its mean and spread."""
 
     def __post_init__(self) -> None:
         if self.probation_checks < 1 or self.immunity_ticks < 0:
             raise ConfigError("lysis.probation_checks must be >= 1, immunity_ticks >= 0")
         if not self.panic_fraction > 0 or not 0 < self.sedation_budget <= 1:
             raise ConfigError("lysis.panic_fraction must be > 0, sedation_budget in (0, 1]")
+        if self.units_per_tick < 0 or self.roi_window < 1:
+            raise ConfigError("lysis.units_per_tick must be >= 0, roi_window >= 1")
 
 
 @dataclass
