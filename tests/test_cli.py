@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,29 @@ def test_grow_runs_and_prints_summary(tmp_path: Path, tiny_config: Path) -> None
     assert shown.exit_code == 0 and "task=digits" in shown.output
 
 
+def test_grow_with_decay_reports_what_growth_added_and_decay_removed(tmp_path: Path) -> None:
+    p = tmp_path / "decay.toml"
+    p.write_text(
+        "decay = 'heuristic'\n"
+        + TINY
+        + "[host]\nkind = 'mlp'\nwidth = 16\ndepth = 2\n"
+        + "[lysis]\nprobation_checks = 1\nsedation_budget = 0.2\nunits_per_tick = 64\n"
+        + "[emrakul]\nmin_samples = 1\nmax_loss_rise = 1.0\nmax_per_tick = 4\nz = 0.0\n"
+    )
+    r = _invoke("grow", "--config", str(p), "--ticks", "5", "--out", str(tmp_path / "runs"))
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if "parameters" in x)
+    removed = int(re.search(r"decay −([\d,]+)", line).group(1).replace(",", ""))
+    assert removed > 0 and "growth +" in line and "net " in line
+    [run] = list((tmp_path / "runs").iterdir())
+    shown = _invoke("show", str(run))
+    assert "units lysed" in shown.output and "lysis_probation" in shown.output
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
+        (["--decay", "random"], ["decay must be one of", "heuristic"]),
         (["--task", "mnist"], ["unknown task", "digits"]),
         (["--policy", "clever"], ["unknown policy", "heuristic"]),
         (["--task", "cifar10", "--data-dir", "/nonexistent/cifar"], ["cifar"]),

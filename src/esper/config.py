@@ -40,15 +40,18 @@ class HostConfig:
     transformer (auto-raised to 64 for text when left at 2)."""
     depth: int = 3
     """Residual blocks (CNN, MLP) or layers (transformer)."""
+    heads: int = 4
+    """Attention heads of the transformer (its d_model must divide by them)."""
 
     def __post_init__(self) -> None:
         if self.kind not in HOST_KINDS:
             raise ConfigError(
                 f"host.kind must be one of {', '.join(HOST_KINDS)}, got {self.kind!r}"
             )
-        if self.width < 1 or self.depth < 1:
+        if self.width < 1 or self.depth < 1 or self.heads < 1:
             raise ConfigError(
-                f"host.width and host.depth must be >= 1, got {self.width}, {self.depth}"
+                "host.width, host.depth and host.heads must be >= 1, got "
+                f"{self.width}, {self.depth}, {self.heads}"
             )
 
 

@@ -78,7 +78,9 @@ def build_host(cfg: GrowConfig, task: TaskData) -> nn.Module:
         )
     if kind == "transformer":
         d = h.width if h.width >= 8 else 64
-        return TransformerHost(task.num_outputs, d, h.depth, 4, task.train_x.shape[1], **slot_kw)
+        return TransformerHost(
+            task.num_outputs, d, h.depth, h.heads, task.train_x.shape[1], **slot_kw
+        )
     raise ConfigError(f"unknown host kind {kind!r}; valid: auto, cnn, mlp, transformer")
 
 

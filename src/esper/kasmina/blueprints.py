@@ -59,6 +59,12 @@ class SeedModule(nn.Module):
     def remove_units(self, keep: torch.Tensor) -> None:
         raise BlueprintError(f"{type(self).__name__} has no lysable units")
 
+    def masked(self, h: torch.Tensor) -> torch.Tensor:
+        """The hidden units through their mask, or untouched while no unit is sedated, weakened
+        or ablated: a compacted phage does no mask work at all (not even the module call)."""
+        m = self.unit_mask
+        return m(h) if m.active or m.ablation is not None else h
+
     def consumer(self) -> tuple[nn.Module, int]:
         """The layer that reads the unit mask's output, and the features per unit: the columns
         that `fold_unit_scale_` scales."""
@@ -123,7 +129,7 @@ class HiddenUnits(SeedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.units:
             return self.bias_only(x)
-        return self.out(self.unit_mask(self.act(self.body(x))))
+        return self.out(self.masked(self.act(self.body(x))))
 
     def bias_only(self, x: torch.Tensor) -> torch.Tensor:
         """Every unit lysed: only the output bias is left, at every position (a conv cannot
@@ -178,7 +184,7 @@ class GatedMLP(HiddenUnits):
         if not self.units:
             return self.bias_only(x)
         n = self.body[0](x)
-        return self.out(self.unit_mask(self.act(self.body[1](n)) * self.up(n)))
+        return self.out(self.masked(self.act(self.body[1](n)) * self.up(n)))
 
     def remove_units(self, keep: torch.Tensor) -> None:
         keep_out(self.up, keep)
@@ -196,7 +202,7 @@ class SqueezeExcite(SeedModule):
         self.out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.unit_mask(F.gelu(self.fc1(x.mean(dim=(2, 3)))))  # (B, width)
+        z = self.masked(F.gelu(self.fc1(x.mean(dim=(2, 3)))))  # (B, width)
         return self.out(x * torch.sigmoid(self.fc2(z))[:, :, None, None])
 
     def remove_units(self, keep: torch.Tensor) -> None:
@@ -230,7 +236,7 @@ class CausalSelfAttention(SeedModule):
         )  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
-        return self.out(self.unit_mask(y))
+        return self.out(self.masked(y))
 
     def remove_units(self, keep: torch.Tensor) -> None:
         for p in (self.q, self.k, self.v):

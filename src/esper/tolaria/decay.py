@@ -105,6 +105,17 @@ class Decay:
                 tissue[name].set([u], 1.0, Actor.TOLARIA)
         return events
 
+    def roi_record(self, units: dict[tuple[str, int], tuple[float, float]]) -> dict[str, Any]:
+        """A tick's measurements for the recorder: per unit [contribution, loss rise], and per
+        phage the parameters and rent of one of its units."""
+        tissue, p_host = self.tissue(), self.governor.host_params
+        phages = {}
+        for name in sorted({n for n, _ in units} & set(tissue)):
+            params = tissue[name].unit_params()
+            phages[name] = {"unit_params": params, "rent": unit_rent(params, p_host, self.econ)}
+        measured = {unit_key(n, u): list(v) for (n, u), v in units.items()}
+        return {"units": measured, "phages": phages}
+
     def observe(self, tick: int, loss: float = float("nan")) -> DecayObservation:
         """Every unit's ROI, with the governor's budget, for Emrakul."""
         p_host = self.governor.host_params

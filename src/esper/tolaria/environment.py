@@ -367,7 +367,10 @@ class GrowthEnv:
         """Remember the metric and hand each seed its ablation contribution."""
         self.history.append(ev.metric)
         for name, value in ev.contributions.items():
-            self.slots[name].contribution, self.slots[name].contribution_tick = value, tick
+            slot = self.slots[name]
+            slot.contribution, slot.contribution_tick = value, tick
+            if slot.phage is not None:  # a committed seed's ROI: its contribution (rent: Simic)
+                slot.phage.roi.contribution = value
 
     def evaluate_gates(self) -> None:
         for slot in self.slots.values():

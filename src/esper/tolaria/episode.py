@@ -217,6 +217,8 @@ class Episode:
             self.governor.accept(train.loss)
         env.record_evaluation(ev, self.t)
         if self.decay is not None:
+            if ev.units:  # the flight record of this tick's unit ROI measurements
+                events.append(TickEvent("unit_roi", self.decay.roi_record(ev.units)))
             events += _decay_events(self.decay.after_evaluation(ev.units, ev.loss, self.t))
         env.evaluate_gates()
         if self.start_metric is None:
@@ -293,6 +295,9 @@ class Episode:
         if self.decay is not None:  # the safe boundary: priced, not yet snapshotted
             events += _decay_events(self.decay.safe_boundary(env.optimizer, env.val_x[:1]))
             env.sync_optimizer()
+        for name, slot in env.slots.items():  # a committed phage's ROI: its rent this tick
+            if slot.phage is not None:
+                slot.phage.roi.rent = self.economy.last_rents.get(name, 0.0)
         after = self._observation(ev, tick.train)
         metrics = {
             "train_loss": tick.train.loss,
