@@ -44,7 +44,7 @@ from rich.table import Table
 from torch import nn
 
 from esper.config import GrowConfig, HostConfig
-from esper.contracts import Stage
+from esper.contracts import Stage, Topology
 from esper.evaluate import FIRST_HELD_OUT, q25
 from esper.kasmina import HiddenUnits, Phage, SeedSlot, tissue_of
 from esper.run import start_run
@@ -150,13 +150,18 @@ def runs_table(task: str, results: dict[str, list[dict]], seeds: list[int], tick
 
 
 class PlainSeed(nn.Module):
-    """A committed seed written by hand: y = h + seed(h)."""
+    """A committed seed written by hand: y = h + seed(h) on its own first `channels` channels
+    (a seed born before the stream was widened acts on those; the rest pass through)."""
 
-    def __init__(self, seed: nn.Module) -> None:
+    def __init__(self, seed: nn.Module, channels: int, dim: int) -> None:
         super().__init__()
-        self.seed = seed
+        self.seed, self.channels, self.dim = seed, channels, dim
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        extra = h.shape[self.dim] - self.channels
+        if extra > 0:
+            mine, rest = h.split([self.channels, extra], self.dim)
+            return torch.cat([mine + self.seed(mine.contiguous()), rest], self.dim)
         return h + self.seed(h)
 
 
@@ -170,17 +175,24 @@ def plain_copy(model: nn.Module) -> nn.Module:
     """The same architecture and weights from plain modules: every committed slot becomes
     h + seed(h), every other slot an identity, every HiddenUnits a Sequential without mask."""
     plain = copy.deepcopy(model)
+    replaced: list[str] = []
     for path, module in list(plain.named_modules()):
+        if any(path.startswith(r + ".") for r in replaced):
+            continue  # inside a module already rebuilt
         parent_path, _, child = path.rpartition(".")
         parent = plain.get_submodule(parent_path) if parent_path else plain
         if isinstance(module, SeedSlot):
             phage = module.phage
             if module.stage is Stage.COMMITTED and phage is not None and phage.blend is None:
-                parent._modules[child] = PlainSeed(_plain_units(phage.module))
-            elif module.stage in (Stage.DORMANT, Stage.COMMITTED) and phage is None:
+                dim = 1 if module.topology is Topology.CNN else -1
+                seed = PlainSeed(_plain_units(phage.module), module.channels, dim)
+                parent._modules[child] = seed
+            elif phage is None and module.seed is None:  # empty, or a compacted widening
                 parent._modules[child] = nn.Identity()
+            replaced.append(path)
         elif isinstance(module, HiddenUnits) and not isinstance(parent, Phage):
             parent._modules[child] = _plain_units(module)
+            replaced.append(path)
     return plain
 
 
@@ -217,9 +229,21 @@ def speed(ticks: int, repeats: int, console: Console) -> tuple[Table, dict]:
         result = run.run()
         run.store.close()
     model, task = run.env.model, run.env.task
+    for t in tissue_of(model).values():  # units still in probation: settle them (lyse)
+        sedated = [u for u in range(t.units) if float(t.mask.mask[u]) == 0.0]
+        if sedated:
+            t.lyse(sedated)
+        t.fold(list(range(t.units)))
     x, y = task.train_x[:64], task.train_y[:64]
+    plain = plain_copy(model)
+    left = [
+        f"{type(m).__name__} {getattr(m, 'stage', '')}"
+        for m in plain.modules()
+        if isinstance(m, SeedSlot | HiddenUnits)
+    ]
+    console.log(f"hand-written copy: slots/HiddenUnits left: {left or 'none'}")
     forms = {
-        "hand-written": plain_copy(model),
+        "hand-written": plain,
         "compacted": model,
         "uncompacted": uncompacted_copy(model),
     }

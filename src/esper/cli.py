@@ -175,7 +175,8 @@ def _run_with_progress(run: GrowthRun) -> GrowResult:
             bar.update(
                 job,
                 completed=t + 1,
-                status=f"metric {m['metric']:.4f}  seed params {int(m['seed_params'])}",
+                status=f"metric {m['metric']:.4f}  seed params {int(m['seed_params'])}"
+                + (f"  lysed {int(m['lysed_params'])}" if "lysed_params" in m else ""),
             )
 
         return run.run(progress=update)
