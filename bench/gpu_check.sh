@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot CUDA check: the GPU tests (`-m gpu`: vectorised environments, widening on CUDA) and the overlap
+# One-shot CUDA check: the GPU tests (`-m gpu`: vectorised environments, widening and decay on CUDA) and the overlap
 # benchmark. Meant for a fresh, offline GPU machine holding a copy of the repository tree
 # (ignored folders such as .venv may be absent): nothing is installed, the tree's own src/ is
 # used through PYTHONPATH, and whatever is missing is reported instead.

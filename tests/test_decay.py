@@ -466,3 +466,18 @@ def test_a_lysed_model_exports_and_runs_without_esper(kind: str, tmp_path: Path)
     got = run_without_esper(tmp_path, x)
     assert torch.allclose(got["program"], want, atol=1e-6, rtol=0)
     assert math.isfinite(float(got["program"].sum()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decay_on_cuda_ablates_sedates_and_lyses() -> None:
+    """The whole decay half on CUDA: unit replicas, sedation, lysis with sliced moments."""
+    episode = build_episode(replace(_decay_config(8), device="cuda"))
+    kinds = []
+    for _ in range(8):
+        episode.observe()
+        kinds += [e.kind for e in episode.act(FactoredAction()).events]
+    assert "unit_roi" in kinds and "lysed" in kinds
+    assert episode.decay.lysed_params > 0
+    assert all(p.is_cuda for p in episode.env.model.parameters())
+    assert all(torch.isfinite(p).all() for p in episode.env.model.parameters())
