@@ -71,6 +71,7 @@ def test_grow_with_decay_reports_what_growth_added_and_decay_removed(tmp_path: P
     [run] = list((tmp_path / "runs").iterdir())
     shown = _invoke("show", str(run))
     assert "units lysed" in shown.output and "lysis_probation" in shown.output
+    assert "units measured; lowest contribution" in shown.output  # not the whole table
 
 
 @pytest.mark.parametrize(

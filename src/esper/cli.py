@@ -266,9 +266,19 @@ def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> No
         for e in store.events():
             if e.kind == "decision":
                 continue
-            detail = ", ".join(f"{k}={v}" for k, v in sorted(e.payload.items()) if v is not None)
+            detail = _detail(e.kind, e.payload)
             table.add_row(str(e.tick), e.slot or "", e.kind, detail)
         _out().print(table)
+
+
+def _detail(kind: str, payload: dict) -> str:  # type: ignore[type-arg]
+    """An event's payload in one cell; a tick's unit ROI measurements are summarised (the whole
+    table is in the record)."""
+    if kind == "unit_roi" and payload.get("units"):
+        units = payload["units"]
+        low = min(units, key=lambda k: units[k][0])
+        return f"{len(units)} units measured; lowest contribution {units[low][0]:+.4f} ({low})"
+    return ", ".join(f"{k}={v}" for k, v in sorted(payload.items()) if v is not None)
 
 
 DECAY_EVENTS = ("lysis_probation", "lysis_panic", "lysis_condemned", "lysed", "decay_folded")
