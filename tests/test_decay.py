@@ -264,6 +264,19 @@ def test_the_safe_boundary_lyses_condemned_units_and_slices_their_moments() -> N
     assert all(torch.isfinite(p).all() for p in env.model.parameters())
 
 
+def test_units_of_a_phage_the_engine_removed_leave_the_governor() -> None:
+    model, _ = _grown("mlp")
+    slots = slots_of(model)
+    decay = Decay(model, slots, LysisConfig(sedation_budget=0.5), EconomyConfig())
+    decay.execute([DecayAction(Op.SEDATE, "slots.b0", 3)], tick=0, baseline_loss=1.0)
+    assert decay.governor.sedated_mass > 0
+    slots["slots.b0"].prune(actor=Actor.TOLARIA)  # an emergency prune of the committed seed
+    opt = torch.optim.Adam(model.parameters())
+    (e,) = decay.safe_boundary(opt)
+    assert e.kind == "lysis_dropped" and e.unit == "slots.b0#3"
+    assert decay.governor.sedated_mass == 0 and decay.governor.units == {}
+
+
 def test_keys_of_units_after_a_lysed_one_move_down() -> None:
     env = _env()
     decay = _decay(env, sedation_budget=0.5, probation_checks=1)

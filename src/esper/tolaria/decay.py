@@ -179,7 +179,7 @@ class Decay:
         the weights), folding of weakened ones. Host blocks wait while a widening is live (its
         wrappers hold their stream layers). The caller rebuilds its optimizer's groups. With an
         `example` input, the FLOPs that lysis removed are measured on it (`lysed_flops`)."""
-        tissue, events = self.tissue(), []
+        tissue, events = self.tissue(), self._forget_removed()
         by_phage: dict[str, list[int]] = {}
         for key in self.governor.condemned():
             name, u = _split(key)
@@ -202,6 +202,16 @@ class Decay:
                 self._renumber(name, sedated)
         if by_phage and example is not None:
             self.lysed_flops += before - module_cost(self.model, example).flops
+        return events
+
+    def _forget_removed(self) -> list[LysisEvent]:
+        """Units whose phage is gone (a committed seed the governor removed in an emergency)
+        leave the governor, its budget and the history."""
+        alive, g, events = tissue_of(self.model), self.governor, []
+        for key in [k for k in g.units if _split(k)[0] not in alive]:
+            events.append(LysisEvent("lysis_dropped", key, {"reason": "its phage was removed"}))
+            del g.units[key]
+        self.history = {k: v for k, v in self.history.items() if _split(k)[0] in alive}
         return events
 
     def _release(self, name: str, unit: int, kind: str) -> LysisEvent:
