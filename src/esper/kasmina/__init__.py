@@ -40,7 +40,7 @@ from esper.kasmina.tissue import (
     Tissue,
     mark_host_phages,
     mark_phage,
-    set_unit_ablation,
+    marked_blocks,
     tissue_of,
 )
 
@@ -81,6 +81,7 @@ __all__ = [
     "load_model",
     "mark_host_phages",
     "mark_phage",
+    "marked_blocks",
     "model_state",
     "module_cost",
     "observe_gradients",
@@ -89,7 +90,6 @@ __all__ = [
     "read_checkpoint",
     "save_model",
     "save_tensors",
-    "set_unit_ablation",
     "slots_of",
     "supported_topologies",
     "tissue_of",

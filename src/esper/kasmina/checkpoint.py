@@ -25,7 +25,7 @@ from esper.kasmina.hosts import slots_of, wrap_in_phage
 from esper.kasmina.phage import Phage
 from esper.kasmina.slot import GateReport, SeedSlot
 from esper.kasmina.stream import Stream, Widening
-from esper.kasmina.tissue import PHAGE_MARK, mark_phage, units_module
+from esper.kasmina.tissue import mark_phage, marked_blocks, units_module
 
 FORMAT = "esper.kasmina.model"
 VERSION = 1
@@ -152,13 +152,10 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
 
 def _host_tissue_state(model: nn.Module) -> dict[str, Any]:
     """Host blocks marked as phages (`kasmina.tissue`): their name and units left after lysis."""
-    out = {}
-    for path, m in model.named_modules():
-        name = getattr(m, PHAGE_MARK, None)
-        target = units_module(m) if name else None
-        if target is not None:
-            out[path] = {"name": name, "units": target.unit_mask.units}
-    return out
+    return {
+        path: {"name": name, "units": target.unit_mask.units}
+        for path, name, target in marked_blocks(model)
+    }
 
 
 def _restore_host_tissue(model: nn.Module, st: dict[str, Any], source: str) -> None:

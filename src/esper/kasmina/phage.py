@@ -100,29 +100,13 @@ class Phage(nn.Module):
     # -- lysis (governor, at a safe boundary) ----------------------------------------------
     def physical_lysis(self, target: Target) -> int:
         """Delete fully sedated `target`; returns the number of parameters removed."""
-        before = self.param_count()
         if target == "module":
+            before = self.param_count()
             if not self.module_sedated or float(self.sedation) != 0.0:
                 raise LysisError(f"phage {self.name!r}: sedate the module fully before lysis")
             self.module, self.blend, self.module_sedated = None, None, False
             return before
-        m = self._lysable()
-        units = self._units(target)
-        mask = m.unit_mask.mask
-        live = [u for u in units if float(mask[u]) != 0.0]
-        if live:
-            raise LysisError(
-                f"phage {self.name!r}: units {live} are not fully sedated; "
-                "only sedated units can be lysed"
-            )
-        gone = set(units)
-        keep = torch.tensor(
-            [u for u in range(m.unit_mask.units) if u not in gone],
-            dtype=torch.long,
-            device=mask.device,
-        )
-        m.remove_units(keep)
-        return before - self.param_count()
+        return remove_sedated_units(self._lysable(), self._units(target), f"phage {self.name!r}")
 
     # -- controlled fade (§9.2 schedule_prune) ---------------------------------------------
     def schedule_prune(self, ticks: int) -> None:
@@ -160,6 +144,22 @@ class Phage(nn.Module):
         if bad:
             raise LysisError(f"phage {self.name!r}: units {bad} out of range 0..{n - 1}")
         return units
+
+
+def remove_sedated_units(module: nn.Module, units: Sequence[int], who: str) -> int:
+    """Remove `units` of `module` (which has a `unit_mask` and `remove_units`), all of which must
+    be sedated to 0: the function is unchanged. Returns the number of parameters removed."""
+    values = module.unit_mask.mask.tolist()  # one read of the mask, not one per unit
+    live = [u for u in units if values[u] != 0.0]
+    if live:
+        raise LysisError(
+            f"{who}: units {live} are not fully sedated; only sedated units can be lysed"
+        )
+    before = sum(p.numel() for p in module.parameters())
+    gone = set(units)
+    keep = [u for u in range(len(values)) if u not in gone]
+    module.remove_units(torch.tensor(keep, dtype=torch.long, device=module.unit_mask.mask.device))
+    return before - sum(p.numel() for p in module.parameters())
 
 
 def _mask_of(module: nn.Module | None) -> UnitMask | None:

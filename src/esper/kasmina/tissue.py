@@ -14,6 +14,7 @@ Emrakul SEDATEs, WEAKENs and LIFTs; the engine lifts on a panic, folds and lyses
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from esper.contracts.lifecycle import check
 from esper.kasmina.blueprints import CausalSelfAttention
 from esper.kasmina.hosts import Residual, slots_of
 from esper.kasmina.lysis import UnitMask
-from esper.kasmina.phage import LysisError
+from esper.kasmina.phage import LysisError, remove_sedated_units
 from esper.kasmina.slot import SeedSlot
 
 PHAGE_MARK = "esper_phage"
@@ -88,6 +89,10 @@ class Tissue:
     def units(self) -> int:
         return self.mask.units
 
+    def values(self) -> list[float]:
+        """Every unit's mask value (1 active, 0 sedated, between: weakened), read at once."""
+        return self.mask.mask.tolist()
+
     def unit_params(self) -> int:
         """Parameters one unit's lysis removes (every unit of a phage costs the same)."""
         if self.units == 0:
@@ -113,24 +118,17 @@ class Tissue:
         the same function, no mask left to apply."""
         self._check(actor, Op.LYSE)
         self._check_units(units)
+        values = self.values()
         for u in units:
-            value = float(self.mask.mask[u])
-            if value != 1.0:
-                self.module.fold_unit_scale_([u], value)
+            if values[u] != 1.0:
+                self.module.fold_unit_scale_([u], values[u])
                 self.mask.set([u], 1.0)
 
     def lyse(self, units: list[int], actor: Actor = Actor.TOLARIA) -> int:
         """Physically remove fully sedated `units` (the engine's only); parameters removed."""
         self._check(actor, Op.LYSE)
         self._check_units(units)
-        live = [u for u in units if float(self.mask.mask[u]) != 0.0]
-        if live:
-            raise LysisError(f"{self.name!r}: units {live} are not fully sedated")
-        before = sum(p.numel() for p in self.module.parameters())
-        gone = set(units)
-        keep = torch.tensor([u for u in range(self.units) if u not in gone], dtype=torch.long)
-        self.module.remove_units(keep.to(self.mask.mask.device))
-        return before - sum(p.numel() for p in self.module.parameters())
+        return remove_sedated_units(self.module, units, repr(self.name))
 
     def _check(self, actor: Actor, op: Op) -> None:
         check(self.name, self.slot.stage if self.slot else Stage.COMMITTED, actor, op)
@@ -141,15 +139,23 @@ class Tissue:
             raise LysisError(f"{self.name!r}: units {bad} out of range 0..{self.units - 1}")
 
 
+def marked_blocks(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """(module path, phage name, the module with the units) of every block marked as a phage."""
+    for path, module in model.named_modules():
+        name = getattr(module, PHAGE_MARK, None)
+        target = units_module(module) if name else None
+        if target is not None:
+            yield path, name, target
+
+
 def tissue_of(model: nn.Module) -> dict[str, Tissue]:
     """Every phage of `model` with units left, by name: marked host blocks, then committed
     seeds (not a committed widening: its channels are the host's stream; not one being lysed)."""
-    found = {}
-    for module in model.modules():
-        name = getattr(module, PHAGE_MARK, None)
-        target = units_module(module) if name else None
-        if target is not None and target.unit_mask.units:
-            found[name] = Tissue(name, "host", target)
+    found = {
+        name: Tissue(name, "host", target)
+        for _, name, target in marked_blocks(model)
+        if target.unit_mask.units
+    }
     for name, slot in slots_of(model).items():
         phage = slot.phage
         if slot.stage is not Stage.COMMITTED or phage is None or phage.fade is not None:
@@ -158,15 +164,3 @@ def tissue_of(model: nn.Module) -> dict[str, Tissue]:
         if target is not None and target.unit_mask.units:
             found[name] = Tissue(name, "seed", target, slot)
     return found
-
-
-def set_unit_ablation(model: nn.Module, plan: dict[str, torch.Tensor] | None) -> None:
-    """Per-sample unit ablation for the fused evaluation: `plan[name]` is a (batch, units)
-    multiplier for that phage's mask; None clears every one."""
-    tissue = tissue_of(model)
-    if plan is None:
-        for t in tissue.values():
-            t.mask.ablation = None
-        return
-    for name, m in plan.items():
-        tissue[name].mask.ablation = m

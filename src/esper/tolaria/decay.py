@@ -78,8 +78,8 @@ class Decay:
         units = [
             (name, u)
             for name, t in sorted(self.tissue().items())
-            for u in range(t.units)
-            if float(t.mask.mask[u]) == 1.0
+            for u, value in enumerate(t.values())
+            if value == 1.0
         ]
         k = min(self.cfg.units_per_tick, len(units))
         if not k:
@@ -123,7 +123,7 @@ class Decay:
         for name, t in sorted(self.tissue().items()):
             params = t.unit_params()
             rent = unit_rent(params, p_host, self.econ)
-            for u in range(t.units):
+            for u, value in enumerate(t.values()):
                 key = unit_key(name, u)
                 seen = self.history.get(key, [])
                 c = [v[0] for v in seen]
@@ -140,7 +140,7 @@ class Decay:
                         loss_delta=statistics.fmean(v[1] for v in seen) if seen else None,
                         spread=statistics.pstdev(c) if len(c) > 1 else 0.0,
                         samples=len(c),
-                        mask=float(t.mask.mask[u]),
+                        mask=value,
                         state="active" if state is None else state.state.value,
                         immune_until=self.governor.immune_until.get(key, -1),
                     )
@@ -187,8 +187,8 @@ class Decay:
                 by_phage.setdefault(name, []).append(u)
         before = module_cost(self.model, example).flops if by_phage and example is not None else 0
         for name, units in sorted(by_phage.items()):
-            t = tissue[name]
-            sedated = [u for u in units if float(t.mask.mask[u]) == 0.0]
+            t, values = tissue[name], tissue[name].values()
+            sedated = [u for u in units if values[u] == 0.0]
             weakened = [u for u in units if u not in sedated]
             if weakened:
                 t.fold(weakened)
@@ -232,6 +232,14 @@ class Decay:
         self.history = {moved(k): v for k, v in self.history.items() if k not in lost}
         g.units = {moved(k): v for k, v in g.units.items()}
         g.immune_until = {moved(k): v for k, v in g.immune_until.items() if k not in lost}
+
+    def metrics(self) -> dict[str, float]:
+        """The tick's decay scalars for the recorder."""
+        return {
+            "lysed_params": self.lysed_params,
+            "lysed_flops": self.lysed_flops,
+            "sedated_params": self.governor.sedated_mass,
+        }
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -38,12 +38,12 @@ from esper.contracts import (
 from esper.kasmina import (
     Compaction,
     SeedSlot,
+    UnitMask,
     apply_model_state,
     blueprints_for,
     model_state,
     observe_gradients,
     probing,
-    set_unit_ablation,
     slots_of,
     tissue_of,
 )
@@ -236,6 +236,7 @@ class GrowthEnv:
         """Queue `evaluate`'s work; no host sync (the sums stay on the device). A probe: eval mode
         and `no_grad`, the model's modes and buffers left as they were (`probing`)."""
         active = [s for s in self.slots.values() if s.ablatable]
+        masks = {n: t.mask for n, t in tissue_of(self.model).items()} if units else {}
         reps = len(active) + len(units) + 1
         sums = torch.zeros(reps, 2, device=self.device)  # per replica: Σ loss, Σ correct
         count = 0
@@ -243,7 +244,7 @@ class GrowthEnv:
             for start in range(0, len(self.val_x), self.cfg.eval_batch_size):
                 x = self.val_x[start : start + self.cfg.eval_batch_size]
                 y = self.val_y[start : start + self.cfg.eval_batch_size]
-                self._evaluate_batch(x, y, active, units, sums)
+                self._evaluate_batch(x, y, active, units, masks, sums)
                 count += y.numel()
         return PendingEvaluation(sums / count, tuple(s.name for s in active), tuple(units))
 
@@ -253,6 +254,7 @@ class GrowthEnv:
         y: torch.Tensor,
         active: list[SeedSlot],
         units: Sequence[tuple[str, int]],
+        masks: dict[str, UnitMask],
         sums: torch.Tensor,
     ) -> None:
         """Add one validation batch's Σ loss and Σ correct, per replica, to `sums`."""
@@ -261,21 +263,18 @@ class GrowthEnv:
             m = torch.ones(reps * n, device=self.device)
             m[i * n : (i + 1) * n] = 0.0
             slot.set_ablation(m)
-        plan: dict[str, torch.Tensor] = {}
-        if units:
-            tissue = tissue_of(self.model)
-            for i, (name, u) in enumerate(units, start=len(active) + 1):
-                if name not in plan:
-                    plan[name] = torch.ones(reps * n, tissue[name].units, device=self.device)
-                plan[name][i * n : (i + 1) * n, u] = 0.0
-            set_unit_ablation(self.model, plan)
+        for i, (name, u) in enumerate(units, start=len(active) + 1):
+            mask = masks[name]
+            if mask.ablation is None:  # (batch, units): that unit at 0 in its replica only
+                mask.ablation = torch.ones(reps * n, mask.units, device=self.device)
+            mask.ablation[i * n : (i + 1) * n, u] = 0.0
         try:
             logits = self.model(torch.cat([x] * reps))
         finally:
             for slot in active:
                 slot.set_ablation(None)
-            if plan:
-                set_unit_ablation(self.model, None)
+            for mask in masks.values():
+                mask.ablation = None
         logits = logits.view(reps, n, *logits.shape[1:])
         for r in range(reps):
             sums[r, 0] += _loss(logits[r], y) * y.numel()

@@ -277,9 +277,7 @@ class Episode:
             with self.own_rng():
                 ops = tuple(env.execute(action))
             events.append(self._action_event(action, reason, slot.name))
-        if self.decay is not None and self.emrakul is not None:
-            decisions = self.emrakul(self.decay.observe(t, tick.evaluation.loss))
-            events += _decay_events(self.decay.execute(decisions, t, tick.evaluation.loss))
+        events += self._emrakul_acts(t, tick.evaluation.loss)
         before = {n: s.stage for n, s in env.slots.items()}
         env.advance_clock(t)
         events += [
@@ -292,12 +290,7 @@ class Episode:
         r = self.economy.step(
             t, env.slot_economics(), list(ops), env.host_params(), prev, ev.metric
         )
-        if self.decay is not None:  # the safe boundary: priced, not yet snapshotted
-            events += _decay_events(self.decay.safe_boundary(env.optimizer, env.val_x[:1]))
-            env.sync_optimizer()
-        for name, slot in env.slots.items():  # a committed phage's ROI: its rent this tick
-            if slot.phage is not None:
-                slot.phage.roi.rent = self.economy.last_rents.get(name, 0.0)
+        events += self._safe_boundary()
         after = self._observation(ev, tick.train)
         metrics = {
             "train_loss": tick.train.loss,
@@ -311,9 +304,7 @@ class Episode:
             "host_params": after.host_params,
         }
         if self.decay is not None:
-            metrics["lysed_params"] = self.decay.lysed_params
-            metrics["lysed_flops"] = self.decay.lysed_flops
-            metrics["sedated_params"] = self.decay.governor.sedated_mass
+            metrics.update(self.decay.metrics())
         done = t + 1 == self.ticks
         if done:  # the episode's books, per seed, as its last event
             events.append(TickEvent("seed_accounts", self.seed_accounts()))
@@ -332,6 +323,26 @@ class Episode:
             done=done,
             weights_hash=weights_hash(env.model) if done else None,
         )
+
+    def _emrakul_acts(self, t: int, loss: float) -> list[TickEvent]:
+        """Emrakul's actions on the tick's unit ROI, each granted or refused by the governor."""
+        if self.decay is None or self.emrakul is None:
+            return []
+        decisions = self.emrakul(self.decay.observe(t, loss))
+        return _decay_events(self.decay.execute(decisions, t, loss))
+
+    def _safe_boundary(self) -> list[TickEvent]:
+        """After the economy priced the tick, before the snapshot: committed phages learn their
+        rent; condemned units are lysed (the optimizer's groups rebuilt around them)."""
+        env = self.env
+        for name, slot in env.slots.items():
+            if slot.phage is not None:
+                slot.phage.roi.rent = self.economy.last_rents.get(name, 0.0)
+        if self.decay is None:
+            return []
+        events = _decay_events(self.decay.safe_boundary(env.optimizer, env.val_x[:1]))
+        env.sync_optimizer()
+        return events
 
     def _action_event(self, action: FactoredAction, reason: str, name: str) -> TickEvent:
         """The executed op, with every head of the action (and, for a germination, the seed's
