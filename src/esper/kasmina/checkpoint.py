@@ -21,6 +21,7 @@ from esper.contracts import AlphaCurve, SeedSpec, Stage
 from esper.contracts.errors import EsperError
 from esper.contracts.files import atomic_write
 from esper.kasmina.alpha import AlphaSchedule
+from esper.kasmina.channels import stream_groups
 from esper.kasmina.hosts import slots_of, wrap_in_phage
 from esper.kasmina.phage import Phage
 from esper.kasmina.slot import GateReport, SeedSlot
@@ -177,7 +178,9 @@ def _stream_state(model: nn.Module) -> dict[str, Any] | None:
     stream = _stream_of(model)
     if stream is None:
         return None
-    return {"width": stream.width, "widenings": [list(w) for w in stream.widenings]}
+    groups = stream_groups(model) if stream.channel_groups else []  # in step with widenings
+    masks = [g.unit_mask.mask.tolist() for g in groups]
+    return {"width": stream.width, "widenings": [list(w) for w in stream.widenings], "masks": masks}
 
 
 def _restore_stream(model: nn.Module, st: dict[str, Any] | None, source: str) -> None:
@@ -193,6 +196,12 @@ def _restore_stream(model: nn.Module, st: dict[str, Any] | None, source: str) ->
             f"stream, the model has {stream.width}"
         )
     stream.rebuild(model, st["widenings"])
+    masks = st.get("masks", [])
+    if masks:  # decay's masks over widening channels (`kasmina.channels`)
+        for group, values in zip(stream_groups(model), masks, strict=True):
+            mask = group.unit_mask
+            mask.mask.copy_(torch.tensor(values))
+            mask.active = bool((mask.mask != 1).any())
 
 
 def _stream_of(model: nn.Module) -> Stream | None:

@@ -99,8 +99,13 @@ def _expand(keep: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def keep_out(layer: nn.Module, keep: torch.Tensor, group: int = 1) -> None:
-    """Keep only output features `keep` (unit indices) of a Linear/Conv layer, in place."""
+    """Keep only output features `keep` (unit indices) of a Linear/Conv layer (or the channels
+    of an Embedding), in place."""
     idx = _expand(keep, group).to(layer.weight.device)
+    if isinstance(layer, nn.Embedding):  # (ids, channels): a channel is a column
+        _replace(layer, "weight", (slice(None), idx))
+        layer.embedding_dim = int(idx.numel())
+        return
     _replace(layer, "weight", (idx,))
     if getattr(layer, "bias", None) is not None:
         _replace(layer, "bias", (idx,))

@@ -41,6 +41,7 @@ from torch import nn
 
 from esper.contracts import Topology
 from esper.kasmina.layers import channel_dim
+from esper.kasmina.lysis import UnitMask
 
 if TYPE_CHECKING:
     from esper.kasmina.slot import SeedSlot
@@ -61,6 +62,9 @@ class StreamNorm(nn.Module):
         c = sum(self.groups)
         self.weight = nn.Parameter(torch.ones(c)) if affine else None
         self.bias = nn.Parameter(torch.zeros(c)) if affine else None
+        self.channel_masks: dict[int, UnitMask] = {}
+        """Group index -> the mask of a committed widening's channels under decay
+        (`kasmina.channels`); empty otherwise, and then the forward is the plain grouped norm."""
 
     @property
     def affine(self) -> bool:
@@ -71,13 +75,39 @@ class StreamNorm(nn.Module):
         parts = x.split(self.groups, dim) if len(self.groups) > 1 else (x,)
         ws = self.weight.split(self.groups) if self.affine else [None] * len(parts)
         bs = self.bias.split(self.groups) if self.affine else [None] * len(parts)
-        out = [self._one(p.contiguous(), w, b) for p, w, b in zip(parts, ws, bs, strict=True)]
+        out = []
+        for i, (p, w, b) in enumerate(zip(parts, ws, bs, strict=True)):
+            scale = _scale(self.channel_masks[i]) if i in self.channel_masks else None
+            p = p.contiguous()
+            out.append(self._one(p, w, b) if scale is None else self._masked(p, w, b, scale))
         return out[0] if len(out) == 1 else torch.cat(out, dim)
 
     def _one(self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
         if self.topology is Topology.CNN:
             return F.group_norm(x, 1, w, b, self.eps)
         return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
+
+    def _masked(
+        self, x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, s: torch.Tensor
+    ) -> torch.Tensor:
+        """The group's norm over its channels with a nonzero scale only (what the group
+        computes once the others are lysed), each channel's output times its scale.
+        `s`: (1 or batch, channels)."""
+        dim = channel_dim(self.topology)
+        view = [s.shape[0], *[1] * (x.dim() - 1)]
+        view[dim] = s.shape[1]
+        s = s.to(x.dtype).view(view)
+        keep = (s != 0).to(x.dtype)
+        axes = tuple(range(1, x.dim())) if self.topology is Topology.CNN else (-1,)
+        n = (keep.expand_as(x)).sum(axes, keepdim=True).clamp(min=1)  # all sedated: no NaN
+        mean = (x * keep).sum(axes, keepdim=True) / n
+        var = ((x - mean).square() * keep).sum(axes, keepdim=True) / n
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if w is not None:
+            shape = [1] * x.dim()
+            shape[dim] = -1
+            y = y * w.view(shape) + b.view(shape)
+        return y * s
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, topology={self.topology.value}, affine={self.affine}"
@@ -108,11 +138,21 @@ class Stream:
     slot_blocks: dict[str, int]
     """Slot name -> the block after which it sits."""
     widenings: list[tuple[int, int]] = field(default_factory=list)
-    """(b, k): k channels added from block b's input on."""
+    """(b, k): k channels added from block b's input on (k = 0 once decay lysed them all)."""
+    channel_groups: list = field(default_factory=list, repr=False, compare=False)
+    """The widenings' channels as decay tissue (`kasmina.channels.StreamGroup`), made on demand."""
 
     def groups_entering(self, block: int) -> list[int]:
         """Channel groups of the stream entering `block` (committed widenings only)."""
-        return [self.width, *(k for b, k in self.widenings if b <= block)]
+        return [self.width, *(k for b, k in self.widenings if b <= block and k)]
+
+    def offset(self, i: int, block: int) -> int:
+        """The first channel of widening `i` in the stream entering `block`."""
+        return self.width + sum(k for b, k in self.widenings[:i] if b <= block)
+
+    def position(self, i: int, block: int) -> int:
+        """Widening `i`'s group index in the grouped norms of `block`."""
+        return 1 + sum(1 for b, k in self.widenings[:i] if b <= block and k)
 
     def width_after(self, block: int) -> int:
         """Channels of the stream leaving `block` (−1: the stem)."""
@@ -218,6 +258,13 @@ def _like(base: nn.Module, c_in: int, c_out: int, bias: bool) -> nn.Module:
     else:
         raise TypeError(f"cannot widen a {type(base).__name__} (nn.Linear or nn.Conv2d only)")
     return layer.to(base.weight)
+
+
+def _scale(mask: UnitMask) -> torch.Tensor | None:
+    """A channel group's multipliers, (1 or batch, channels), or None while the mask is unset."""
+    if mask.ablation is not None:
+        return mask.mask[None, :] * mask.ablation
+    return mask.mask[None, :] if mask.active else None
 
 
 def _groups_of(norm: nn.Module) -> list[int]:

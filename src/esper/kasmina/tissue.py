@@ -23,6 +23,7 @@ from torch import nn
 from esper.contracts import Actor, Op, Scope, Stage
 from esper.contracts.lifecycle import check
 from esper.kasmina.blueprints import CausalSelfAttention
+from esper.kasmina.channels import readers_free, stream_groups
 from esper.kasmina.hosts import Residual, slots_of
 from esper.kasmina.lysis import UnitMask
 from esper.kasmina.phage import LysisError, remove_sedated_units
@@ -97,6 +98,8 @@ class Tissue:
         """Parameters one unit's lysis removes (every unit of a phage costs the same)."""
         if self.units == 0:
             return 0
+        if hasattr(self.module, "unit_params"):  # a stream group prices its own channel
+            return self.module.unit_params()
         key = (id(self.module), self.units, sum(p.numel() for p in self.module.parameters()))
         if key not in _UNIT_PARAMS:
             probe = copy.deepcopy(self.module)
@@ -139,6 +142,11 @@ class Tissue:
             raise LysisError(f"{self.name!r}: units {bad} out of range 0..{self.units - 1}")
 
 
+def group_name(index: int) -> str:
+    """The phage name of committed widening `index`'s channels."""
+    return f"stream.w{index}"
+
+
 def marked_blocks(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """(module path, phage name, the module with the units) of every block marked as a phage."""
     for path, module in model.named_modules():
@@ -148,14 +156,19 @@ def marked_blocks(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
             yield path, name, target
 
 
-def tissue_of(model: nn.Module) -> dict[str, Tissue]:
-    """Every phage of `model` with units left, by name: marked host blocks, then committed
-    seeds (not a committed widening: its channels are the host's stream; not one being lysed)."""
+def tissue_of(model: nn.Module, *, read_by_seeds: bool = False) -> dict[str, Tissue]:
+    """Every phage of `model` with units left, by name: marked host blocks, the channels of
+    committed widenings that no seed reads (`stream.w<i>`, `kasmina.channels`; those read too
+    with `read_by_seeds`, for the engine to lift their masks), then committed seeds (not one
+    being lysed)."""
     found = {
         name: Tissue(name, "host", target)
         for _, name, target in marked_blocks(model)
         if target.unit_mask.units
     }
+    for group in stream_groups(model):
+        if group.units and (read_by_seeds or readers_free(model, group)):
+            found[group_name(group.index)] = Tissue(group_name(group.index), "host", group)
     for name, slot in slots_of(model).items():
         phage = slot.phage
         if slot.stage is not Stage.COMMITTED or phage is None or phage.fade is not None:

@@ -98,7 +98,7 @@ class Decay:
             del window[: -self.cfg.roi_window]
         self.governor.host_params = max(1, model_mass(self.model, self.slots.values()))
         events = self.governor.check(loss, tick)
-        tissue = tissue_of(self.model)  # masks can be lifted under a live widening too
+        tissue = tissue_of(self.model, read_by_seeds=True)  # lifts go wherever a mask is
         for e in events:
             if e.kind == "lysis_panic":
                 name, u = _split(e.unit)
@@ -205,11 +205,18 @@ class Decay:
         return events
 
     def _forget_removed(self) -> list[LysisEvent]:
-        """Units whose phage is gone (a committed seed the governor removed in an emergency)
-        leave the governor, its budget and the history."""
+        """Units whose phage is gone (a committed seed the governor removed in an emergency) or
+        no longer Emrakul's (a widening's channels that a seed born since reads: their masks
+        are lifted) leave the governor, its budget and the history."""
         alive, g, events = tissue_of(self.model), self.governor, []
+        held = tissue_of(self.model, read_by_seeds=True)
         for key in [k for k in g.units if _split(k)[0] not in alive]:
-            events.append(LysisEvent("lysis_dropped", key, {"reason": "its phage was removed"}))
+            name, u = _split(key)
+            why = "its phage was removed"
+            if name in held:
+                held[name].set([u], 1.0, Actor.TOLARIA)
+                why = "a seed reads its channels"
+            events.append(LysisEvent("lysis_dropped", key, {"reason": why}))
             del g.units[key]
         self.history = {k: v for k, v in self.history.items() if _split(k)[0] in alive}
         return events
