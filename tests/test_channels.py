@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import esper
 from _engine_helpers import digits
 from conftest import grow, host_input, small_cnn, small_mlp, small_transformer
 from esper.contracts import (
@@ -36,6 +37,7 @@ from esper.simic import EconomyConfig
 from esper.tolaria.decay import Decay
 from esper.tolaria.environment import EnvConfig, GrowthEnv
 from esper.tolaria.lysis import LysisConfig
+from test_export import run_without_esper
 
 HOSTS = {"cnn": small_cnn, "mlp": small_mlp, "transformer": small_transformer}
 WIDEN = SeedSpec(Blueprint.WIDEN)
@@ -223,3 +225,27 @@ def test_checkpoints_carry_lysed_channels_and_their_masks(tmp_path: Path) -> Non
     assert fresh.stream.widenings == model.stream.widenings
     assert torch.equal(_out(fresh, x), _out(model, x))
     assert tissue_of(fresh)["stream.w0"].values() == t.values()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+def test_lysed_and_sedated_channels_export_and_run_without_esper(kind: str, tmp_path: Path) -> None:
+    model, x = _widened(kind)
+    t = tissue_of(model)["stream.w0"]
+    t.set([0, 1], 0.0, Actor.EMRAKUL)
+    t.lyse([0])
+    t = tissue_of(model)["stream.w0"]  # channel 1 is now 0, still sedated: its mask is traced
+    assert t.values()[0] == 0.0
+    esper.export(model, x[:2], tmp_path / "model")
+    got = run_without_esper(tmp_path, x)
+    assert torch.allclose(got["program"], _out(model, x), atol=1e-5, rtol=0)
+
+
+def test_a_seed_born_before_the_widening_reads_only_its_own_channels_so_they_stay_tissue() -> None:
+    torch.manual_seed(0)
+    model = small_cnn()
+    x = host_input(model)
+    first, second = list(slots_of(model).values())[:2]
+    grow(model, second, x, SeedSpec(Blueprint.CONV_LIGHT), Stage.COMMITTED)
+    grow(model, first, x, WIDEN, Stage.COMMITTED)
+    assert second.channels == model.stream.width < model.head.in_features  # the host's only
+    assert {"stream.w0", second.name} <= set(tissue_of(model))
