@@ -48,6 +48,23 @@ def test_grow_runs_and_prints_summary(tmp_path: Path, tiny_config: Path) -> None
     [run] = list((tmp_path / "runs").iterdir())
     with RunStore.open(run) as store:
         assert store.last_complete_tick() == 2
+    # the matched host: no growth, same seed and ticks, recorded beside the run and compared
+    with RunStore.open(run / "baseline") as store:
+        cfg = store.manifest()["config"]
+        alone = store.metrics()[-1][1]["metric"]
+        assert (cfg["policy"], cfg["seed"], cfg["ticks"]) == ("none", 0, 3)
+        assert not [e for e in store.events() if e.kind == "germinate"]
+        hashed = store.event_log_hash()
+    assert f"vs host alone {alone:.4f}" in r.output
+    again = _invoke("grow", "--resume", str(run))  # finished: the baseline is read, not rerun
+    assert again.exit_code == 0 and f"vs host alone {alone:.4f}" in again.output
+    with RunStore.open(run / "baseline") as store:
+        assert store.event_log_hash() == hashed
+    quiet = _invoke(
+        "grow", "--config", str(tiny_config), "--out", str(tmp_path / "q"), "--no-baseline"
+    )
+    assert quiet.exit_code == 0 and "host alone" not in quiet.output
+    assert not (next((tmp_path / "q").iterdir()) / "baseline").exists()
     listed = _invoke("runs", "--root", str(tmp_path / "runs"))
     assert run.name in listed.output
     shown = _invoke("show", str(run))

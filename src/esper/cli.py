@@ -26,6 +26,7 @@ from esper.audits.estimators import compare_audits
 from esper.audits.estimators import format_rows as format_estimator_rows
 from esper.audits.replay import candidates_from_run
 from esper.audits.retrain import Audit, AuditProtocol, AuditResult
+from esper.baselines import Finished, record_baseline
 from esper.config import (
     ConfigError,
     GrowConfig,
@@ -124,6 +125,13 @@ def grow(
     data_dir: Annotated[str | None, typer.Option(help="CIFAR-10 folder")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume this run directory")] = None,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            help="also train the same host with no growth (same seed and ticks), recorded in "
+            "RUN/baseline, and compare"
+        ),
+    ] = True,
 ) -> None:
     """Grow a network on a task; record every decision; print a summary."""
     try:
@@ -144,16 +152,16 @@ def grow(
             )
             run = start_run(cfg)
         result = _run_with_progress(run)
+        alone = _baseline_with_progress(run) if baseline else None
     except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
         _out().print(f"interrupted; resume with: esper grow --resume {run.run_dir}")
         raise typer.Exit(130) from None
-    _print_summary(result)
+    _print_summary(result, alone)
 
 
-def _run_with_progress(run: GrowthRun) -> GrowResult:
-    cfg = run.cfg
+def _progress_bar() -> Progress:
     columns = (
         TextColumn("[bold]growing[/bold] {task.description}"),
         BarColumn(),
@@ -161,12 +169,17 @@ def _run_with_progress(run: GrowthRun) -> GrowResult:
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
     )
-    with Progress(
+    return Progress(
         *columns,
         console=_out(),
         transient=True,
         disable=not sys.stderr.isatty() and not sys.stdout.isatty(),
-    ) as bar:
+    )
+
+
+def _run_with_progress(run: GrowthRun) -> GrowResult:
+    cfg = run.cfg
+    with _progress_bar() as bar:
         job = bar.add_task(
             f"{cfg.task} ({cfg.policy})", total=cfg.ticks, completed=run.start_tick, status=""
         )
@@ -182,6 +195,17 @@ def _run_with_progress(run: GrowthRun) -> GrowResult:
         return run.run(progress=update)
 
 
+def _baseline_with_progress(run: GrowthRun) -> Finished:
+    """The run's matched host (no growth, same seed and ticks), recorded in RUN/baseline."""
+    with _progress_bar() as bar:
+        job = bar.add_task("host alone (baseline)", total=run.cfg.ticks, status="")
+
+        def update(t: int, m: dict[str, float]) -> None:
+            bar.update(job, completed=t + 1, status=f"metric {m['metric']:.4f}")
+
+        return record_baseline(run.run_dir, run.cfg, update)
+
+
 def _change(start: int, end: int, removed: int) -> str:
     """start → end, with what growth added and decay removed."""
     return (
@@ -190,7 +214,21 @@ def _change(start: int, end: int, removed: int) -> str:
     )
 
 
-def _print_summary(r: GrowResult) -> None:
+def _versus(r: GrowResult, alone: Finished | None) -> list[tuple[str, str]]:
+    if alone is None:
+        return []
+    better = "higher" if r.metric_name == "accuracy" else "lower"
+    return [
+        (
+            f"{r.metric_name}, host alone at end",
+            f"{alone.final_metric:.4f} (no growth, same seed and ticks; {alone.params_end:,} "
+            f"params) — grown {r.final_metric:.4f} vs host alone {alone.final_metric:.4f}, "
+            f"{r.final_metric - alone.final_metric:+.4f} ({better} is better)",
+        )
+    ]
+
+
+def _print_summary(r: GrowResult, alone: Finished | None = None) -> None:
     table = Table(title=f"Esper run {r.run_dir}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
@@ -198,6 +236,7 @@ def _print_summary(r: GrowResult) -> None:
     rows = [
         (f"{r.metric_name}, host at first tick", f"{r.start_metric:.4f}"),
         (f"{r.metric_name}, grown model at end", f"{r.final_metric:.4f}"),
+        *_versus(r, alone),
         ("parameters", _change(r.params_start, r.params_end, r.params_removed)),
         ("FLOPs per sample", _change(r.flops_start, r.flops_end, r.flops_removed)),
         ("germinated", count(r.germinated)),

@@ -15,6 +15,7 @@ from esper.kasmina.blueprints import (
 from esper.kasmina.checkpoint import (
     CheckpointError,
     apply_model_state,
+    apply_model_structure,
     load_model,
     model_state,
     read_checkpoint,
@@ -71,6 +72,7 @@ __all__ = [
     "UnitMask",
     "Widening",
     "apply_model_state",
+    "apply_model_structure",
     "blueprint_cost",
     "blueprints_for",
     "build_seed",

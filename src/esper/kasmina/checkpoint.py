@@ -280,6 +280,19 @@ def apply_model_state(
 ) -> None:
     """Rebuild `model`'s stream (its committed widenings), slots and phages as `meta`
     describes, then load `tensors`."""
+    apply_model_structure(model, meta, source)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{source} does not fit this model: {' '.join(x.strip() for x in first[:3])}"
+        ) from None
+
+
+def apply_model_structure(model: nn.Module, meta: dict[str, Any], source: str = "snapshot") -> None:
+    """Give `model` the structure `meta` describes — stream widenings, host tissue and phages,
+    slots — with the weights it has (a slot whose state is None is left dormant)."""
     slots = slots_of(model)
     unknown = sorted(set(meta["slots"]) - set(slots))
     missing = sorted(set(slots) - set(meta["slots"]))
@@ -302,11 +315,5 @@ def apply_model_state(
             )
         _apply_phage_state(phage, st)
     for name, st in meta["slots"].items():
-        restore_slot(slots[name], st)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(
-            f"{source} does not fit this model: {' '.join(x.strip() for x in first[:3])}"
-        ) from None
+        if st is not None:
+            restore_slot(slots[name], st)
