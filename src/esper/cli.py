@@ -42,6 +42,9 @@ from esper.recorder import RunStore, list_runs
 from esper.run import GrowResult, GrowthRun, grown_model, resume_run, start_run
 from esper.simic import EconomyConfig
 from esper.simic.critic import DEFAULT_LAG, critic_dataset, fit_critic, held_out
+from esper.study import RunSummary, load_study, run_study
+from esper.study import to_markdown as study_markdown
+from esper.study import write as write_study
 from esper.tamiyo.imitation import ImitationConfig
 from esper.tamiyo.policies import POLICIES
 from esper.tolaria.data import TASK_NAMES
@@ -638,6 +641,41 @@ def _audit_compare(
         "reused); tick-equivalent: retrains × their ticks / the audit budget; "
         "MAE — : credit in other units (ablation under a loss metric)"
     )
+
+
+@app.command("study")
+def study_cmd(
+    study: Annotated[
+        str,
+        typer.Argument(help="a study file, or a name: NAME looks up studies/NAME-TASK.toml"),
+    ],
+    task: Annotated[str, typer.Option(help="with a study name: digits or text")] = "digits",
+    seeds: Annotated[int | None, typer.Option(help="seeds (default: the study file's)")] = None,
+    workers: Annotated[int | None, typer.Option(help="processes (default: the cores)")] = None,
+    backend: Annotated[
+        str, typer.Option(help="where runs go: local (a process pool) or ray (Ray tasks)")
+    ] = "local",
+    out: Annotated[Path | None, typer.Option(help="default: studies/out/<study file>")] = None,
+) -> None:
+    """Run a study (e.g. the paper's §7 table) over held-out seeds; print and write its table."""
+    path = Path(study) if study.endswith(".toml") else Path("studies") / f"{study}-{task}.toml"
+    try:
+        spec = load_study(path, seeds=seeds)
+        check_backend(backend, None)
+        where = out if out is not None else Path("studies") / "out" / path.stem
+        total = len(spec.rows) * spec.seeds
+        with _progress_bar() as bar:
+            job = bar.add_task(f"study {path.stem}", total=total, status="")
+
+            def update(row: str, seed: int, r: RunSummary) -> None:
+                bar.update(job, advance=1, status=f"{row} s{seed}: {r.metric:.4f}")
+
+            result = run_study(spec, where, workers=workers, backend=backend, progress=update)
+        write_study(result, where)
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    _out().print(study_markdown(result))
+    _out().print(f"written: {where / 'study.md'}, {where / 'study.json'}")
 
 
 @app.command("train-critic")
