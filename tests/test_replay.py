@@ -208,10 +208,17 @@ def test_bad_replays_fail_in_one_line_and_leave_nothing(
     assert _files(src) == before
 
 
-def test_an_existing_out_is_refused(source: tuple[Path, GrowResult], tmp_path: Path) -> None:
+def test_an_existing_out_or_one_inside_the_source_is_refused(
+    source: tuple[Path, GrowResult], tmp_path: Path
+) -> None:
+    src, _ = source
+    before = _files(src)
     (tmp_path / "taken").mkdir()
     with pytest.raises(ReplayError, match="already exists"):
-        replay(source[0], 5, out=tmp_path / "taken")
+        replay(src, 5, out=tmp_path / "taken")
+    with pytest.raises(ReplayError, match="inside the source run"):
+        replay(src, 5, out=src / "fork")
+    assert _files(src) == before
 
 
 def test_a_replay_that_departs_from_the_record_names_the_tick(

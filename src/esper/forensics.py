@@ -280,6 +280,8 @@ def fork_run(
     out = Path(out) if out is not None else default_fork_dir(source, from_tick)
     if out.exists():
         raise ReplayError(f"{out} already exists: give the fork a new --out")
+    if out.resolve().is_relative_to(source.resolve()):
+        raise ReplayError(f"{out} is inside the source run {source}, which a replay only reads")
     start = src.start.tick if src.start is not None else -1
     fork = {
         "source": str(source.resolve()),
