@@ -25,7 +25,7 @@ from esper.forensics import (
 )
 from esper.recorder import RunStore
 from esper.recorder.records import to_json
-from esper.run import GrowResult, grown_model, start_run
+from esper.run import GrowResult, GrowthRun, grown_model, resume_run, start_run
 from esper.tamiyo.policies import Decision, HeuristicPolicy
 from esper.tolaria.episode import weights_hash
 
@@ -175,6 +175,41 @@ def test_an_injected_blueprint_keeps_the_rest_of_the_policys_germination(
         germinated = {e.tick: (e.slot, e.payload["blueprint"]) for e in store.events("germinate")}
     assert germinated[4] == ("slots.b1", "CONV_LIGHT")  # the heuristic's slot, our blueprint
     assert esper.diff(src, fork.run_dir).first_decision == 4
+
+
+def test_a_fork_interrupted_after_its_injection_resumes_with_it(
+    source: tuple[Path, GrowResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fork checkpoints its injected tick, so `--resume` never replays the policy's choice
+    there; a fork interrupted before that tick leaves nothing."""
+    src, _ = source
+    whole = replay(src, 6, inject="op=PRUNE,slot=b1", out=tmp_path / "whole")
+    step = GrowthRun.step
+
+    def interrupted_at(tick: int):  # type: ignore[no-untyped-def]
+        def step_until(self: GrowthRun, t: int) -> dict[str, float]:
+            if t == tick:
+                raise KeyboardInterrupt
+            return step(self, t)
+
+        return step_until
+
+    monkeypatch.setattr(GrowthRun, "step", interrupted_at(6))  # in the injected tick
+    with pytest.raises(KeyboardInterrupt):
+        replay(src, 6, inject="op=PRUNE,slot=b1", out=tmp_path / "early")
+    assert not (tmp_path / "early").exists()
+
+    monkeypatch.setattr(GrowthRun, "step", interrupted_at(7))  # after 6, before the checkpoint at 8
+    with pytest.raises(KeyboardInterrupt):
+        replay(src, 6, inject="op=PRUNE,slot=b1", out=tmp_path / "late")
+    monkeypatch.setattr(GrowthRun, "step", step)
+    resumed = resume_run(tmp_path / "late")
+    assert resumed.start_tick == 7
+    result = resumed.run()
+    assert (result.event_log_hash, result.weights_hash) == (
+        whole.event_log_hash,
+        whole.weights_hash,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

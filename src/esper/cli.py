@@ -321,26 +321,26 @@ def replay(
 ) -> None:
     """Fork a recorded run at a tick (paper §8.2): reload its state there, optionally inject a
     different action, and play on under the same policy into a new run."""
+    run: GrowthRun | None = None
     try:
         run = fork_run(run_dir, from_tick, inject, out)
         c = run.store.manifest()["fork"]["checkpoint_tick"]
         start = f"its checkpoint after tick {c}" if c >= 0 else "the start"
         checked = (
-            f"ticks {c + 1}..{from_tick - 1} replayed and checked" if c + 1 < from_tick else ""
+            f", ticks {c + 1}..{from_tick - 1} replayed and checked" if c + 1 < from_tick else ""
         )
         _out().print(
-            f"forking {run_dir} at tick {from_tick} into {run.run_dir}: from {start}"
-            + (f", {checked}" if checked else "")
+            f"forking {run_dir} at tick {from_tick} into {run.run_dir}: from {start}{checked}"
         )
         result = _run_with_progress(run, lambda progress: play_fork(run, progress))
         found = diff_runs(run_dir, result.run_dir)
     except KNOWN_ERRORS as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:
-        left = run.run_dir.exists()
+        kept = run is not None and run.run_dir.exists()
         _out().print(
             f"interrupted; resume with: esper grow --resume {run.run_dir}"
-            if left
+            if run is not None and kept
             else "interrupted before the fork's tick: nothing kept"
         )
         raise typer.Exit(130) from None

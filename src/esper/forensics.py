@@ -214,7 +214,6 @@ class _Source:
 
     path: Path
     manifest: dict[str, Any]
-    last_tick: int
     events: list[EventRecord]
     metrics: dict[int, dict[str, float]]
     checkpoints: list[CheckpointRecord]
@@ -243,7 +242,6 @@ def _read_source(source: Path, from_tick: int) -> _Source:
         return _Source(
             path=source,
             manifest=store.manifest(),
-            last_tick=last,
             events=store.events(),
             metrics=dict(store.metrics()),
             checkpoints=store.checkpoints(),
@@ -275,6 +273,8 @@ def fork_run(
             f"{source} grew a user's module (esper.grow), which cannot be rebuilt from its config"
         )
     record = src.decisions
+    if from_tick not in record:
+        raise ReplayError(f"run {source} recorded no decision at tick {from_tick} (env 0)")
     slots = [s["name"] for s in record[from_tick].slot_states]
     heads = parse_action(inject, slots) if inject is not None else None
     out = Path(out) if out is not None else default_fork_dir(source, from_tick)
