@@ -40,7 +40,10 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GrowResult]:
     """A finished run: WIDEN in b0 at tick 1, CONV_HEAVY in b1 at tick 4 (GERMINATED at 5,
     TRAINING at 6), CONV_LIGHT in b2 at tick 7."""
     run_dir = tmp_path_factory.mktemp("replay") / "source"
-    result = start_run(small_config(TICKS, checkpoint_every=EVERY), run_dir=run_dir).run()
+    run = start_run(small_config(TICKS, checkpoint_every=EVERY), run_dir=run_dir)
+    result = run.run()
+    run.store.close()  # finished: its WAL folded into run.sqlite, no -wal or -shm file left
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "run.sqlite"]
     return run_dir, result
 
 
@@ -102,13 +105,14 @@ def test_a_fork_of_a_finished_run_reproduces_it_and_leaves_it_untouched(
 
     with RunStore.open(fork.run_dir) as store:
         manifest, checkpoints = store.manifest(), [c.tick for c in store.checkpoints()]
+    with RunStore.open(src) as store:
+        assert manifest["config"] == store.manifest()["config"]
     assert manifest["fork"]["source"] == str(src.resolve())
     assert (manifest["fork"]["from_tick"], manifest["fork"]["checkpoint_tick"]) == (
         from_tick,
         checkpoint,
     )
     assert manifest["fork"]["inject"] is None
-    assert manifest["config"] == RunStore.open(src).manifest()["config"]
     # the source's checkpoints, copied, and one at the fork's tick
     assert checkpoints == sorted({2, 5, 8, 9, from_tick})
     assert all(

@@ -349,7 +349,11 @@ def replay(
 ) -> GrowResult:
     """Fork `source` at tick `from_tick` (with the action `inject` there, e.g. "op=PRUNE,slot=b1")
     and play the fork to the end; its result (`result.run_dir` is the fork)."""
-    return play_fork(fork_run(source, from_tick, inject, out), progress)
+    run = fork_run(source, from_tick, inject, out)
+    try:
+        return play_fork(run, progress)
+    finally:
+        run.store.close()
 
 
 # ---------------------------------------------------------------------------------------------
