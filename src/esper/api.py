@@ -1,4 +1,5 @@
-"""The Python API: grow a user's own module on the user's own data."""
+"""The Python API: grow a user's own module on the user's own data; fork a recorded run and
+compare two (forensic replay, paper §8.2)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from torch import nn
 
 from esper.config import GrowConfig, override
 from esper.contracts.errors import ConfigError
+from esper.forensics import RunDiff, diff_runs
+from esper.forensics import replay as replay_run
 from esper.kasmina import describe, probing
 from esper.kasmina.export import export_model
 from esper.run import Callback, GrowResult, start_run, task_of
@@ -129,3 +132,20 @@ def export(model: nn.Module, example_input: torch.Tensor, out: str | Path) -> tu
     `torch.export` program (`.pt2`) and its weights beside it (`.safetensors`); returns both
     paths. `example_input`: a batch the model accepts (the batch size stays dynamic)."""
     return export_model(model, example_input, out)
+
+
+def replay(
+    run_dir: str | Path, from_tick: int, inject: str | None = None, out: str | Path | None = None
+) -> GrowResult:
+    """Fork the recorded run `run_dir` at tick `from_tick` into a new run (`out`, default
+    `RUN_DIR-replay-tT`) and play it to the end; the source is only read. Without `inject` the
+    fork reproduces the source bit for bit; with it (e.g. `"op=PRUNE,slot=b1"`, or
+    `"blueprint=CONV_LIGHT"`: heads not named keep the policy's choice) that action replaces the
+    policy's at `from_tick`, and the policy plays on. `result.run_dir` is the fork."""
+    return replay_run(run_dir, from_tick, inject, out)
+
+
+def diff(run_a: str | Path, run_b: str | Path) -> RunDiff:
+    """Where two recorded runs diverge: the first tick whose decision, events or metrics differ,
+    and both runs' slots, metric and parameters tick by tick."""
+    return diff_runs(run_a, run_b)

@@ -1,5 +1,5 @@
-"""The command line: `esper grow`, `runs`, `show`, `evaluate`, `train-policy`, `audit`,
-`train-critic`.
+"""The command line: `esper grow`, `runs`, `show`, `replay`, `diff`, `export`, `evaluate`, `study`,
+`train-policy`, `audit`, `train-critic`.
 
 Flags override the config file, which overrides the job's config dataclass (`GrowConfig`,
 `TrainPolicyConfig`, `AuditProtocol`); each default is defined once, there, and the help text
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,7 @@ from esper.config import (
 )
 from esper.contracts.errors import EsperError
 from esper.evaluate import FIRST_HELD_OUT, HELD_OUT_SEEDS, evaluate, held_out_seeds
+from esper.forensics import RunDiff, diff_runs, fork_run, play_fork
 from esper.kasmina.export import export_model
 from esper.recorder import RunStore, list_runs
 from esper.run import GrowResult, GrowthRun, grown_model, resume_run, start_run
@@ -180,7 +182,11 @@ def _progress_bar() -> Progress:
     )
 
 
-def _run_with_progress(run: GrowthRun) -> GrowResult:
+def _run_with_progress(
+    run: GrowthRun,
+    play: Callable[[Callable[[int, dict[str, float]], None]], GrowResult] | None = None,
+) -> GrowResult:
+    """`run` played by `play(progress)` (default: `run.run`) under a progress bar."""
     cfg = run.cfg
     with _progress_bar() as bar:
         job = bar.add_task(
@@ -195,7 +201,7 @@ def _run_with_progress(run: GrowthRun) -> GrowResult:
                 + (f"  lysed {int(m['lysed_params'])}" if "lysed_params" in m else ""),
             )
 
-        return run.run(progress=update)
+        return (play or run.run)(update)
 
 
 def _baseline_with_progress(run: GrowthRun) -> Finished:
@@ -336,6 +342,127 @@ def _print_decay(events: list) -> None:  # type: ignore[type-arg]
         f"decay: {n['lysis_probation']} sedations, {n['lysis_panic']} woken by a loss spike, "
         f"{n['lysed']} units lysed ({params:,} parameters), {n['decay_folded']} folded"
     )
+
+
+@app.command()
+def replay(
+    run_dir: Annotated[Path, typer.Argument(help="the run to fork (finished or not; only read)")],
+    from_tick: Annotated[
+        int, typer.Option("--from", help="the tick to fork at (its state before the tick)")
+    ],
+    inject: Annotated[
+        str | None,
+        typer.Option(
+            help="the action at that tick instead of the policy's, e.g. op=PRUNE,slot=b1 or "
+            "blueprint=CONV_LIGHT (heads not named keep the policy's choice)"
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="the new run directory (default: RUN-replay-tT)")
+    ] = None,
+) -> None:
+    """Fork a recorded run at a tick (paper §8.2): reload its state there, optionally inject a
+    different action, and play on under the same policy into a new run."""
+    run: GrowthRun | None = None
+    try:
+        run = fork_run(run_dir, from_tick, inject, out)
+        c = run.store.manifest()["fork"]["checkpoint_tick"]
+        start = f"its checkpoint after tick {c}" if c >= 0 else "the start"
+        checked = (
+            f", ticks {c + 1}..{from_tick - 1} replayed and checked" if c + 1 < from_tick else ""
+        )
+        _out().print(
+            f"forking {run_dir} at tick {from_tick} into {run.run_dir}: from {start}{checked}"
+        )
+        result = _run_with_progress(run, lambda progress: play_fork(run, progress))
+        found = diff_runs(run_dir, result.run_dir)
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        kept = run is not None and run.run_dir.exists()
+        _out().print(
+            f"interrupted; resume with: esper grow --resume {run.run_dir}"
+            if run is not None and kept
+            else "interrupted before the fork's tick: nothing kept"
+        )
+        raise typer.Exit(130) from None
+    _print_summary(result)
+    _out().print(_headline(found))
+
+
+@app.command()
+def diff(
+    run_a: Annotated[Path, typer.Argument(help="a run directory")],
+    run_b: Annotated[Path, typer.Argument(help="another, e.g. a fork of the first")],
+    all_ticks: Annotated[
+        bool, typer.Option("--all", help="every tick, not only from the first divergence")
+    ] = False,
+) -> None:
+    """Where two runs diverge: the first differing decision, events and metrics, then slots,
+    metric and parameters of both, tick by tick."""
+    try:
+        found = diff_runs(run_a, run_b)
+    except KNOWN_ERRORS as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    _out().print(f"A: {run_a}\nB: {run_b}")
+    for who, fork in found.forks:
+        inject = f", injecting {fork['inject']}" if fork["inject"] else ""
+        _out().print(f"{who} is a fork of {fork['source']} at tick {fork['from_tick']}{inject}")
+    for key, (a, b) in found.config.items():
+        _out().print(f"config {key}: {a} (A) vs {b} (B)")
+    _out().print(_headline(found))
+    start = 0 if all_ticks else found.first_divergence
+    if start is None:
+        return
+    table = Table(
+        "tick",
+        "decision A",
+        "decision B",
+        "slots that differ (A → B)",
+        "metric A",
+        "metric B",
+        "Δ metric",
+        "params A",
+        "params B",
+        "Δ params",
+        caption="* an injected action; slots at decision time, params after the tick",
+    )
+    for row in (r for r in found.ticks if r.tick >= start):
+        (ma, mb), (pa, pb) = row.metric, row.params
+        table.add_row(
+            str(row.tick),
+            row.decisions[0] or "—",
+            row.decisions[1] or "—",
+            "; ".join(f"{n}: {a} → {b}" for n, a, b in row.slots),
+            _num(ma, "{:.4f}"),
+            _num(mb, "{:.4f}"),
+            _num(None if ma is None or mb is None else mb - ma, "{:+.4f}"),
+            _num(pa, "{:,}"),
+            _num(pb, "{:,}"),
+            _num(None if pa is None or pb is None else pb - pa, "{:+,}"),
+        )
+    _out().print(table)
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "—" if x is None else fmt.format(x)
+
+
+def _headline(d: RunDiff) -> str:
+    """Where the runs first differ, in one line."""
+    if d.first_divergence is None:
+        return "identical records: every tick's decision, events and metrics"
+    parts = [
+        f"{what} at tick {t}"
+        for what, t in (
+            ("decisions", d.first_decision),
+            ("events", d.first_event),
+            ("metrics", d.first_metric),
+        )
+        if t is not None
+    ]
+    same = f"identical up to tick {d.first_divergence - 1}; " if d.first_divergence else ""
+    return f"{same}first differing " + ", ".join(parts)
 
 
 @app.command("export")

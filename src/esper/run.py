@@ -35,7 +35,7 @@ from esper.kasmina import (
     save_tensors,
     slots_of,
 )
-from esper.recorder import DecisionRecord, RunStore, TickWriter, build_manifest
+from esper.recorder import CheckpointRecord, DecisionRecord, RunStore, TickWriter, build_manifest
 from esper.tamiyo.learned import BLUEPRINT_LIBRARY, LearnedPolicy
 from esper.tamiyo.masks import illegal_reason
 from esper.tamiyo.policies import POLICIES, Decision, Policy, make_policy
@@ -170,14 +170,15 @@ def record_tick(
     metrics: dict[str, float] | None = None,
 ) -> None:
     """One environment's tick into the open transaction `tx`: its decision record (paper §8.1)
-    and its events, and `metrics` when given (one set per transaction)."""
+    and its events, and `metrics` when given (one set per transaction). The record names
+    `policy`, or `decision.by` when set (an action injected by a forensic replay)."""
     if metrics is not None:
         tx.metrics(metrics)
     tx.decision(
         DecisionRecord(
             env=env,
             tick=tx.tick,
-            policy=policy,
+            policy=decision.by or policy,
             action=decision.action.names(),
             slot_states=[slot_state(s) for s in obs.slots],
             obs_before=obs_vector(obs),
@@ -243,6 +244,8 @@ class GrowthRun:
         self.run_dir, self.store = run_dir, store
         self.env, self.task = episode.env, episode.env.task
         self.params_start, self.flops_start = _cost(self.env.model, self.task)
+        self.checkpoint_also: set[int] = set()
+        """Ticks to checkpoint besides every `cfg.checkpoint_every` (a fork's injected tick)."""
 
     @property
     def start_tick(self) -> int:
@@ -265,12 +268,16 @@ class GrowthRun:
         save_tensors(path, tensors, {"esper_run": json.dumps({**info, "tick_saved": tick})})
         return str(path.relative_to(self.run_dir)), hashlib.sha256(path.read_bytes()).hexdigest()
 
-    def resume(self) -> int:
-        """Load the last checkpoint within the last complete tick; drop what came after."""
-        tick, info, tensors = last_checkpoint(self.store, self.run_dir, self.env.device)
+    def load(self, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint's `state()`: the episode, the policy, the start costs."""
         self.episode.restore(info, tensors)
         self.policy.load_state_dict(info["policy"])
         self.params_start, self.flops_start = info["params_start"], info["flops_start"]
+
+    def resume(self) -> int:
+        """Load the last checkpoint within the last complete tick; drop what came after."""
+        tick, info, tensors = last_checkpoint(self.store, self.run_dir, self.env.device)
+        self.load(info, tensors)
         self.store.truncate_after(tick)
         return tick
 
@@ -291,7 +298,7 @@ class GrowthRun:
         decision = self.policy.act(obs)
         outcome = self.episode.act(decision.action, decision.reason)
         ckpt = None
-        if (t + 1) % self.cfg.checkpoint_every == 0 or outcome.done:
+        if (t + 1) % self.cfg.checkpoint_every == 0 or outcome.done or t in self.checkpoint_also:
             ckpt = self.save_checkpoint(t)
         with self.store.tick(t) as tx:
             record_tick(tx, 0, self.policy.name, decision, obs, outcome, outcome.metrics)
@@ -338,23 +345,40 @@ class GrowthRun:
 # ---------------------------------------------------------------------------------------------
 
 
-def last_checkpoint(
-    store: RunStore, run_dir: Path, device: torch.device
-) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]]:
-    """(tick, metadata, tensors) of the last checkpoint within the last complete tick, its hash
-    checked against the record."""
+def checkpoint_before(store: RunStore, tick: int | None = None) -> CheckpointRecord | None:
+    """The last checkpoint within the last complete tick (and before tick `tick`), or None."""
     last = store.last_complete_tick()
-    ckpts = [c for c in store.checkpoints() if last is not None and c.tick <= last]
-    if not ckpts:
-        raise CheckpointError(f"run {run_dir} has no checkpoint")
-    ck = ckpts[-1]
+    if last is None:
+        return None
+    end = last if tick is None else min(last, tick - 1)
+    ckpts = [c for c in store.checkpoints() if c.tick <= end]
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(
+    run_dir: Path, ck: CheckpointRecord, device: torch.device
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a run's checkpoint, its hash checked against the record."""
     path = run_dir / ck.path
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing")
     if hashlib.sha256(path.read_bytes()).hexdigest() != ck.sha256:
         raise CheckpointError(f"checkpoint {path} does not match its recorded hash (corrupt)")
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         info = json.loads(f.metadata()["esper_run"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    return ck.tick, info, tensors
+    return info, tensors
+
+
+def last_checkpoint(
+    store: RunStore, run_dir: Path, device: torch.device
+) -> tuple[int, dict[str, Any], dict[str, torch.Tensor]]:
+    """(tick, metadata, tensors) of the last checkpoint within the last complete tick, its hash
+    checked against the record."""
+    ck = checkpoint_before(store)
+    if ck is None:
+        raise CheckpointError(f"run {run_dir} has no checkpoint")
+    return ck.tick, *load_checkpoint(run_dir, ck, device)
 
 
 def grown_model(run_dir: Path) -> tuple[nn.Module, TaskData]:
@@ -390,9 +414,11 @@ def start_run(
     policy: Policy | None = None,
     run_dir: Path | None = None,
     callbacks: Iterable[Callback] = (),
+    provenance: dict[str, Any] | None = None,
 ) -> GrowthRun:
     """Seed everything, build the episode (task and host unless given) and the policy (`cfg`'s
-    unless given), create the run directory."""
+    unless given), create the run directory. `provenance`: more manifest entries (a fork's
+    source, `esper.forensics`)."""
     device = pick_device(cfg.device)
     seed_everything(cfg.seed, device)
     episode = build_episode(cfg, model=model, task=task, callbacks=callbacks)
@@ -401,6 +427,7 @@ def start_run(
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, str(device))
     manifest["task"] = episode.env.task.describe()
+    manifest.update(provenance or {})
     store = RunStore.create(run_dir, manifest)
     return GrowthRun(cfg, episode, policy, run_dir, store=store)
 

@@ -37,6 +37,9 @@ class Decision:
     entropy: dict[str, float] = field(default_factory=dict)
     value: float | None = None
     reason: str = ""
+    by: str | None = None
+    """Who chose the action when the policy did not: "injected", a forensic replay's
+    counterfactual (`esper.forensics`), which the flight record names instead of the policy."""
 
 
 class Policy(Protocol):
