@@ -202,6 +202,10 @@ def test_report_of_a_run_with_every_kind_of_event(story: Path, tmp_path: Path) -
 
     economy = traces(figs["fig-economy"])
     assert economy["rent"]["y"] == pytest.approx([m["rent"] for _, m in metrics])
+    for t in range(TICKS - 1):  # the tick's rent is what its slots were charged
+        per_slot = [economy[f"rent {slot}"]["y"][t] for slot in slots]
+        assert economy[f"rent {slots[0]}"]["x"][t] == t
+        assert sum(per_slot) == pytest.approx(metrics[t][1]["rent"], abs=1e-12)
     accounts = next(e for e in events if e.kind == "seed_accounts").payload
     assert economy["rent_paid"]["y"] == pytest.approx([a["rent_paid"] for a in accounts.values()])
     assert [x.split()[0] for x in economy["churn_paid"]["x"]] == list(accounts)

@@ -183,6 +183,20 @@ def slot_timeline(view: RunView) -> dict[str, list[tuple[int, str, float, str | 
     return lanes
 
 
+def slot_rents(view: RunView) -> dict[str, tuple[list[int], list[float]]]:
+    """slot -> (ticks, rent charged to it in each): the rent (weighted, reward units) of tick t
+    is in the slot states of decision t + 1, so the last tick's is not recorded per slot."""
+    rents: dict[str, tuple[list[int], list[float]]] = {}
+    for d in view.decisions:
+        if d.tick == 0:
+            continue
+        for s in d.slot_states:
+            ticks, values = rents.setdefault(s["name"], ([], []))
+            ticks.append(d.tick - 1)
+            values.append(float(s.get("rent") or 0.0))
+    return rents
+
+
 def phage_of(event: EventRecord) -> str:
     """The phage a decay event acted on: a host block's path or a committed seed's slot."""
     if "phage" in event.payload:

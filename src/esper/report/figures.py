@@ -17,6 +17,7 @@ from esper.report.data import (
     audit_rows,
     phage_of,
     roi_phages,
+    slot_rents,
     slot_timeline,
 )
 
@@ -306,13 +307,14 @@ def cost(views: Sequence[RunView]) -> go.Figure:
 
 
 def economy(views: Sequence[RunView]) -> go.Figure:
-    """Left: the weighted rent (solid) and churn (dotted) terms of each tick's reward; right:
-    what each seed paid over the run (the last tick's `seed_accounts`), rent and churn stacked."""
+    """Left: the weighted rent (solid) and churn (dotted) terms of each tick's reward, and the
+    rent charged to each slot's seed (thin); right: what each seed paid over the run (the last
+    tick's `seed_accounts`), rent and churn stacked."""
     fig = make_subplots(
         rows=1,
         cols=2,
         column_widths=[0.6, 0.4],
-        subplot_titles=("rent (solid) and churn (dotted) per tick", "paid per seed"),
+        subplot_titles=("rent (solid), churn (dotted), rent per slot (thin)", "paid per seed"),
     )
     several = len(views) > 1
     for i, v in enumerate(views):
@@ -322,6 +324,10 @@ def economy(views: Sequence[RunView]) -> go.Figure:
                 fig.add_trace(
                     _line(s.ticks, s.values[what], _name(v, what, several), c, dash), 1, 1
                 )
+        for j, (slot, (ticks, rents)) in enumerate(slot_rents(v).items()):
+            thin = _line(ticks, rents, _name(v, f"rent {slot}", several), _colour(i + j + 1))
+            thin.update(line_width=1, marker_size=2, opacity=0.7)
+            fig.add_trace(thin, 1, 1)
         accounts, seeds = v.seed_accounts(), v.seeds()
         labels = [
             f"{v.name} " * several + f"{seed} {seeds.get(seed, ('', ''))[1]}" for seed in accounts
