@@ -44,8 +44,8 @@ SECTIONS = {  # id -> (title, what it shows)
     ),
     "economy": (
         "Rent and churn",
-        "The weighted rent and churn terms of each tick's reward, and what each seed paid over "
-        "the run.",
+        "The weighted rent and churn terms of each tick's reward, the rent charged to each "
+        "slot's seed, and what each seed paid over the run.",
     ),
     "decisions": (
         "Decisions",
