@@ -161,6 +161,10 @@ def test_audit_a_recorded_run(tmp_path: Path) -> None:
     assert n >= 1 and "φ (Shapley)" in r.output and f"{2**n} retrained" in r.output
     again = _invoke("audit", str(run), "--budget", "4", "--metric", "val_loss", "--workers", "1")
     assert "0 retrained" in again.output  # every subset came from the audit cache
+    shown = _invoke("show", str(run))  # the labels the audit wrote, in `show` and the report
+    assert "audit labels (Shapley φ" in shown.output
+    assert _invoke("report", str(run)).exit_code == 0
+    assert 'data-plot="fig-audit"' in (run / "report.html").read_text()
 
 
 def test_an_internal_bug_keeps_its_traceback(

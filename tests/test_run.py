@@ -74,6 +74,8 @@ def test_a_run_germinates_blends_and_commits_a_seed(tmp_path: Path) -> None:
     assert result.committed == [fossil.payload["blueprint"]]
     assert fossil.payload["blueprint"] in result.germinated
     assert result.params_end > result.params_start and result.flops_end > result.flops_start
+    flops = [m["flops"] for m in metrics]  # the model's cost after each tick
+    assert flops[life[0].tick - 1] == result.flops_start < flops[-1] == result.flops_end
     assert result.final_metric == pytest.approx(metrics[-1]["metric"])
     assert result.rent_paid == pytest.approx(sum(m["rent"] for m in metrics))
     assert result.churn_paid == pytest.approx(sum(m["churn"] for m in metrics))

@@ -1,5 +1,5 @@
-"""The command line: `esper grow`, `runs`, `show`, `replay`, `diff`, `export`, `evaluate`, `study`,
-`train-policy`, `audit`, `train-critic`.
+"""The command line: `esper grow`, `runs`, `show`, `report`, `replay`, `diff`, `export`,
+`evaluate`, `study`, `train-policy`, `audit`, `train-critic`.
 
 Flags override the config file, which overrides the job's config dataclass (`GrowConfig`,
 `TrainPolicyConfig`, `AuditProtocol`); each default is defined once, there, and the help text
@@ -9,6 +9,7 @@ reads it from there. A problem with the user's input (an `EsperError`) prints on
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -41,6 +42,8 @@ from esper.evaluate import FIRST_HELD_OUT, HELD_OUT_SEEDS, evaluate, held_out_se
 from esper.forensics import RunDiff, diff_runs, fork_run, play_fork
 from esper.kasmina.export import export_model
 from esper.recorder import RunStore, list_runs
+from esper.report import RunView, audit_rows, decision_rows, load_run, sparkline, write_report
+from esper.report.data import DECAY_EVENTS
 from esper.run import GrowResult, GrowthRun, grown_model, resume_run, start_run
 from esper.simic import EconomyConfig
 from esper.simic.critic import DEFAULT_LAG, critic_dataset, fit_critic, held_out
@@ -290,51 +293,122 @@ def runs(
 
 
 @app.command()
-def show(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
-    """A run's summary and its decision timeline."""
+def show(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    all_decisions: Annotated[
+        bool, typer.Option("--all", help="list every decision (WAITs included) with its reason")
+    ] = False,
+) -> None:
+    """A run's summary: metric sparklines, the lifecycle events, audit labels; `--all` the
+    decisions."""
     try:
-        store = RunStore.open(run_dir)
+        view = load_run(run_dir)
     except KNOWN_ERRORS as e:
         _fail(str(e))
-    with store:
-        cfg = store.manifest()["config"]
-        metrics = store.metrics()
-        _out().print(
-            f"[bold]{run_dir}[/bold]  task={cfg['task']} policy={cfg['policy']} "
-            f"seed={cfg['seed']} ticks={len(metrics)}/{cfg['ticks']}"
+    cfg, s = view.config, view.series
+    _out().print(
+        f"[bold]{run_dir}[/bold]  task={cfg['task']} policy={cfg['policy']} "
+        f"seed={cfg['seed']} ticks={len(s.ticks)}/{cfg['ticks']}"
+    )
+    for name, label in (("metric", view.metric_label), ("val_loss", "val_loss")):
+        _print_sparkline(view, name, label)
+    if s.ticks and s.get("seed_params") is not None:
+        _out().print(f"seed params {int(s.values['seed_params'][-1])} at tick {s.ticks[-1]}")
+    _print_decay(list(view.events))
+    table = Table("tick", "slot", "event", "detail")
+    for e in view.events:
+        table.add_row(str(e.tick), e.slot or "", e.kind, _detail(e.kind, e.payload))
+    _out().print(table)
+    _print_audit_labels(view)
+    if all_decisions:
+        _print_decisions(view)
+    else:
+        acted = sum(d.action["op"] != "WAIT" for d in view.decisions)
+        _out().print(f"{len(view.decisions)} decisions ({acted} acted): esper show {run_dir} --all")
+
+
+def _print_sparkline(view: RunView, name: str, label: str) -> None:
+    values = view.series.get(name)
+    if not values:
+        return
+    t = view.series.ticks
+    finite = [(v, tick) for v, tick in zip(values, t, strict=True) if math.isfinite(v)]
+    best = ""
+    if finite:
+        lower = name.endswith("loss") or "lower is better" in view.manifest.get("task", "")
+        value, tick = (min if lower else max)(finite)
+        best = f", best {value:.4f} at tick {tick}"
+    _out().print(
+        f"{label} {sparkline(values, 32)} {values[0]:.4f} → {values[-1]:.4f}{best}",
+        highlight=False,
+    )
+
+
+def _print_audit_labels(view: RunView) -> None:
+    rows = audit_rows(view)
+    if rows:
+        table = Table(
+            "slot",
+            "seed",
+            "blueprint",
+            "germinated",
+            "φ",
+            "95% CI",
+            "Banzhaf",
+            "repeats",
+            "protocol",
+            title="audit labels (Shapley φ, esper audit)",
         )
-        if metrics:
-            first, last = metrics[0][1], metrics[-1][1]
-            _out().print(
-                f"metric {first['metric']:.4f} (tick 0) → {last['metric']:.4f} "
-                f"(tick {metrics[-1][0]}); seed params {int(last['seed_params'])}"
+        for r in rows:
+            lo, hi = r.ci95
+            table.add_row(
+                r.slot,
+                r.seed_id,
+                r.blueprint,
+                str(r.tick),
+                f"{r.phi:+.4f}",
+                f"[{lo:+.4f}, {hi:+.4f}]",
+                f"{r.banzhaf:+.4f}",
+                str(r.repeats),
+                r.protocol_hash[:10],
             )
-        _print_decay(store.events())
-        table = Table("tick", "slot", "event", "detail")
-        for e in store.events():
-            if e.kind == "decision":
-                continue
-            detail = _detail(e.kind, e.payload)
-            table.add_row(str(e.tick), e.slot or "", e.kind, detail)
         _out().print(table)
+    others = {k: n for k, n in view.label_counts.items() if k != "shapley"}
+    if others:
+        _out().print(
+            "labels: " + ", ".join(f"{k} on {n} events" for k, n in sorted(others.items()))
+        )
+
+
+def _print_decisions(view: RunView) -> None:
+    rows = decision_rows(view)
+    learned = any(r.prob is not None or r.value is not None for r in rows)
+    heads = ("p(action)", "H", "V") if learned else ()
+    table = Table("tick", "op", "slot", "heads", "reason", *heads, "reward", title="decisions")
+    number = lambda x: "" if x is None else f"{x:.4g}"  # noqa: E731
+    for r in rows:
+        extra = (number(r.prob), number(r.entropy), number(r.value)) if learned else ()
+        style = "red" if r.rejected else "dim" if r.op == "WAIT" else None
+        table.add_row(
+            str(r.tick), r.op, r.slot, r.detail, r.reason, *extra, number(r.reward), style=style
+        )
+    _out().print(table)
 
 
 def _detail(kind: str, payload: dict) -> str:  # type: ignore[type-arg]
-    """An event's payload in one cell; a tick's unit ROI measurements are summarised (the whole
-    table is in the record)."""
+    """An event's payload in one cell, less an op's heads and seed spec (`--all` lists the heads);
+    a tick's unit ROI measurements are summarised (the whole table is in the record)."""
     if kind == "unit_roi" and payload.get("units"):
         units = payload["units"]
         low = min(units, key=lambda k: units[k][0])
         return f"{len(units)} units measured; lowest contribution {units[low][0]:+.4f} ({low})"
-    return ", ".join(f"{k}={v}" for k, v in sorted(payload.items()) if v is not None)
-
-
-DECAY_EVENTS = ("lysis_probation", "lysis_panic", "lysis_condemned", "lysed", "decay_folded")
+    shown = {k: v for k, v in payload.items() if v is not None and k not in ("action", "spec")}
+    return ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
 
 
 def _print_decay(events: list) -> None:  # type: ignore[type-arg]
     """One line on the decay half, when the run had one."""
-    n = Counter(e.kind for e in events if e.kind in DECAY_EVENTS)
+    n = Counter(e.kind for e in events if e.kind in DECAY_EVENTS and e.kind != "unit_roi")
     if not n:
         return
     params = sum(e.payload.get("params", 0) for e in events if e.kind == "lysed")
@@ -463,6 +537,35 @@ def _headline(d: RunDiff) -> str:
     ]
     same = f"identical up to tick {d.first_divergence - 1}; " if d.first_divergence else ""
     return f"{same}first differing " + ", ".join(parts)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="a run directory, or several to compare")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="the HTML file (default: RUN/report.html, or esper-report.html here "
+            "when comparing runs)"
+        ),
+    ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="a run of the plain host (e.g. esper grow --policy none, same seed and ticks) "
+            "drawn beside the runs' curves"
+        ),
+    ] = None,
+) -> None:
+    """One self-contained HTML page (opens with no network) on a run, or comparing runs: curves,
+    morphology, parameters and FLOPs, rent and churn, decisions, audit φ, governor events."""
+    try:
+        path = write_report(runs, out, baseline)
+    except KNOWN_ERRORS as e:
+        _fail(str(e))
+    except OSError as e:  # an --out that cannot be written
+        _fail(f"cannot write the report: {e}")
+    _out().print(f"report written to {path}")
 
 
 @app.command("export")

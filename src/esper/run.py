@@ -297,14 +297,17 @@ class GrowthRun:
         obs = self.episode.observe()
         decision = self.policy.act(obs)
         outcome = self.episode.act(decision.action, decision.reason)
+        # The grown model's cost per sample, measured after the tick's structural changes (a
+        # probe forward of one sample, outside the tick: `esper report` plots it over time).
+        metrics = {**outcome.metrics, "flops": float(_cost(self.env.model, self.task)[1])}
         ckpt = None
         if (t + 1) % self.cfg.checkpoint_every == 0 or outcome.done or t in self.checkpoint_also:
             ckpt = self.save_checkpoint(t)
         with self.store.tick(t) as tx:
-            record_tick(tx, 0, self.policy.name, decision, obs, outcome, outcome.metrics)
+            record_tick(tx, 0, self.policy.name, decision, obs, outcome, metrics)
             if ckpt is not None:
                 tx.checkpoint(*ckpt)
-        return outcome.metrics
+        return metrics
 
     def result(self, wall: float) -> GrowResult:
         params, flops = _cost(self.env.model, self.task)
