@@ -41,6 +41,7 @@ from esper.kasmina import (
     mark_host_phages,
     mark_phage,
     model_state,
+    module_cost,
     slots_of,
     tissue_of,
 )
@@ -494,3 +495,15 @@ def test_decay_on_cuda_ablates_sedates_and_lyses() -> None:
     assert episode.decay.lysed_params > 0
     assert all(p.is_cuda for p in episode.env.model.parameters())
     assert all(torch.isfinite(p).all() for p in episode.env.model.parameters())
+
+
+def test_a_block_with_every_unit_lysed_still_runs_and_is_costed() -> None:
+    model, x = _grown("cnn")
+    t = tissue_of(model)["blocks.0"]
+    t.set(list(range(t.units)), 0.0, Actor.EMRAKUL)
+    before = _out(model, x)
+    t.lyse(list(range(t.units)))
+    assert "blocks.0" not in tissue_of(model)
+    assert torch.allclose(_out(model, x), before, atol=1e-6, rtol=0)
+    cost = module_cost(model, x[:1])  # FLOP counting hooks every module's output
+    assert cost.flops > 0

@@ -134,9 +134,12 @@ class HiddenUnits(SeedModule):
     def bias_only(self, x: torch.Tensor) -> torch.Tensor:
         """Every unit lysed: only the output bias is left, at every position (a conv cannot
         run with 0 output channels, so the body is skipped)."""
-        shape = [1] * x.dim()
-        shape[self.unit_mask.dim] = -1
-        return conv_of(self.out).bias.view(shape).expand_as(x)
+        bias, dim = conv_of(self.out).bias, self.unit_mask.dim
+        shape, size = [1] * x.dim(), list(x.shape)
+        shape[dim], size[dim] = -1, bias.numel()
+        # a new tensor, not a view of the parameter: a view made under no_grad would still
+        # require grad with no grad_fn, which module hooks (FLOP counting) cannot handle
+        return x.new_zeros(size) + bias.view(shape)
 
     def remove_units(self, keep: torch.Tensor) -> None:
         keep_out(conv_of(self.body[-1]), keep)
