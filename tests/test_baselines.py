@@ -11,6 +11,7 @@ import torch
 
 from _engine_helpers import small_config
 from esper.baselines import (
+    from_scratch,
     grown_architecture,
     host_params,
     matched_width,
@@ -78,6 +79,8 @@ def test_the_grown_architecture_has_the_grown_shapes_and_fresh_weights(tmp_path:
     assert not any(torch.equal(a[k].cpu(), b[k]) for k in b if a[k].numel() > 8)  # fresh
     again = dict(grown_architecture(run_dir, seed=5)[1].named_parameters())
     assert all(torch.equal(again[k], b[k]) for k in b)  # the seed fixes them
+    r = from_scratch(run_dir, 5, tmp_path / "scratch")  # trains from tick 0, no growth
+    assert r.params_start == r.params_end == _count(fresh) and not r.germinated
 
 
 def test_the_matched_baseline_is_recorded_once(tmp_path: Path) -> None:

@@ -160,9 +160,12 @@ def grown_architecture(run_dir: Path, seed: int) -> tuple[GrowConfig, nn.Module]
 
 
 def _committed_only(meta: dict[str, Any]) -> dict[str, Any]:
-    """`meta` with every slot not COMMITTED left dormant (None)."""
+    """`meta` with every slot not COMMITTED left dormant (None), and the committed ones' clocks
+    reset: the new run starts at tick 0."""
     slots = {
-        name: st if st["stage"] == Stage.COMMITTED.name else None
+        name: {**st, "last_tick": None, "ticks_in_stage": 0}
+        if st["stage"] == Stage.COMMITTED.name
+        else None
         for name, st in meta["slots"].items()
     }
     return {**meta, "slots": slots}
