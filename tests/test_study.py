@@ -87,6 +87,19 @@ def test_a_study_runs_every_row_and_its_table_matches_the_records(tmp_path: Path
         width = store.manifest()["config"]["host"]["width"]
     assert width >= 4 and abs(matched["params"] - grown) <= grown
     assert "vs parameter-matched host" in r.output and "wins" in r.output
+    # run again: every finished run is read, not played again, and the table is the same
+    hashes = {}
+    for runs in data["runs"].values():
+        for x in runs.values():
+            with RunStore.open(Path(x["run_dir"])) as store:
+                hashes[x["run_dir"]] = store.event_log_hash()
+    again = CliRunner().invoke(app, ["study", str(study), "--workers", "1", "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    second = json.loads((out / "study.json").read_text())
+    assert second["figures"] == data["figures"]
+    for run_dir, h in hashes.items():
+        with RunStore.open(Path(run_dir)) as store:
+            assert store.event_log_hash() == h
 
 
 def test_the_worse_quartile_follows_the_metrics_sense() -> None:

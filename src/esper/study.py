@@ -11,9 +11,10 @@ rows. A row is a kind of run:
     kind = "from-scratch"      row `of`'s grown architecture with fresh weights, every seed there
                                from tick 0 (`baselines.from_scratch`)
 
-Every run is recorded under OUT/runs/<row>-s<seed>. The runs go to one process pool (or Ray),
-started once for the whole study and reused by every job; the rows that depend on another row's
-run are submitted as soon as that run finishes.
+Every run is recorded under OUT/runs/<row>-s<seed>; run again, a study reads the runs it
+finished and resumes the ones it did not (change the study, change OUT). The runs go to one
+process pool (or Ray), started once for the whole study and reused by every job; the rows that
+depend on another row's run are submitted as soon as that run finishes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import re
+import shutil
 import statistics
 import time
 import tomllib
@@ -31,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from esper.audits.backends import open_executor
-from esper.baselines import from_scratch, host_alone, parameter_matched
+from esper.baselines import finished, from_scratch, host_alone, parameter_matched
 from esper.config import GrowConfig, config_from_dict, config_to_dict, override
 from esper.contracts.errors import ConfigError
 from esper.evaluate import FIRST_HELD_OUT
 from esper.kasmina import module_cost
-from esper.run import GrowResult, build_host, start_run, task_of
+from esper.recorder import RunStore
+from esper.run import GrowResult, build_host, resume_run, start_run, task_of
 
 KINDS = ("grow", "host", "parameter-matched", "from-scratch")
 
@@ -147,8 +150,25 @@ def _summary(r: GrowResult) -> RunSummary:
     )
 
 
+def recorded(run_dir: Path) -> RunSummary | None:
+    """The summary of a run that already played all its ticks in `run_dir` (a study run again
+    reads what it finished before), else None."""
+    if finished(run_dir) is None:
+        return None
+    with RunStore.open(run_dir) as store:
+        _, last = store.metrics()[-1]
+        committed = tuple(e.payload.get("blueprint", "") for e in store.events(kind="fossilize"))
+    params = int(last["host_params"] + last["seed_params"])
+    return RunSummary(str(run_dir), last["metric"], params, int(last["flops"]), committed, 0.0)
+
+
 def grow_job(cfg: GrowConfig, run_dir: str) -> RunSummary:
-    run = start_run(cfg, run_dir=Path(run_dir))
+    done = recorded(Path(run_dir))
+    if done is not None:
+        return done
+    where = Path(run_dir)
+    # interrupted: its config is the study's, so resume it
+    run = resume_run(where) if (where / "run.sqlite").is_file() else start_run(cfg, run_dir=where)
     try:
         return _summary(run.run())
     finally:
@@ -156,6 +176,10 @@ def grow_job(cfg: GrowConfig, run_dir: str) -> RunSummary:
 
 
 def scratch_job(source: str, seed: int, run_dir: str) -> RunSummary:
+    done = recorded(Path(run_dir))
+    if done is not None:
+        return done
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted one starts over
     return _summary(from_scratch(Path(source), seed, Path(run_dir)))
 
 
