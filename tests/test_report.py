@@ -21,6 +21,7 @@ from _engine_helpers import FAST_HEURISTIC, small_config
 from esper.audits.replay import candidates_from_run
 from esper.audits.retrain import Audit, AuditProtocol
 from esper.cli import app
+from esper.forensics import diff_runs
 from esper.recorder import RunStore
 from esper.recorder.records import DecisionRecord
 from esper.report import decision_rows, load_run, sparkline
@@ -261,6 +262,10 @@ def test_comparing_runs(story: Path, host: Path, tmp_path: Path) -> None:
         != curves[f"{host.name}: metric"]["line"]["color"]
     )
     assert "fig-audit" in figs  # the story's labels; the host has none
+    # the overlay marks where the two records part, as `esper diff` finds it
+    first = diff_runs(story, host).first_divergence
+    lines = [s for s in figs["fig-curves"]["layout"]["shapes"] if s.get("x0") == first]
+    assert first is not None and lines and all(s["line"]["dash"] == "dot" for s in lines)
 
 
 def test_report_of_a_decay_run_has_its_lanes(decayed: Path, tmp_path: Path) -> None:

@@ -94,9 +94,10 @@ def _layout(fig: go.Figure, height: int, title: str | None = None) -> go.Figure:
 # ------------------------------------------------------------------------------------------------
 
 
-def curves(views: Sequence[RunView]) -> go.Figure:
+def curves(views: Sequence[RunView], divergence: int | None = None) -> go.Figure:
     """Row 1 the task metric, row 2 the losses (validation solid, training dotted); the baseline
-    dashed and grey; governor triggers as red crosses on the validation loss."""
+    dashed and grey; governor triggers as red crosses on the validation loss; two runs'
+    first divergent tick (`esper diff`) as a vertical line."""
     label = views[0].metric_label
     fig = make_subplots(
         rows=2,
@@ -141,6 +142,12 @@ def curves(views: Sequence[RunView]) -> go.Figure:
                 2,
                 1,
             )
+    if divergence is not None:
+        fig.add_vline(
+            x=divergence,
+            line={"color": "#6a51a3", "dash": "dot", "width": 2},
+            annotation_text=f"runs diverge at tick {divergence}",
+        )
     fig.update_xaxes(title_text="tick", row=2, col=1)
     return _layout(fig, 560)
 

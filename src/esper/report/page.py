@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from esper.contracts.files import atomic_write
+from esper.forensics import diff_runs
 from esper.report import figures
 from esper.report.data import (
     DECAY_EVENTS,
@@ -95,17 +96,19 @@ def write_report(
             raise ReportError(f"{v.path}: no complete tick recorded yet")
     if out is None:
         out = Path(run_dirs[0]) / "report.html" if len(run_dirs) == 1 else Path("esper-report.html")
-    text = render(views)
+    # two runs (e.g. a run and its fork, `esper replay`): mark where their records part
+    divergence = diff_runs(*run_dirs).first_divergence if len(run_dirs) == 2 else None
+    text = render(views, divergence)
     return atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def render(views: Sequence[RunView]) -> str:
+def render(views: Sequence[RunView], divergence: int | None = None) -> str:
     names = ", ".join(v.name for v in views)
     body = [
         f"<h1>Esper report: {html.escape(names)}</h1>",
         "<nav>" + "".join(f'<a href="#{k}">{t}</a>' for k, (t, _) in SECTIONS.items()) + "</nav>",
         _summary(views),
-        *_sections(views),
+        *_sections(views, divergence),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -116,8 +119,8 @@ def render(views: Sequence[RunView]) -> str:
     )
 
 
-def _sections(views: Sequence[RunView]) -> Iterable[str]:
-    yield _section("curves", _plot("fig-curves", figures.curves(views)))
+def _sections(views: Sequence[RunView], divergence: int | None = None) -> Iterable[str]:
+    yield _section("curves", _plot("fig-curves", figures.curves(views, divergence)))
     yield _section(
         "morphology",
         *(
