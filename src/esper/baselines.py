@@ -107,7 +107,8 @@ def matched_width(cfg: GrowConfig, target: int, max_width: int = 1024) -> int:
     (the transformer's d_model stays a multiple of its heads). Widths are searched upwards from
     the config's own until the count passes the target."""
     step = cfg.host.heads if _family(cfg) == "transformer" else 1
-    start = max(step, cfg.host.width - cfg.host.width % step)
+    width = _built_width(cfg)
+    start = max(step, width - width % step)
     best, best_gap = start, None
     for w in range(start, max_width + 1, step):
         n = host_params(_with_width(cfg, w))
@@ -127,6 +128,12 @@ def parameter_matched(cfg: GrowConfig, target: int) -> GrowConfig:
 def _family(cfg: GrowConfig) -> str:
     kind = cfg.host.kind
     return ("transformer" if cfg.task == "text" else "cnn") if kind == "auto" else kind
+
+
+def _built_width(cfg: GrowConfig) -> int:
+    """The width `build_host` really gives (a transformer below d_model 8 is raised to 64)."""
+    w = cfg.host.width
+    return 64 if _family(cfg) == "transformer" and w < 8 else w
 
 
 def _with_width(cfg: GrowConfig, width: int) -> GrowConfig:
