@@ -85,7 +85,7 @@ def grow(
     *,
     task: str | None = None,
     output: Callable[[Any], torch.Tensor] | None = None,
-    policy: str | Policy | None = None,
+    policy: str | Path | Policy | None = None,
     ticks: int | None = None,
     seed: int | None = None,
     run_dir: str | Path | None = None,
@@ -110,10 +110,10 @@ def grow(
     (`policy`, `ticks`, `seed`, and `overrides` as dotted config keys, e.g.
     `**{"economy.w_rent": 0.1}`) replace its values. For bit-reproducible runs, build the model
     after `torch.manual_seed(seed)`."""
-    given = None if policy is None or isinstance(policy, str | Path) else policy
-    name = str(policy) if isinstance(policy, str | Path) else None
-    if given is not None:  # the manifest names the file it came from, or its kind
-        name = getattr(given, "source", None) or given.name
+    if policy is None or isinstance(policy, str | Path):
+        given, name = None, None if policy is None else str(policy)
+    else:  # an object: the manifest names the file it came from, or its kind
+        given, name = policy, getattr(policy, "source", None) or policy.name
     cfg = override(
         config or GrowConfig(),
         policy=name,
