@@ -31,7 +31,7 @@ TICKS = 8
 BASE = GrowConfig(
     ticks=TICKS,
     device="cpu",
-    host=HostConfig(width=2, depth=3),  # the shipped learned policy's layout
+    host=HostConfig(width=2, depth=3),  # the shipped learned policy's training host
     env=EnvConfig(batches_per_tick=2, eval_samples=256),
     heuristic=FAST_HEURISTIC,
 )
@@ -48,7 +48,7 @@ def config(policy: str, i: int) -> GrowConfig:
 
 @functools.cache
 def learned_policy_file() -> Path:
-    """A learned policy for BASE's slot layout with seeded random weights (one file per process)."""
+    """A learned policy with seeded random weights (one file per process)."""
     path = Path(tempfile.mkdtemp(prefix="esper-parity-")) / "policy.safetensors"
     LearnedPolicy(hidden=32, seed=0).save(path)
     return path
