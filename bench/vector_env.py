@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from esper.config import GrowConfig, HostConfig
-from esper.run import build_episode, load_policy, slot_layout
+from esper.run import build_episode, load_policy
 from esper.tolaria.environment import EnvConfig
 from esper.tolaria.vector import VectorEnv
 
@@ -92,7 +92,7 @@ def sequential(
     elapsed, rewards = 0.0, []
     for spec in specs:
         episode = build_episode(spec)
-        policy, mine = load_policy(spec, list(episode.env.slots)), []
+        policy, mine = load_policy(spec), []
         t0 = 0.0
         for t in range(ticks + 1):
             if t == 1:  # the first tick warms up (lazy kernels, allocator): untimed
@@ -130,8 +130,7 @@ def vector(
         overlap=overlap,
     )
     sync(device)
-    slots = slot_layout(specs[0])
-    policies = [load_policy(s, slots) for s in specs]
+    policies = [load_policy(s) for s in specs]
     rewards = []
     try:
         t1 = 0.0

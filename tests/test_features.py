@@ -4,12 +4,21 @@ running normaliser against NumPy."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from esper.contracts import AlphaCurve, Blueprint, Observation, SeedSpec, SlotTelemetry, Stage
+from esper.contracts import (
+    AlphaCurve,
+    Blueprint,
+    Observation,
+    SeedSpec,
+    SlotTelemetry,
+    Stage,
+    Topology,
+)
 from esper.tamiyo.features import (
     GLOBAL_DIM,
     GLOBAL_FEATURES,
@@ -88,6 +97,7 @@ def test_shapes_and_global_values_on_a_linear_history() -> None:
     assert gf(g, "log1p_rent_paid") == pytest.approx(math.log1p(0.3))
     assert gf(g, "seed_param_frac") == pytest.approx(0.05)
     assert gf(g, "higher_is_better") == 1.0
+    assert gf(g, "log_host_params") == pytest.approx(3 / 9)  # log10(1000) / 9
 
 
 def test_short_history_is_zero_padded_and_trend_uses_the_last_five() -> None:
@@ -120,7 +130,8 @@ def test_slot_features_of_a_blending_seed_and_a_dormant_slot() -> None:
         rent=0.01,
     )
     _, s = featurize(observe([seed, tele("b")], tick=10))
-    stage = s[:, : len(Stage)]
+    first = SLOT_FEATURES.index("stage_dormant")
+    stage = s[:, first : first + len(Stage)]
     assert stage[0].argmax() == Stage.BLENDING and stage[0].sum() == 1
     assert stage[1].argmax() == Stage.DORMANT and stage[1].sum() == 1
     assert sf(s, 0, "alpha") == pytest.approx(0.4)
@@ -141,6 +152,22 @@ def test_slot_features_of_a_blending_seed_and_a_dormant_slot() -> None:
     blueprint = s[:, SLOT_FEATURES.index("blueprint_noop") : SLOT_FEATURES.index("rent")]
     assert blueprint.shape[1] == len(Blueprint) + 1 and (blueprint.sum(1) == 1).all()
     assert sf(s, 0, "rent") == pytest.approx(0.01)
+
+
+def test_a_slot_is_described_by_what_it_is_not_by_its_name_or_index() -> None:
+    a = tele("blocks.3", topology=Topology.SEQ, channels=64, depth=0.25)
+    b = tele("head", topology=Topology.VEC, channels=1, depth=1.0)
+    _, s = featurize(observe([a, b]))
+    assert [sf(s, 0, f"topology_{t.value}") for t in Topology] == [0.0, 1.0, 0.0]  # cnn seq vec
+    assert [sf(s, 1, f"topology_{t.value}") for t in Topology] == [0.0, 0.0, 1.0]
+    assert sf(s, 0, "log_channels") == pytest.approx(0.6)  # log2(64) / 10
+    assert sf(s, 1, "log_channels") == 0.0
+    assert sf(s, 0, "depth") == 0.25 and sf(s, 1, "depth") == 1.0
+    # The same slot under another name, or in another position, reads the same.
+    renamed = replace(a, name="x")
+    _, s2 = featurize(observe([b, renamed]))
+    assert torch.equal(s2[1], s[0]) and torch.equal(s2[0], s[1])
+    assert not any("name" in f or "index" in f for f in SLOT_FEATURES)
 
 
 def test_extremes_are_clamped_and_finite() -> None:

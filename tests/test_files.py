@@ -38,7 +38,7 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
 
 
 def _policy_writer(path: Path, version: int) -> None:
-    LearnedPolicy(["a", "b"], seed=version).save(path)
+    LearnedPolicy(seed=version).save(path)
 
 
 def _model_writer(path: Path, version: int) -> None:
@@ -52,7 +52,7 @@ def _critic_writer(path: Path, version: int) -> None:
 
 
 def _training_state_writer(path: Path, version: int) -> None:
-    policy = LearnedPolicy(["a", "b"], seed=version)
+    policy = LearnedPolicy(seed=version)
     optimizer = torch.optim.Adam(policy.net.parameters())
     _save_training_state(path.parent, policy, optimizer, RewardScaler(1, 0.99), version)
 

@@ -1,10 +1,11 @@
 """TamiyoNet and LearnedPolicy: masked sampling is always legal (no floors), irrelevant heads
 leave the log-prob alone, act and evaluate agree, slots are exchangeable, and a saved policy
-reloads exactly and refuses another layout."""
+reloads exactly, stores no slot layout and refuses other specs."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,9 @@ from esper.contracts import (
     SeedSpec,
     SlotTelemetry,
     Stage,
+    Topology,
 )
-from esper.tamiyo.features import GLOBAL_DIM, SLOT_DIM
+from esper.tamiyo.features import GLOBAL_DIM, OBS_SPEC, SLOT_DIM
 from esper.tamiyo.learned import LearnedPolicy, PolicyLoadError, PolicyStep
 from esper.tamiyo.masks import action_masks, illegal_reason
 from esper.tamiyo.network import HEAD_INDEX, TamiyoNet
@@ -133,7 +135,7 @@ def observations(draw: st.DrawFn) -> Observation:
 @settings(max_examples=60, deadline=None)
 @given(obs=observations(), seed=st.integers(0, 3))
 def test_sampled_actions_are_always_legal(obs: Observation, seed: int) -> None:
-    policy = opinionated(LearnedPolicy([s.name for s in obs.slots], hidden=16, seed=seed), seed)
+    policy = opinionated(LearnedPolicy(hidden=16, seed=seed), seed)
     for d in policy.act_batch([obs] * 8):
         assert illegal_reason(d.action, obs) is None
         slot = None if d.action.op is Op.WAIT else d.action.slot
@@ -144,7 +146,7 @@ def test_sampled_actions_are_always_legal(obs: Observation, seed: int) -> None:
 
 
 def test_an_illegal_op_is_never_chosen_even_when_the_net_prefers_it() -> None:
-    policy = LearnedPolicy(["s0"], hidden=16)
+    policy = LearnedPolicy(hidden=16)
     with torch.no_grad():
         policy.net.op_head.bias.fill_(0.0)
         policy.net.op_head.bias[TAMIYO_OPS.index(Op.PRUNE)] = 50.0  # PRUNE illegal on DORMANT
@@ -160,7 +162,7 @@ def test_an_illegal_op_is_never_chosen_even_when_the_net_prefers_it() -> None:
 
 
 def _step(n: int = 16, seed: int = 0) -> tuple[LearnedPolicy, PolicyStep]:
-    policy = opinionated(LearnedPolicy(["s0", "s1", "s2"], hidden=32, seed=seed), seed)
+    policy = opinionated(LearnedPolicy(hidden=32, seed=seed), seed)
     with torch.no_grad():
         policy.net.op_head.bias.fill_(0.0)  # every op comes up
     return policy, policy.step([observe(MIXED)] * n)
@@ -235,7 +237,7 @@ def test_a_row_with_no_legal_option_is_an_error() -> None:
 
 
 def test_batched_and_single_deterministic_decisions_agree() -> None:
-    policy = opinionated(LearnedPolicy(["s0", "s1", "s2"], hidden=16, deterministic=True))
+    policy = opinionated(LearnedPolicy(hidden=16, deterministic=True))
     variants = [observe(MIXED, tick=t) for t in (1, 7, 30)]
     batch = policy.act_batch(variants)
     for obs, d in zip(variants, batch, strict=True):
@@ -247,20 +249,57 @@ def test_batched_and_single_deterministic_decisions_agree() -> None:
         assert d.probs["op"][TAMIYO_OPS.index(d.action.op)] == max(d.probs["op"])
 
 
-def test_observations_with_other_slots_are_refused() -> None:
-    policy = LearnedPolicy(["s0", "s1"], hidden=8)
-    with pytest.raises(ValueError, match="built for"):
-        policy.act(observe([tele("s0"), tele("x")]))
+def test_one_policy_acts_on_any_number_of_slots_of_any_topology() -> None:
+    policy = opinionated(LearnedPolicy(hidden=16))
+    kinds = [Topology.CNN, Topology.SEQ, Topology.VEC]
+    for n in (1, 2, 5):
+        slots = [tele(f"x{i}", topology=kinds[i % 3], channels=8 * (i + 1)) for i in range(n)]
+        obs = observe(slots)
+        for d in policy.act_batch([obs] * 8):
+            assert illegal_reason(d.action, obs) is None
+            assert len(d.probs["slot"]) == n
+
+
+def test_slot_scores_permute_with_the_slots() -> None:
+    """Permutation equivariance end to end: features, normalisers and the slot head."""
+    policy = opinionated(LearnedPolicy(hidden=16, deterministic=True))
+    slots = [
+        *MIXED,
+        tele("s3", Stage.TRAINING, topology=Topology.SEQ, channels=64, depth=0.9),
+        tele("s4", topology=Topology.VEC, channels=16, depth=0.2),
+    ]
+    perm = [3, 0, 4, 2, 1]
+    legal = [(Blueprint.NORM,), (Blueprint.MLP, Blueprint.NOOP), *[tuple(Blueprint)] * 3]
+
+    def obs_of(order: list[int]) -> Observation:
+        o = observe([slots[i] for i in order])
+        return replace(o, legal_blueprints=tuple(legal[i] for i in order))
+
+    base, permuted = obs_of(list(range(5))), obs_of(perm)
+    g, s = policy.features([base])
+    g_p, s_p = policy.features([permuted])
+    ctx, emb, value = policy.net.encode(g, s)
+    ctx_p, emb_p, value_p = policy.net.encode(g_p, s_p)
+    torch.testing.assert_close(value_p, value)
+    for op in range(len(TAMIYO_OPS)):
+        scores = policy.net.slot_logits(ctx, emb, torch.tensor([op]))
+        scores_p = policy.net.slot_logits(ctx_p, emb_p, torch.tensor([op]))
+        torch.testing.assert_close(scores_p, scores[:, perm])
+    a, b = policy.act(base), policy.act(permuted)
+    assert a.action.op == b.action.op
+    assert b.probs["slot"] == pytest.approx([a.probs["slot"][i] for i in perm], abs=1e-6)
+    if a.action.op is not Op.WAIT:
+        assert perm[b.action.slot] == a.action.slot
 
 
 def test_rng_state_resumes_the_same_samples() -> None:
-    policy = LearnedPolicy(["s0", "s1", "s2"], hidden=16, seed=3)
+    policy = LearnedPolicy(hidden=16, seed=3)
     obs = observe(MIXED)
     policy.act_batch([obs] * 5)
     state = json.loads(json.dumps(policy.state_dict()))  # it must survive a JSON checkpoint
     policy.value([obs])  # bootstrapping a value draws nothing from the sampling RNG
     first = [d.action for d in policy.act_batch([obs] * 20)]
-    resumed = LearnedPolicy(["s0", "s1", "s2"], hidden=16, seed=3)
+    resumed = LearnedPolicy(hidden=16, seed=3)
     resumed.load_state_dict(state)
     assert [d.action for d in resumed.act_batch([obs] * 20)] == first
 
@@ -271,9 +310,7 @@ def test_rng_state_resumes_the_same_samples() -> None:
 
 
 def _trained_looking(tmp_path: Path) -> tuple[LearnedPolicy, Path]:
-    policy = opinionated(
-        LearnedPolicy(["s0", "s1", "s2"], topologies=["cnn", "cnn", "vec"], hidden=16, seed=1)
-    )
+    policy = opinionated(LearnedPolicy(hidden=16, seed=1))
     policy.update_normalizers = True
     policy.act_batch([observe(MIXED, tick=t) for t in range(6)])  # non-trivial statistics
     policy.update_normalizers = False
@@ -284,10 +321,8 @@ def _trained_looking(tmp_path: Path) -> tuple[LearnedPolicy, Path]:
 
 def test_saved_policy_reproduces_its_probabilities_exactly(tmp_path: Path) -> None:
     policy, path = _trained_looking(tmp_path)
-    loaded = LearnedPolicy.load(
-        path, expect_slots=["s0", "s1", "s2"], expect_topologies=["cnn", "cnn", "vec"]
-    )
-    assert loaded.topologies == ("cnn", "cnn", "vec") and loaded.hidden == 16
+    loaded = LearnedPolicy.load(path)
+    assert loaded.hidden == 16 and loaded.source == str(path)
     assert torch.equal(loaded.slot_norm.mean, policy.slot_norm.mean)
     obs = [observe(MIXED, tick=t) for t in (3, 9)]
     loaded.load_state_dict(policy.state_dict())  # the same sampling RNG: the same choices
@@ -299,29 +334,33 @@ def test_saved_policy_reproduces_its_probabilities_exactly(tmp_path: Path) -> No
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         assert all(k.startswith(("net.", "norm.")) for k in f.keys())  # noqa: SIM118
-    assert json.loads(meta["obs_spec"]) == "obs-v1"
-    assert json.loads(meta["num_slots"]) == 3 and json.loads(meta["hidden"]) == 16
+    assert json.loads(meta["obs_spec"]) == OBS_SPEC and json.loads(meta["hidden"]) == 16
+    # No slot layout: nothing in the file names or counts slots.
+    assert not {k for k in meta if "slot" in k or "topolog" in k} - {"slot_dim"}
+    assert "s0" not in json.dumps(meta)
 
 
-def test_load_refuses_another_layout(tmp_path: Path) -> None:
-    _, path = _trained_looking(tmp_path)
-    with pytest.raises(PolicyLoadError, match=r"trained for 3 slots .* has 2 slots"):
-        LearnedPolicy.load(path, expect_slots=["s0", "s1"])
-    with pytest.raises(PolicyLoadError, match="trained for 3 slots"):
-        LearnedPolicy.load(path, expect_slots=["s0", "s1", "other"])
-    with pytest.raises(PolicyLoadError, match="topologies"):
-        LearnedPolicy.load(path, expect_topologies=["seq", "seq", "seq"])
-
-
-def test_load_refuses_another_obs_spec_and_junk(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("obs_spec", "obs-v0"),
+        ("slot_dim", SLOT_DIM - 1),
+        ("blueprint_library", "kasmina-13-v1"),
+        ("blueprints", [b.name for b in Blueprint][:-1]),
+    ],
+)
+def test_load_refuses_other_specs(tmp_path: Path, key: str, value: object) -> None:
     _, path = _trained_looking(tmp_path)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         meta = dict(f.metadata())
-    old = tmp_path / "old.safetensors"
-    save_file(tensors, str(old), metadata={**meta, "obs_spec": json.dumps("obs-v0")})
-    with pytest.raises(PolicyLoadError, match="obs_spec = 'obs-v0'"):
-        LearnedPolicy.load(old)
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata={**meta, key: json.dumps(value)})
+    with pytest.raises(PolicyLoadError, match=rf"saved with {key} = .*retrain the policy"):
+        LearnedPolicy.load(other)
+
+
+def test_load_refuses_junk(tmp_path: Path) -> None:
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a policy")
     with pytest.raises(PolicyLoadError, match="not a readable policy"):

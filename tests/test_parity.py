@@ -20,7 +20,7 @@ from _engine_helpers import FAST_HEURISTIC
 from esper.config import GrowConfig, HostConfig
 from esper.contracts import RELEVANT_HEADS, FactoredAction, Observation, Op
 from esper.recorder import RunStore
-from esper.run import build_episode, load_policy, record_tick, slot_layout, start_run
+from esper.run import build_episode, load_policy, record_tick, start_run
 from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.policies import Decision, Policy
 from esper.tolaria.environment import EnvConfig, GrowthEnv
@@ -31,7 +31,7 @@ TICKS = 8
 BASE = GrowConfig(
     ticks=TICKS,
     device="cpu",
-    host=HostConfig(width=2, depth=3),  # the shipped learned policy's layout
+    host=HostConfig(width=2, depth=3),  # the shipped learned policy's training host
     env=EnvConfig(batches_per_tick=2, eval_samples=256),
     heuristic=FAST_HEURISTIC,
 )
@@ -48,10 +48,9 @@ def config(policy: str, i: int) -> GrowConfig:
 
 @functools.cache
 def learned_policy_file() -> Path:
-    """A learned policy for BASE's slot layout with seeded random weights (one file per process)."""
+    """A learned policy with seeded random weights (one file per process)."""
     path = Path(tempfile.mkdtemp(prefix="esper-parity-")) / "policy.safetensors"
-    names = slot_layout(BASE)
-    LearnedPolicy(names, topologies=["cnn"] * len(names), hidden=32, seed=0).save(path)
+    LearnedPolicy(hidden=32, seed=0).save(path)
     return path
 
 
@@ -100,7 +99,7 @@ MAKERS = {"plain": build_episode, "faults": poisoned}
 
 
 def policy_for(cfg: GrowConfig, variant: str) -> Policy:
-    policy = load_policy(cfg, slot_layout(cfg))
+    policy = load_policy(cfg)
     return IllegalAt(policy) if variant == "faults" else policy
 
 

@@ -161,7 +161,7 @@ def setup(
 ) -> tuple[
     LearnedPolicy, torch.optim.Optimizer, RolloutBuffer, torch.Tensor, torch.Tensor, PPOConfig
 ]:
-    policy = LearnedPolicy(["s0", "s1"], hidden=32, seed=0)
+    policy = LearnedPolicy(hidden=32, seed=0)
     config = PPOConfig(lr=lr, anneal_lr=False, **cfg)  # type: ignore[arg-type]
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=lr, eps=1e-5)
     return (policy, optimizer, *rollout(policy), config)
@@ -282,7 +282,7 @@ def test_explained_variance_by_hand() -> None:
 
 def test_a_toy_bandit_is_learned() -> None:
     """Only GERMINATE and WAIT are legal; GERMINATE pays 1. P(GERMINATE) must rise."""
-    policy = LearnedPolicy(["s0"], hidden=32, seed=1)
+    policy = LearnedPolicy(hidden=32, seed=1)
     cfg = PPOConfig(lr=3e-3, anneal_lr=False)
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.lr, eps=1e-5)
     obs = [observe(0, (Stage.DORMANT,))] * 8

@@ -145,7 +145,7 @@ def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run deployed with a (untrained) learned policy: its decisions carry probabilities,
     entropies and V."""
     root = tmp_path_factory.mktemp("learned")
-    LearnedPolicy(["slots.b0", "slots.b1", "slots.b2"], seed=3).save(root / "policy.safetensors")
+    LearnedPolicy(seed=3).save(root / "policy.safetensors")
     (root / "c.toml").write_text("ticks = 4\ndevice = 'cpu'\n[env]\nbatches_per_tick = 1\n")
     args = ("--config", root / "c.toml", "--policy", root / "policy.safetensors")
     r = _invoke("grow", *args, "--out", root / "runs")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from esper.cli import app
@@ -48,7 +51,7 @@ def test_smoke_training_writes_a_loadable_policy(trained: tuple[Path, list[dict]
     # The ratio moves off 1 after the first epoch (an update over an anchored reference with
     # one epoch would leave it at 1, approx_kl exactly 0, and clipping inert).
     assert all(info["approx_kl"] > 0 for info in logs[1:])
-    policy = LearnedPolicy.load(path, expect_slots=["slots.b0", "slots.b1", "slots.b2"])
+    policy = LearnedPolicy.load(path)
     assert policy.name == "learned"
     with RunStore.open(path.parent / "run") as store:  # every decision of every env recorded
         decisions = store.decisions()
@@ -78,24 +81,32 @@ def test_deployed_policy_grows_and_acts_legally(
         assert d.policy == "learned" and d.value is not None
 
 
-def test_incompatible_host_is_refused(trained: tuple[Path, list[dict]], tmp_path: Path) -> None:
+def test_a_trained_policy_grows_a_host_it_never_saw(
+    trained: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    path, _ = trained  # trained on the 3-slot digits CNN
+    host = HostConfig(kind="mlp", width=16, depth=2)
+    cfg = GrowConfig(policy=str(path), ticks=3, host=host, env=EnvConfig(batches_per_tick=2))
+    run = start_run(cfg, run_dir=tmp_path / "run")
+    run.run()
+    assert len(run.env.slots) == 2
+    assert not [e for e in run.store.events() if e.kind == "rejected_action"]
+    assert {d.policy for d in run.store.decisions()} == {"learned"}
+
+
+def test_a_policy_of_another_spec_is_refused(
+    trained: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
     path, _ = trained
-    cfg = GrowConfig(policy=str(path), ticks=2, host=HostConfig(depth=2))
-    with pytest.raises(PolicyLoadError, match="slot"):
-        start_run(cfg, run_dir=tmp_path / "run")
-    r = CliRunner().invoke(
-        app,
-        [
-            "grow",
-            "--policy",
-            str(path),
-            "--out",
-            str(tmp_path / "o"),
-            "--config",
-            str(_write(tmp_path, "[host]\ndepth = 2\n")),
-        ],
-    )
-    assert r.exit_code == 2 and "Traceback" not in r.output and "slot" in r.output
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata())
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata={**meta, "obs_spec": json.dumps("obs-v1")})
+    with pytest.raises(PolicyLoadError, match="obs_spec = 'obs-v1'"):
+        start_run(GrowConfig(policy=str(other), ticks=2), run_dir=tmp_path / "run")
+    r = CliRunner().invoke(app, ["grow", "--policy", str(other), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "obs_spec" in r.output
 
 
 def _write(tmp: Path, text: str) -> Path:
@@ -186,9 +197,8 @@ def test_sample_actions_deploys_the_stochastic_policy(trained: tuple[Path, list[
     from esper.run import load_policy
 
     path, _ = trained
-    slots = ["slots.b0", "slots.b1", "slots.b2"]
-    argmax = load_policy(GrowConfig(policy=str(path)), slots)
-    sampled = load_policy(GrowConfig(policy=str(path), sample_actions=True), slots)
+    argmax = load_policy(GrowConfig(policy=str(path)))
+    sampled = load_policy(GrowConfig(policy=str(path), sample_actions=True))
     assert argmax.deterministic and not sampled.deterministic  # type: ignore[attr-defined]
 
 

@@ -267,7 +267,7 @@ def test_one_live_widening_at_a_time() -> None:
 
 def test_the_shipped_policy_is_refused_for_the_previous_library() -> None:
     with pytest.raises(PolicyLoadError, match=r"blueprint_library = 'kasmina-13-v1'.*kasmina-14"):
-        load_policy(GrowConfig(policy="learned"), ["slots.b0", "slots.b1", "slots.b2"])
+        load_policy(GrowConfig(policy="learned"))
 
 
 # ---------------------------------------------------------------------------------------------

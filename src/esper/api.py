@@ -17,6 +17,7 @@ from esper.forensics import replay as replay_run
 from esper.kasmina import describe, probing
 from esper.kasmina.export import export_model
 from esper.run import Callback, GrowResult, start_run, task_of
+from esper.tamiyo.policies import Policy
 from esper.tolaria.data import TASK_NAMES, TaskData, from_tensors
 from esper.tolaria.determinism import pick_device
 
@@ -84,7 +85,7 @@ def grow(
     *,
     task: str | None = None,
     output: Callable[[Any], torch.Tensor] | None = None,
-    policy: str | None = None,
+    policy: str | Path | Policy | None = None,
     ticks: int | None = None,
     seed: int | None = None,
     run_dir: str | Path | None = None,
@@ -101,13 +102,21 @@ def grow(
     `output` turns what the model returns into the logits tensor, for models that return
     something else (`output=lambda out: out.logits` for a Hugging Face model).
 
+    `policy`: a policy by name (`"heuristic"`, `"learned"`, …), a trained policy file, or a
+    policy object (a `LearnedPolicy`, used as it is: its own sampling RNG). A learned policy
+    acts on any module's slots, however many and whatever their topologies.
+
     The run's settings are `config` (default: `GrowConfig()`); only the keywords given here
     (`policy`, `ticks`, `seed`, and `overrides` as dotted config keys, e.g.
     `**{"economy.w_rent": 0.1}`) replace its values. For bit-reproducible runs, build the model
     after `torch.manual_seed(seed)`."""
+    if policy is None or isinstance(policy, str | Path):
+        given, name = None, None if policy is None else str(policy)
+    else:  # an object: the manifest names the file it came from, or its kind
+        given, name = policy, getattr(policy, "source", None) or policy.name
     cfg = override(
         config or GrowConfig(),
-        policy=policy,
+        policy=name,
         ticks=ticks,
         seed=seed,
         task=task or "custom",
@@ -120,6 +129,7 @@ def grow(
         cfg,
         model=wrapped,
         task=data,
+        policy=given,
         run_dir=Path(run_dir) if run_dir is not None else None,
         callbacks=callbacks,
     )

@@ -36,6 +36,7 @@ from esper.kasmina import (
     slots_of,
 )
 from esper.recorder import CheckpointRecord, DecisionRecord, RunStore, TickWriter, build_manifest
+from esper.tamiyo.features import OBS_SPEC
 from esper.tamiyo.learned import BLUEPRINT_LIBRARY, LearnedPolicy
 from esper.tamiyo.masks import illegal_reason
 from esper.tamiyo.policies import POLICIES, Decision, Policy, make_policy
@@ -45,14 +46,15 @@ from esper.tolaria.environment import GrowthEnv
 from esper.tolaria.episode import Callback, Episode, Outcome, weights_hash
 
 SPEC_VERSIONS = {
-    "obs": "obs-v1",
+    "obs": OBS_SPEC,
     "reward": "simic-v2",
     "blueprints": BLUEPRINT_LIBRARY,
     "actions": "factored-8-v1",
     "events": "events-v2",
 }
 SHIPPED_POLICY = Path(__file__).parent / "tamiyo" / "trained" / "digits.safetensors"
-"""The PPO policy trained on digits (`make policy`); `--policy learned` deploys it."""
+"""The PPO policy trained on digits (`make policy`); `--policy learned` deploys it on any host
+(the policy is layout-free)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,18 +132,16 @@ def slot_layout(cfg: GrowConfig) -> list[str]:
     return sorted(slots_of(build_host(cfg, task_of(cfg))))
 
 
-def load_policy(cfg: GrowConfig, slot_names: list[str]) -> Policy:
+def load_policy(cfg: GrowConfig) -> Policy:
     """A built-in policy by name, or a trained one from a `.safetensors` file (deployed
     deterministically, the most probable action, unless `cfg.sample_actions`), seeded by the
-    run's seed (`RunSeeds.policy`)."""
+    run's seed (`RunSeeds.policy`). A trained policy acts on any host's slots."""
     seed = RunSeeds(cfg.seed).policy
     if cfg.policy in POLICIES:
         return make_policy(cfg.policy, seed, cfg.heuristic)
     path = SHIPPED_POLICY if cfg.policy == "learned" else Path(cfg.policy)
     if path.suffix == ".safetensors" or path.is_file():
-        return LearnedPolicy.load(
-            path, expect_slots=slot_names, seed=seed, deterministic=not cfg.sample_actions
-        )
+        return LearnedPolicy.load(path, seed=seed, deterministic=not cfg.sample_actions)
     raise ConfigError(
         f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, learned, "
         "or the path of a trained policy (.safetensors)"
@@ -426,7 +426,7 @@ def start_run(
     seed_everything(cfg.seed, device)
     episode = build_episode(cfg, model=model, task=task, callbacks=callbacks)
     if policy is None:
-        policy = load_policy(cfg, list(episode.env.slots))
+        policy = load_policy(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, str(device))
     manifest["task"] = episode.env.task.describe()
@@ -442,7 +442,7 @@ def resume_run(run_dir: Path, callbacks: Iterable[Callback] = ()) -> GrowthRun:
     cfg = config_from_dict(store.manifest()["config"])
     seed_everything(cfg.seed, pick_device(cfg.device))
     episode = build_episode(cfg, callbacks=callbacks)
-    policy = load_policy(cfg, list(episode.env.slots))
+    policy = load_policy(cfg)
     run = GrowthRun(cfg, episode, policy, run_dir, store=store)
     run.resume()
     return run

@@ -36,7 +36,7 @@ from esper.contracts.errors import ConfigError
 from esper.evaluate import FIRST_HELD_OUT, Contender, held_out_seeds, run_held_out
 from esper.kasmina import save_tensors
 from esper.recorder import RunStore, build_manifest
-from esper.run import build_episode, load_policy, record_tick, slot_layout
+from esper.run import build_episode, load_policy, record_tick
 from esper.simic import Critic, load_critic
 from esper.tamiyo.features import featurize_batch
 from esper.tamiyo.imitation import (
@@ -222,7 +222,7 @@ def _demonstrate(
     assert teacher is not None
 
     def fresh(spec: GrowConfig) -> Policy:  # as `esper grow --policy TEACHER` on that episode
-        return load_policy(replace(spec, policy=teacher), list(policy.slot_names))
+        return load_policy(replace(spec, policy=teacher))
 
     teachers = [fresh(spec) for spec in venv.specs]
     gs, ss, actions, masks = [], [], [], []
@@ -351,8 +351,7 @@ def train_policy(
     device = pick_device(cfg.episode.device)
     seed_everything(cfg.seed, device)
     specs = episode_specs(cfg)
-    slot_names = slot_layout(cfg.episode)
-    policy = LearnedPolicy(slot_names, hidden=cfg.hidden, seed=cfg.seed)
+    policy = LearnedPolicy(hidden=cfg.hidden, seed=cfg.seed)
     policy.update_normalizers = True
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.ppo.lr, eps=1e-5)
     scaler = RewardScaler(cfg.num_envs, cfg.ppo.gamma)
@@ -383,7 +382,7 @@ def train_policy(
             )
         with _open_store(cfg, out, start if resume else None, device) as store:
             for update in range(start, cfg.updates):
-                buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(slot_names))
+                buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(obs[0].slots))
                 raw, finished, obs, next_done = _rollout(
                     cfg, venv, policy, store, update, buf, obs, next_done, scaler, bonus
                 )
@@ -470,7 +469,7 @@ def _load_training_state(
         raise ConfigError(f"nothing to resume in {out}: {path.name} is missing")
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["esper_training"])
-    loaded = LearnedPolicy.load(out / "policy.safetensors", expect_slots=policy.slot_names)
+    loaded = LearnedPolicy.load(out / "policy.safetensors")
     policy.net.load_state_dict(loaded.net.state_dict())
     policy.load_state_dict(meta["policy_state"])
     state: dict[int, dict[str, torch.Tensor]] = {}

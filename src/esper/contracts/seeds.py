@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from esper.contracts.actions import AlphaCurve, Blueprint, Style
+from esper.contracts.actions import AlphaCurve, Blueprint, Style, Topology
 from esper.contracts.lifecycle import Stage
 
 # Paper §9.7 knob options; the policy picks among these, the library accepts any positive value.
@@ -87,6 +87,13 @@ class SlotTelemetry:
     rent: float = 0.0
     """Rent this slot paid last tick, in reward units (filled by the engine)."""
     seed_id: str | None = None
+    topology: Topology = Topology.CNN
+    """The shape of the features at the slot."""
+    channels: int = 0
+    """Feature channels at the slot (the host's width there)."""
+    depth: float = 0.0
+    """Where the slot sits in the host: the fraction of the host's parameters that run before
+    it in a forward pass, in [0, 1] (filled by the engine, `kasmina.slot_depths`)."""
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -27,6 +27,7 @@ from esper.kasmina.hosts import (
     MLPHost,
     Residual,
     TransformerHost,
+    slot_depths,
     slots_of,
     wrap_in_phage,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "read_checkpoint",
     "save_model",
     "save_tensors",
+    "slot_depths",
     "slots_of",
     "supported_topologies",
     "tissue_of",

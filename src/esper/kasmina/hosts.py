@@ -8,6 +8,8 @@ attention and after the MLP sub-block of each transformer layer. Host residual b
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from esper.contracts import Topology
 from esper.kasmina.blueprints import CausalSelfAttention, HiddenUnits
 from esper.kasmina.layers import pointwise, prenorm, spatial
 from esper.kasmina.phage import Phage
+from esper.kasmina.probe import probing
 from esper.kasmina.slot import SeedSlot
 from esper.kasmina.stream import Site, Stream, declare_stream
 
@@ -215,6 +218,44 @@ def slots_of(model: nn.Module) -> dict[str, SeedSlot]:
                 module.name = path
             found[module.name] = module
     return found
+
+
+def slot_depths(model: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Each slot's depth in the host, by slot name: the fraction of the host's parameters (those
+    outside the slots) whose module runs before the slot in one probe forward of `example`.
+
+    A layout-free description of where a slot is (the learned policy's `depth` feature): a
+    slot after the stem of a deep network is near 0, one before the head near 1, whatever the
+    slots are called or however many there are. A module's own parameters count at its first
+    call; a slot the forward never reaches is at 1."""
+    slots = slots_of(model)
+    inside = {id(p) for s in slots.values() for p in s.parameters()}
+    seen: set[int] = set()
+    ran = [0]
+    at: dict[str, int] = {}
+
+    def run(m: nn.Module, args: object) -> None:
+        for p in m.parameters(recurse=False):
+            if id(p) not in inside and id(p) not in seen:
+                seen.add(id(p))
+                ran[0] += p.numel()
+
+    def reach(name: str) -> Callable[[nn.Module, object], None]:
+        def hook(m: nn.Module, args: object) -> None:
+            at.setdefault(name, ran[0])
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(run) for m in model.modules()]
+    handles += [s.register_forward_pre_hook(reach(n)) for n, s in slots.items()]
+    try:
+        with probing(model):
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    total = max(1, ran[0])
+    return {n: at[n] / total if n in at else 1.0 for n in slots}
 
 
 def wrap_in_phage(model: nn.Module, path: str) -> Phage:

@@ -505,6 +505,8 @@ class SeedSlot(nn.Module):
             contribution_tick=self.contribution_tick,
             gate_passed=None if self.last_gate is None else self.last_gate.passed,
             seed_id=self.seed_id,
+            topology=self.topology,
+            channels=self.channels,
         )
 
     @property

@@ -2,6 +2,10 @@
 
     featurize(obs) -> g (GLOBAL_DIM,), s (S, SLOT_DIM)
 
+Layout-free: a slot is described by what it is (topology, channels, depth in the host, stage,
+α, gradient health, contribution, rent), never by its name or its index, and the host by its
+size; so one policy reads any host, with any number of slots (`TamiyoNet` treats them as a set).
+
 Every feature is a bounded or log-scaled number; `RunningNormalizer` then whitens each column
 with running statistics that are saved with the policy. Changing any feature here changes the
 observation spec: bump `OBS_SPEC` so old policies refuse to load.
@@ -14,9 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from esper.contracts import Blueprint, Observation, SlotTelemetry, Stage
+from esper.contracts import Blueprint, Observation, SlotTelemetry, Stage, Topology
 
-OBS_SPEC = "obs-v1"
+OBS_SPEC = "obs-v2"
 
 HISTORY_DELTAS = 3  # metric deltas of the last ticks, most recent first
 TREND_WINDOW = 5  # least-squares slope over this many last metrics
@@ -25,6 +29,8 @@ ALPHA_TICKS_SCALE = 8  # the slowest tempo / alpha speed, in ticks
 STALENESS_CAP = 10  # ticks after which a contribution counts as fully stale
 LOG_GRAD_RANGE = (-8.0, 4.0)  # log10 of a gradient norm
 LOG_RATIO_RANGE = (-4.0, 4.0)  # log10 of seed/host gradient ratio
+LOG_CHANNELS_SCALE = 10.0  # log2 of a slot's channels, 1 … 1024 -> 0 … 1
+LOG_PARAMS_SCALE = 9.0  # log10 of the host's parameters, 1 … 1e9 -> 0 … 1
 
 GLOBAL_FEATURES = (
     "progress",
@@ -36,8 +42,12 @@ GLOBAL_FEATURES = (
     "log1p_rent_paid",
     "seed_param_frac",
     "higher_is_better",
+    "log_host_params",
 )
 SLOT_FEATURES = (
+    *(f"topology_{t.value}" for t in Topology),
+    "log_channels",
+    "depth",
     *(f"stage_{s.name.lower()}" for s in Stage),
     "alpha",
     "alpha_target",
@@ -88,6 +98,7 @@ def global_features(obs: Observation) -> list[float]:
         math.log1p(max(0.0, obs.rent_paid)),
         obs.seed_params / max(1, obs.host_params),
         1.0 if obs.higher_is_better else -1.0,  # the sign of "better" for the metric features
+        math.log10(max(1, obs.host_params)) / LOG_PARAMS_SCALE,
     ]
 
 
@@ -101,6 +112,7 @@ def _log10(x: float, lo: float, hi: float) -> float:
 
 
 def slot_features(s: SlotTelemetry, tick: int, host_params: int) -> list[float]:
+    topology = [float(s.topology is t) for t in Topology]
     stage = [0.0] * len(Stage)
     stage[s.stage] = 1.0
     blueprint = [0.0] * (len(Blueprint) + 1)  # the last one: no seed
@@ -113,6 +125,9 @@ def slot_features(s: SlotTelemetry, tick: int, host_params: int) -> list[float]:
         contribution, has = s.contribution, 1.0
         staleness = min(max(age, 0), STALENESS_CAP) / STALENESS_CAP
     return [
+        *topology,
+        math.log2(max(1, s.channels)) / LOG_CHANNELS_SCALE,
+        s.depth,
         *stage,
         s.alpha,
         s.alpha_target,
@@ -143,12 +158,13 @@ def featurize(obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def featurize_batch(observations: Sequence[Observation]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, GLOBAL_DIM) and (B, S, SLOT_DIM); every observation must have the same slot count."""
+    """(B, GLOBAL_DIM) and (B, S, SLOT_DIM); a batch's observations have one slot count (a
+    policy acts on any count, one count per forward pass)."""
     counts = {len(o.slots) for o in observations}
     if len(counts) != 1:
         raise ValueError(
             f"observations have different slot counts {sorted(counts)}; "
-            "a batch needs one slot layout"
+            "a batch needs one slot count"
         )
     pairs = [featurize(o) for o in observations]
     return torch.stack([g for g, _ in pairs]), torch.stack([s for _, s in pairs])

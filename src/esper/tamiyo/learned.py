@@ -1,12 +1,13 @@
 """The learned growth policy: TamiyoNet behind the `Policy` protocol, saved weights-only.
 
-A policy is bound to one slot layout (names, and topologies when given): every observation it
-acts on must have exactly those slots in that order, and `load` refuses a file made for another
-layout, another observation spec or another blueprint library. Batches need no padding because
-all their observations share that layout.
+A policy is layout-free: it reads each slot by what it is (`tamiyo.features`) and scores the
+slots as a set (`TamiyoNet`), so one policy acts on any host with SeedSlots — the built-in
+hosts, or a user's module with any number of slots of mixed topologies. A policy file stores no
+slot layout, only the specs it was trained with (observation, blueprint library, ops); `load`
+refuses a file made for other specs. One forward pass acts on observations with one slot count.
 
 File format (safetensors): `net.*` the network's parameters, `norm.global.*` and `norm.slot.*`
-the running normaliser statistics; the header's metadata holds the layout as JSON strings.
+the running normaliser statistics; the header's metadata holds the specs as JSON strings.
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ from esper.tamiyo.network import ActOut, TamiyoNet
 from esper.tamiyo.policies import Decision
 
 FORMAT = "esper.tamiyo.policy"
-VERSION = 1
+VERSION = 2
 BLUEPRINT_LIBRARY = "kasmina-14-v1"  # the blueprint head's meaning (14: WIDEN); run.SPEC_VERSIONS
 
 
 class PolicyLoadError(EsperError, RuntimeError):
-    """A policy file that is missing, corrupt, or made for another layout or spec."""
+    """A policy file that is missing, corrupt, or made for another spec."""
 
 
 class PolicyStep(NamedTuple):
@@ -69,19 +70,7 @@ class PolicyStep(NamedTuple):
 class LearnedPolicy:
     name = "learned"
 
-    def __init__(
-        self,
-        slot_names: Sequence[str],
-        *,
-        topologies: Sequence[str] | None = None,
-        hidden: int = 128,
-        seed: int = 0,
-        deterministic: bool = False,
-    ) -> None:
-        if topologies is not None and len(topologies) != len(slot_names):
-            raise ValueError(f"{len(topologies)} topologies for {len(slot_names)} slots")
-        self.slot_names = tuple(slot_names)
-        self.topologies = tuple(topologies) if topologies is not None else None
+    def __init__(self, *, hidden: int = 128, seed: int = 0, deterministic: bool = False) -> None:
         self.hidden = hidden
         self.deterministic = deterministic
         self.update_normalizers = False  # True while collecting rollouts for training
@@ -91,13 +80,15 @@ class LearnedPolicy:
         self.global_norm = RunningNormalizer(GLOBAL_DIM)
         self.slot_norm = RunningNormalizer(SLOT_DIM)
         self.generator = torch.Generator().manual_seed(seed)
+        self.source: str | None = None
+        """The file this policy was loaded from, if any."""
 
     # -- acting ---------------------------------------------------------------------------------
     def act(self, obs: Observation) -> Decision:
         return self.step([obs]).decisions[0]
 
     def act_batch(self, observations: Sequence[Observation]) -> list[Decision]:
-        """One forward pass for all; every observation must have this policy's slots."""
+        """One forward pass for all (observations with one slot count)."""
         return self.step(observations).decisions
 
     def step(self, observations: Sequence[Observation]) -> PolicyStep:
@@ -122,21 +113,11 @@ class LearnedPolicy:
         self, observations: Sequence[Observation], update: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised (B, GLOBAL_DIM), (B, S, SLOT_DIM); `update` folds them into the stats."""
-        for obs in observations:
-            self._check_slots(obs)
         g, s = featurize_batch(observations)
         if update:
             self.global_norm.update(g)
             self.slot_norm.update(s)
         return self.global_norm(g), self.slot_norm(s)
-
-    def _check_slots(self, obs: Observation) -> None:
-        names = tuple(x.name for x in obs.slots)
-        if names != self.slot_names:
-            raise ValueError(
-                f"observation has slots {list(names)}, but this policy was built "
-                f"for {list(self.slot_names)}"
-            )
 
     def _decision(self, out: ActOut, b: int) -> Decision:
         i = dict(zip(HEADS, out.actions[b].tolist(), strict=True))
@@ -188,9 +169,6 @@ class LearnedPolicy:
             "obs_spec": OBS_SPEC,
             "global_dim": GLOBAL_DIM,
             "slot_dim": SLOT_DIM,
-            "num_slots": len(self.slot_names),
-            "slot_names": list(self.slot_names),
-            "topologies": list(self.topologies) if self.topologies is not None else None,
             "blueprint_library": BLUEPRINT_LIBRARY,
             "blueprints": [b.name for b in Blueprint],
             "ops": [op.name for op in TAMIYO_OPS],
@@ -205,30 +183,17 @@ class LearnedPolicy:
         save_tensors(path, tensors, meta)
 
     @classmethod
-    def load(
-        cls,
-        path: str | Path,
-        *,
-        expect_slots: Sequence[str] | None = None,
-        expect_topologies: Sequence[str] | None = None,
-        seed: int = 0,
-        deterministic: bool = False,
-    ) -> LearnedPolicy:
-        """Load a saved policy; refuse it unless it fits this code and the expected slots."""
+    def load(cls, path: str | Path, *, seed: int = 0, deterministic: bool = False) -> LearnedPolicy:
+        """Load a saved policy; refuse it unless it was trained with this Esper's specs."""
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except (OSError, SafetensorError, json.JSONDecodeError) as e:
             raise PolicyLoadError(f"{path}: not a readable policy file: {e}") from e
-        _check_layout(path, meta, expect_slots, expect_topologies)
-        policy = cls(
-            meta["slot_names"],
-            topologies=meta["topologies"],
-            hidden=meta["hidden"],
-            seed=seed,
-            deterministic=deterministic,
-        )
+        _check_specs(path, meta)
+        policy = cls(hidden=meta["hidden"], seed=seed, deterministic=deterministic)
+        policy.source = str(path)
         net_state = {k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")}
         try:
             policy.net.load_state_dict(net_state, strict=True)
@@ -241,17 +206,9 @@ class LearnedPolicy:
         return policy
 
 
-def _check_layout(
-    path: str | Path,
-    meta: dict[str, Any],
-    expect_slots: Sequence[str] | None,
-    expect_topologies: Sequence[str] | None,
-) -> None:
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise PolicyLoadError(
-            f"{path}: format {meta.get('format')!r} v{meta.get('version')}; "
-            f"expected {FORMAT!r} v{VERSION}"
-        )
+def _check_specs(path: str | Path, meta: dict[str, Any]) -> None:
+    if meta.get("format") != FORMAT:
+        raise PolicyLoadError(f"{path}: format {meta.get('format')!r}; expected {FORMAT!r}")
     here = {  # the library first: it names what changed when a policy predates a new blueprint
         "blueprint_library": BLUEPRINT_LIBRARY,
         "obs_spec": OBS_SPEC,
@@ -259,6 +216,7 @@ def _check_layout(
         "slot_dim": SLOT_DIM,
         "blueprints": [b.name for b in Blueprint],
         "ops": [op.name for op in TAMIYO_OPS],
+        "version": VERSION,
     }
     for key, want in here.items():
         if meta.get(key) != want:
@@ -266,19 +224,3 @@ def _check_layout(
                 f"{path}: policy was saved with {key} = {meta.get(key)!r}, "
                 f"this Esper uses {want!r}; retrain the policy"
             )
-    saved = list(meta["slot_names"])
-    if expect_slots is not None and list(expect_slots) != saved:
-        raise PolicyLoadError(
-            f"{path}: policy was trained for {len(saved)} slots {saved}; this host has "
-            f"{len(expect_slots)} slots {list(expect_slots)}"
-        )
-    saved_top = meta.get("topologies")
-    if (
-        expect_topologies is not None
-        and saved_top is not None
-        and list(expect_topologies) != list(saved_top)
-    ):
-        raise PolicyLoadError(
-            f"{path}: policy was trained on slot topologies {saved_top}; "
-            f"this host has {list(expect_topologies)}"
-        )

@@ -7,8 +7,12 @@
     slot    logits per slot from [slot embedding, context, op embedding]
     knobs   blueprint … alpha_curve logits from [context, chosen slot's embedding, op embedding]
 
-The slot encoder has one set of weights for every slot, and pooling makes the context invariant
-to slot order. Heads are sampled in the order op → slot → the rest, each under the mask that
+The slots are a set: the slot encoder has one set of weights for every slot, pooling makes the
+context invariant to slot order, and the slot head scores each slot from its own embedding and
+the shared context, so the slot scores are permutation-equivariant (permute the slots, the scores
+permute the same way) and any number of slots can be scored by the same weights.
+
+Heads are sampled in the order op → slot → the rest, each under the mask that
 `tamiyo.masks.action_masks` gives for the choices so far. Illegal actions get a logit of −1e9
 and therefore probability exactly 0: there is no probability floor anywhere.
 """

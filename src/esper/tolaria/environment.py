@@ -44,6 +44,7 @@ from esper.kasmina import (
     model_state,
     observe_gradients,
     probing,
+    slot_depths,
     slots_of,
     tissue_of,
 )
@@ -171,6 +172,8 @@ class GrowthEnv:
         )
         n = min(cfg.eval_samples, len(task.val_x))
         self.val_x, self.val_y = task.val_x[:n], task.val_y[:n]
+        self.depths = slot_depths(self.model, self.val_x[:1])
+        """Each slot's depth in the host (a property of the layout, measured once)."""
         self.clock = 0
         """The tick in progress: how many times the clock has advanced."""
         self.history: list[float] = []
@@ -324,7 +327,9 @@ class GrowthEnv:
     ) -> Observation:
         slots = []
         for name, slot in self.slots.items():
-            slots.append(replace(slot.telemetry(), rent=rents.get(name, 0.0)))
+            slots.append(
+                replace(slot.telemetry(), rent=rents.get(name, 0.0), depth=self.depths[name])
+            )
         return Observation(
             tick=tick,
             max_ticks=max_ticks,
