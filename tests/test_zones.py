@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from _engine_helpers import FAST_HEURISTIC
+from _engine_helpers import FAST_HEURISTIC, text_config
 from esper.config import GrowConfig, HostConfig, config_from_dict, config_to_dict
 from esper.contracts import (
     Blueprint,
@@ -331,3 +331,22 @@ def test_zones_round_trip_through_the_config() -> None:
     cfg = _cfg(3, _zones(window=4))
     assert config_from_dict(config_to_dict(cfg)) == cfg
     assert not GrowConfig().zones.enabled
+
+
+def test_a_six_layer_transformer_splits_into_zones_by_sublayer_and_trains(tmp_path: Path) -> None:
+    zones = ZonesConfig(zone=(ZoneSpec("low", blocks=(0, 5)), ZoneSpec("high", blocks=(6, 11))))
+    cfg = dataclasses.replace(
+        text_config(4),
+        host=HostConfig(kind="transformer", width=32, depth=6),
+        env=EnvConfig(batches_per_tick=4, batch_size=16, eval_samples=64),
+        zones=zones,
+    )
+    run = start_run(cfg, run_dir=tmp_path / "text")
+    layout = run.episode.zones.layout  # type: ignore[union-attr]
+    assert layout.slots_of("low") == tuple(
+        sorted(f"slots.l{i}_{part}" for i in range(3) for part in ("attn", "mlp"))
+    )
+    assert layout.owner("layers.5") == "low" and layout.owner("layers.6") == "high"
+    run.run()
+    losses = [m["train_loss"] for _, m in run.store.metrics()]
+    assert losses[-1] < losses[0]

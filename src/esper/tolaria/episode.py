@@ -352,21 +352,7 @@ class Episode:
         )
         events += self._safe_boundary()
         after = self._observation(ev, tick.train)
-        if self.zones is not None:
-            moved = [e.slot for e in events if e.kind == "lifecycle" and e.slot is not None]
-            events += [
-                TickEvent(k, p)
-                for k, p in self.zones.account(
-                    t,
-                    after,
-                    self.economy.last_rents,
-                    self.economy.last_churn,
-                    ops,
-                    moved,
-                    ev.metric,
-                    ev.loss,
-                )
-            ]
+        events += self._account_zones(t, events, after, ops, ev)
         metrics = {
             "train_loss": tick.train.loss,
             "val_loss": ev.loss,
@@ -404,6 +390,18 @@ class Episode:
             done=done,
             weights_hash=weights_hash(env.model) if done else None,
         )
+
+    def _account_zones(
+        self, t: int, events: list[TickEvent], after: Observation, ops: Ops, ev: Evaluation
+    ) -> list[TickEvent]:
+        """The zones' books for tick `t`, after the economy priced it (at a window's end, the
+        allocator's update)."""
+        if self.zones is None:
+            return []
+        moved = [e.slot for e in events if e.kind == "lifecycle" and e.slot is not None]
+        rents, churn = self.economy.last_rents, self.economy.last_churn
+        booked = self.zones.account(t, after, rents, churn, ops, moved, ev.metric, ev.loss)
+        return [TickEvent(k, p) for k, p in booked]
 
     def _tag_zones(self, events: list[TickEvent]) -> list[TickEvent]:
         """Each event of a slot or unit carries its zone (`esper show` groups by it)."""
