@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from esper.audits.replay import candidates_from_run
 from esper.cli import app
 from esper.recorder import RunStore
+from esper.report import decision_rows, load_run
 
 runner = CliRunner()
 TINY = """
@@ -235,6 +236,8 @@ def test_grow_with_a_zone_file_and_show_groups_events_by_zone(tmp_path: Path) ->
     assert shown.exit_code == 0, shown.output
     assert "zone early" in shown.output and "zone late" in shown.output
     assert "zone books" in shown.output and "narset_update" not in shown.output  # 4 < window
+    rows = [r for r in decision_rows(load_run(run)) if r.op != "WAIT"]
+    assert rows and all(r.reason.startswith(f"{r.slot}:") for r in rows)  # its zone's reason
     bad = tmp_path / "bad.toml"
     bad.write_text(
         "[[zone]]\nname = 'a'\nblocks = [0, 3]\nrisk_share = 0.7\n"
