@@ -227,6 +227,7 @@ def test_grow_with_a_zone_file_and_show_groups_events_by_zone(tmp_path: Path) ->
         str(tmp_path / "runs"),
     )
     assert r.exit_code == 0, r.output
+    assert "zone early" in r.output and "zone late" in r.output  # the summary's books
     [run] = list((tmp_path / "runs").iterdir())
     with RunStore.open(run) as store:
         zones = store.manifest()["config"]["zones"]

@@ -283,7 +283,7 @@ class _Crash(RuntimeError):
 
 
 def test_a_two_zone_run_records_books_and_resumes_bit_identically(tmp_path: Path) -> None:
-    zones = _zones(early=1, late=1, window=3)
+    zones = _zones(early=1, late=1, window=4)  # the resumed checkpoint falls mid-window
     cfg = _cfg(8, zones, checkpoint_every=3, decay="heuristic")
     seen: list[object] = []
 
@@ -300,8 +300,9 @@ def test_a_two_zone_run_records_books_and_resumes_bit_identically(tmp_path: Path
     assert set(books) == {"early", "late"}
     assert math.fsum(b["rent_paid"] for b in books.values()) == pytest.approx(whole.rent_paid)
     assert sum(b["germinations"] for b in books.values()) == len(whole.germinated) > 0
+    assert whole.zone_books == books
     updates = [e for e in events if e.kind == "narset_update"]
-    assert [e.tick for e in updates] == [2, 5]
+    assert [e.tick for e in updates] == [3, 7]
     assert set(updates[0].payload["zones"]) == {"early", "late"}
     for e in events:
         if e.slot is not None and e.kind != "decision":

@@ -278,6 +278,12 @@ def _print_summary(r: GrowResult, alone: Finished | None = None) -> None:
             f"rent {acc['rent_paid']:.4f}, churn {acc['churn_paid']:.4f}, "
             f"{int(acc['ticks_alive'])} ticks",
         )
+    for zone, book in r.zone_books.items():
+        table.add_row(
+            f"  zone {zone}",
+            f"rent {book['rent_paid']:.4f}, churn {book['churn_paid']:.4f}, "
+            f"{int(book['germinations'])} germinations",
+        )
     _out().print(table)
 
 

@@ -282,6 +282,8 @@ class GrowResult:
     rollbacks: int = 0
     seed_accounts: dict[str, dict[str, float]] = field(default_factory=dict)
     """seed_id -> rent_paid, churn_paid, ticks_alive (reward units)."""
+    zone_books: dict[str, dict[str, float]] = field(default_factory=dict)
+    """With zones: zone -> rent_paid, churn_paid (reward units), germinations, transitions."""
     wall_time: float = 0.0
     weights_hash: str = ""
     event_log_hash: str = ""
@@ -430,6 +432,7 @@ class GrowthRun:
             rollbacks=sum(e.kind == "governor_rollback" for e in events),
             wall_time=wall,
             seed_accounts=self.episode.seed_accounts(),
+            zone_books=self.episode.zones.books_summary() if self.episode.zones else {},
             weights_hash=weights_hash(self.env.model),
             event_log_hash=self.store.event_log_hash(),
         )
