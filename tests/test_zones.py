@@ -351,3 +351,25 @@ def test_a_six_layer_transformer_splits_into_zones_by_sublayer_and_trains(tmp_pa
     run.run()
     losses = [m["train_loss"] for _, m in run.store.metrics()]
     assert losses[-1] < losses[0]
+
+
+def _block(name: str) -> int | None:
+    """The block of a CNN parameter (`blocks.<i>.…`, `slots.b<i>.…`), by hand; None: stem, head."""
+    head, _, rest = name.partition(".")
+    index = rest.split(".")[0].lstrip("b")
+    return int(index) if head in ("blocks", "slots") else None
+
+
+def test_each_zone_measures_the_gradient_norm_of_its_own_parameters() -> None:
+    episode = build_episode(_cfg(2, _zones()))
+    episode.observe()
+    zones, model = episode.zones, episode.env.model
+    assert zones is not None
+    squares = {"early": 0.0, "late": 0.0}
+    for name, p in model.named_parameters():
+        block = _block(name)
+        if p.grad is not None and block is not None:
+            squares["early" if block < 4 else "late"] += float(p.grad.pow(2).sum())
+    by_hand = {z: math.sqrt(v) for z, v in squares.items()}
+    assert zones._grad == pytest.approx(by_hand, rel=1e-6)
+    assert by_hand["early"] > 0 and by_hand["late"] > 0

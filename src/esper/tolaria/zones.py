@@ -127,13 +127,22 @@ class Zones:
         `.grad`), and the minibatch variance of the training loss."""
         sq: dict[str, list[torch.Tensor]] = {z: [] for z in self.names}
         for name, p in model.named_parameters():
-            zone = self.layout.owner(".".join(name.split(".")[:2]))
+            zone = self._param_owner(name)
             if zone != POOL and p.grad is not None:
                 sq[zone].append(p.grad.detach().float().pow(2).sum())
         self._grad = {
             z: math.sqrt(float(torch.stack(v).sum())) if v else 0.0 for z, v in sq.items()
         }
         self._variance = minibatch_variance
+
+    def _param_owner(self, name: str) -> str:
+        """The zone of a parameter: that of its longest module path a zone owns."""
+        parts = name.split(".")
+        for k in range(len(parts) - 1, 0, -1):
+            zone = self.layout.owner(".".join(parts[:k]))
+            if zone != POOL:
+                return zone
+        return POOL
 
     def refresh(self, rents: Mapping[str, float]) -> list[tuple[str, dict[str, Any]]]:
         """Each zone's growth mask for this tick, from its budgets; (kind, payload) of each
