@@ -11,6 +11,10 @@ tests.
                                 #   → execute → every slot's clock → Simic prices the tick
                                 #   → snapshot for the governor              → `Outcome`
 
+With zones (paper §9.6, `esper.tolaria.zones`), `act_zones({zone: (action, reason)})` replaces
+`act`: each zone's pair acts on its own view (`zone_views()`), within its budgets, in this same
+tick.
+
 `observe()` is `collect(launch())`: `launch` queues the tick's training and evaluation on the
 device and `collect` reads them back (its one host sync, which also carries the governor's health
 checks), so that a vector of episodes on CUDA can queue all of them before reading any.
