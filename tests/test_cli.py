@@ -237,6 +237,9 @@ def test_grow_with_a_zone_file_and_show_groups_events_by_zone(tmp_path: Path) ->
     assert shown.exit_code == 0, shown.output
     assert "zone early" in shown.output and "zone late" in shown.output
     assert "zone books" in shown.output and "narset_update" not in shown.output  # 4 < window
+    assert _invoke("report", str(run)).exit_code == 0
+    page = (run / "report.html").read_text()
+    assert "zone budgets by window" in page and "<th>zone</th>" in page
     rows = [r for r in decision_rows(load_run(run)) if r.op != "WAIT"]
     assert rows and all(r.reason.startswith(f"{r.slot}:") for r in rows)  # its zone's reason
     bad = tmp_path / "bad.toml"
