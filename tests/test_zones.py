@@ -75,6 +75,9 @@ def test_the_layout_partitions_the_deep_cnn_by_block_range() -> None:
     overlapping = ZonesConfig(zone=(ZoneSpec("a", blocks=(0, 4)), ZoneSpec("b", blocks=(4, 7))))
     with pytest.raises(ConfigError, match="in zones 'a' and 'b'"):
         layout_of(overlapping, host.stream.slot_blocks)
+    typo = ZonesConfig(zone=(ZoneSpec("a", slots=("slots.b9",)),))
+    with pytest.raises(ConfigError, match=r"zone 'a' names slots \['slots.b9'\]"):
+        layout_of(typo, host.stream.slot_blocks)
     with pytest.raises(ConfigError, match="sum above the global sedation budget"):
         ZonesConfig(zone=(ZoneSpec("a", (0, 3), risk_share=0.6), ZoneSpec("b", (4, 7))))
 

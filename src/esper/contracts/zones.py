@@ -150,9 +150,6 @@ class ZoneLayout:
             for name in (*self.slots_of(z.name), *z.phages):
                 if claimed.setdefault(name, z.name) != z.name:
                     raise ConfigError(f"{name!r} is in zones {claimed[name]!r} and {z.name!r}")
-        unknown = [s for z in self.zones for s in z.slots if s not in self.slot_blocks]
-        if unknown and self.slot_blocks:
-            raise ConfigError(f"zone slots {unknown} are not slots of the host")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -186,11 +183,21 @@ class ZoneLayout:
             raise ZoneViolation(zone, name, owner)
 
 
-def layout_of(cfg: ZonesConfig, slot_blocks: Mapping[str, int]) -> ZoneLayout:
-    """The layout of `cfg` on a host whose slots sit after `slot_blocks` (ConfigError when a
-    name is claimed twice, or a zone owns no slot)."""
+def layout_of(
+    cfg: ZonesConfig, slot_blocks: Mapping[str, int], slots: Iterable[str] = ()
+) -> ZoneLayout:
+    """The layout of `cfg` on a host whose slots sit after `slot_blocks` (`slots`: every slot
+    name, when the host has no stream). ConfigError when a name is claimed twice, a zone names
+    a slot the host lacks, or a zone owns no slot."""
     layout = ZoneLayout(cfg.zone, dict(slot_blocks))
+    known = set(slots) | set(slot_blocks)
     for z in cfg.zone:
+        missing = sorted(set(z.slots) - known)
+        if missing:
+            raise ConfigError(
+                f"zone {z.name!r} names slots {missing} the host does not have "
+                f"(its slots: {', '.join(sorted(known))})"
+            )
         if not layout.slots_of(z.name):
             raise ConfigError(f"zone {z.name!r} owns no slot of the host")
     return layout

@@ -184,7 +184,8 @@ class Episode:
         self.zone_emrakuls = dict(zone_emrakuls or {})
         if zones is not None and zones.enabled:
             stream = getattr(env.model, "stream", None)
-            layout = layout_of(zones, stream.slot_blocks if stream is not None else {})
+            blocks = stream.slot_blocks if stream is not None else {}
+            layout = layout_of(zones, blocks, env.slots)
             self.zones = Zones(layout, zones, allocator, higher_is_better=env.task.higher_is_better)
         if self.governor is not None:
             self.governor.keep(-1, self.state())
