@@ -139,3 +139,21 @@ def test_data_and_output_are_checked_before_the_run(tmp_path: Path) -> None:
     with torch.no_grad():
         accuracy = (model(val[0]).argmax(-1) == val[1]).float().mean().item()
     assert result.final_metric == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_a_users_model_grows_in_zones_named_by_their_slots(tmp_path: Path) -> None:
+    train, val = data()
+    zone_file = tmp_path / "zones.toml"
+    zone_file.write_text(
+        "window = 2\n[[zone]]\nname = 'first'\nslots = ['1']\n"
+        "[[zone]]\nname = 'second'\nslots = ['3']\n"
+    )
+    cfg = replace(CFG, policy="random")
+    _, result = esper.grow(
+        user_model(), train, val, config=cfg, zones=zone_file, run_dir=tmp_path / "z"
+    )
+    assert set(result.zone_books) == {"first", "second"}
+    with RunStore.open(tmp_path / "z") as store:
+        assert {d.policy for d in store.decisions()} == {"random@first", "random@second"}
+        assert [d.slot_states[0]["name"] for d in store.decisions()[:2]] == ["1", "3"]
+    assert manifest_config(tmp_path / "z")["zones"]["zone"][1]["slots"] == ["3"]

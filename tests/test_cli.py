@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from esper.audits.replay import candidates_from_run
 from esper.cli import app
 from esper.recorder import RunStore
+from esper.report import decision_rows, load_run
 
 runner = CliRunner()
 TINY = """
@@ -206,3 +207,47 @@ def test_help_shows_the_configs_defaults() -> None:
     assert f"(default: {GrowConfig.ticks})" in grow_help
     audit_help = _invoke("audit", "--help").output
     assert f"[default: {AuditProtocol.ticks}]" in audit_help  # typer shows it
+
+
+def test_grow_with_a_zone_file_and_show_groups_events_by_zone(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1] / "examples"
+    p = tmp_path / "deep.toml"
+    deep = (root / "deep_cnn.toml").read_text().replace("ticks = 40", "checkpoint_every = 2")
+    p.write_text(deep + "[env]\nbatches_per_tick = 2\neval_samples = 256\n")
+    r = _invoke(
+        "grow",
+        "--config",
+        str(p),
+        "--zones",
+        str(root / "zones.toml"),
+        "--ticks",
+        "4",
+        "--no-baseline",
+        "--out",
+        str(tmp_path / "runs"),
+    )
+    assert r.exit_code == 0, r.output
+    assert "zone early" in r.output and "zone late" in r.output  # the summary's books
+    [run] = list((tmp_path / "runs").iterdir())
+    with RunStore.open(run) as store:
+        zones = store.manifest()["config"]["zones"]
+        assert [z["name"] for z in zones["zone"]] == ["early", "late"]
+        assert {d.policy for d in store.decisions()} == {"heuristic@early", "heuristic@late"}
+    shown = _invoke("show", str(run))
+    assert shown.exit_code == 0, shown.output
+    assert "zone early" in shown.output and "zone late" in shown.output
+    assert "zone books" in shown.output and "narset_update" not in shown.output  # 4 < window
+    assert _invoke("report", str(run)).exit_code == 0
+    page = (run / "report.html").read_text()
+    assert "zone budgets by window" in page and "<th>zone</th>" in page
+    rows = [r for r in decision_rows(load_run(run)) if r.op != "WAIT"]
+    assert rows and all(r.reason.startswith(f"{r.slot}:") for r in rows)  # its zone's reason
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        "[[zone]]\nname = 'a'\nblocks = [0, 3]\nrisk_share = 0.7\n"
+        "[[zone]]\nname = 'b'\nblocks = [4, 7]\nrisk_share = 0.7\n"
+    )
+    _assert_clean_failure(
+        _invoke("grow", "--config", str(p), "--zones", str(bad), "--out", str(tmp_path / "x")),
+        "risk shares sum above",
+    )

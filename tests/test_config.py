@@ -21,6 +21,7 @@ from esper.config import (
     override,
 )
 from esper.contracts import LifecycleConfig
+from esper.contracts.zones import NarsetConfig, ZonesConfig, ZoneSpec
 from esper.simic import EconomyConfig
 from esper.tamiyo.policies import HeuristicConfig
 from esper.tolaria.environment import EnvConfig
@@ -41,6 +42,14 @@ CUSTOM = GrowConfig(
     governor=GovernorConfig(divergence_factor=4.0, max_rollbacks=1),
     heuristic=HeuristicConfig(warmup_ticks=2, fossilize_margin=-0.5, rotation=("MLP", "NORM")),
     lifecycle=LifecycleConfig(embargo_ticks=0, reset_ticks=2),
+    zones=ZonesConfig(
+        zone=(
+            ZoneSpec("a", blocks=(0, 0), slots=("slots.b1",), risk_share=0.3),
+            ZoneSpec("b", phages=("blocks.1",), growth_budget=2, rent_ceiling=0.5),
+        ),
+        window=3,
+        narset=NarsetConfig(step=0.25, enabled=False),
+    ),
 )
 
 
@@ -63,16 +72,21 @@ def _toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
-def to_toml(data: dict[str, Any]) -> str:
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """TOML of nested dicts: tables, sub-tables and arrays of tables (`[[zones.zone]]`)."""
+    tables = lambda v: isinstance(v, list | tuple) and v and all(isinstance(x, dict) for x in v)  # noqa: E731
     lines = [
         f"{k} = {_toml_value(v)}"
         for k, v in data.items()
-        if v is not None and not isinstance(v, dict)
+        if v is not None and not isinstance(v, dict) and not tables(v)
     ]
-    for table, values in data.items():
+    for key, values in data.items():
+        name = f"{prefix}{key}"
         if isinstance(values, dict):
-            lines += ["", f"[{table}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+            lines += ["", f"[{name}]", to_toml(values, f"{name}.")]
+        elif tables(values):
+            for item in values:
+                lines += ["", f"[[{name}]]", to_toml(item, f"{name}.")]
     return "\n".join(lines) + "\n"
 
 

@@ -4,14 +4,16 @@ compare two (forensic replay, paper §8.2)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from esper.config import GrowConfig, override
+from esper.config import GrowConfig, load_config, override
 from esper.contracts.errors import ConfigError
+from esper.contracts.zones import ZonesConfig
 from esper.forensics import RunDiff, diff_runs
 from esper.forensics import replay as replay_run
 from esper.kasmina import describe, probing
@@ -90,6 +92,7 @@ def grow(
     seed: int | None = None,
     run_dir: str | Path | None = None,
     config: GrowConfig | None = None,
+    zones: ZonesConfig | str | Path | None = None,
     callbacks: Iterable[Callback] = (),
     **overrides: Any,
 ) -> tuple[nn.Module, GrowResult]:
@@ -108,7 +111,9 @@ def grow(
 
     The run's settings are `config` (default: `GrowConfig()`); only the keywords given here
     (`policy`, `ticks`, `seed`, and `overrides` as dotted config keys, e.g.
-    `**{"economy.w_rent": 0.1}`) replace its values. For bit-reproducible runs, build the model
+    `**{"economy.w_rent": 0.1}`) replace its values. `zones`: a zone layout (a `ZonesConfig`, or
+    the path of a zone file as `esper grow --zones` takes); a user's model has no block index,
+    so its zones name their slots (`slots = [...]`). For bit-reproducible runs, build the model
     after `torch.manual_seed(seed)`."""
     if policy is None or isinstance(policy, str | Path):
         given, name = None, None if policy is None else str(policy)
@@ -122,6 +127,9 @@ def grow(
         task=task or "custom",
         **overrides,
     )
+    if zones is not None:
+        layout = zones if isinstance(zones, ZonesConfig) else load_config(zones, ZonesConfig)
+        cfg = replace(cfg, zones=layout)
     data = _task(cfg, train, val, task)
     wrapped = model if output is None else Logits(model, output)
     _check_logits(wrapped, data)

@@ -38,6 +38,7 @@ from esper.config import (
     override,
 )
 from esper.contracts.errors import EsperError
+from esper.contracts.zones import ZonesConfig
 from esper.evaluate import FIRST_HELD_OUT, HELD_OUT_SEEDS, evaluate, held_out_seeds
 from esper.forensics import RunDiff, diff_runs, fork_run, play_fork
 from esper.kasmina.export import export_model
@@ -75,9 +76,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _config(config: Path | None, **flags: object) -> GrowConfig:
+def _config(config: Path | None, zones: Path | None = None, **flags: object) -> GrowConfig:
     cfg = load_config(config) if config is not None else GrowConfig()
     cfg = override(cfg, **flags)
+    if zones is not None:
+        cfg = replace(cfg, zones=load_config(zones, ZonesConfig))
     if cfg.task not in TASK_NAMES:
         raise ConfigError(f"unknown task {cfg.task!r}; valid tasks: {', '.join(TASK_NAMES)}")
     if cfg.policy not in (*POLICIES, "learned") and not Path(cfg.policy).is_file():
@@ -132,6 +135,13 @@ def grow(
     ] = None,
     data_dir: Annotated[str | None, typer.Option(help="CIFAR-10 folder")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    zones: Annotated[
+        Path | None,
+        typer.Option(
+            help="a zone file (TOML: window, [narset], [[zone]] tables): a Tamiyo–Emrakul pair "
+            "per zone under per-zone budgets set by Narset (replaces the config's [zones])"
+        ),
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help="resume this run directory")] = None,
     baseline: Annotated[
         bool,
@@ -148,6 +158,7 @@ def grow(
         else:
             cfg = _config(
                 config,
+                zones,
                 task=task,
                 policy=policy,
                 decay=decay,
@@ -267,6 +278,12 @@ def _print_summary(r: GrowResult, alone: Finished | None = None) -> None:
             f"rent {acc['rent_paid']:.4f}, churn {acc['churn_paid']:.4f}, "
             f"{int(acc['ticks_alive'])} ticks",
         )
+    for zone, book in r.zone_books.items():
+        table.add_row(
+            f"  zone {zone}",
+            f"rent {book['rent_paid']:.4f}, churn {book['churn_paid']:.4f}, "
+            f"{int(book['germinations'])} germinations",
+        )
     _out().print(table)
 
 
@@ -315,10 +332,7 @@ def show(
     if s.ticks and s.get("seed_params") is not None:
         _out().print(f"seed params {int(s.values['seed_params'][-1])} at tick {s.ticks[-1]}")
     _print_decay(list(view.events))
-    table = Table("tick", "slot", "event", "detail")
-    for e in view.events:
-        table.add_row(str(e.tick), e.slot or "", e.kind, _detail(e.kind, e.payload))
-    _out().print(table)
+    _print_events(list(view.events))
     _print_audit_labels(view)
     if all_decisions:
         _print_decisions(view)
@@ -404,6 +418,33 @@ def _detail(kind: str, payload: dict) -> str:  # type: ignore[type-arg]
         return f"{len(units)} units measured; lowest contribution {units[low][0]:+.4f} ({low})"
     shown = {k: v for k, v in payload.items() if v is not None and k not in ("action", "spec")}
     return ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+
+
+def _print_events(events: list) -> None:  # type: ignore[type-arg]
+    """The event table; with zones, one table per zone, then the run's own events, then the
+    zones' books."""
+    zones = list(dict.fromkeys(e.payload["zone"] for e in events if "zone" in e.payload))
+    groups = [(f"zone {z}", [e for e in events if e.payload.get("zone") == z]) for z in zones]
+    rest = [e for e in events if "zone" not in e.payload]
+    for title, group in [*groups, ("the run" if zones else None, rest)]:
+        table = Table("tick", "slot", "event", "detail", title=title)
+        for e in group:
+            table.add_row(str(e.tick), e.slot or "", e.kind, _detail(e.kind, e.payload))
+        _out().print(table)
+    books = [e.payload for e in events if e.kind == "zone_books"]
+    if books:
+        table = Table(
+            "zone", "rent paid", "churn paid", "germinations", "transitions", title="zone books"
+        )
+        for z, b in books[-1].items():
+            table.add_row(
+                z,
+                f"{b['rent_paid']:.4f}",
+                f"{b['churn_paid']:.4f}",
+                str(b["germinations"]),
+                str(b["transitions"]),
+            )
+        _out().print(table)
 
 
 def _print_decay(events: list) -> None:  # type: ignore[type-arg]

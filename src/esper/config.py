@@ -2,8 +2,9 @@
 (and `TrainPolicyConfig`, in `esper.train_policy`, is `esper train-policy`, loaded the same way).
 
 Config files are TOML whose tables mirror the nested dataclasses (`[env]`, `[economy]`,
-`[governor]`, `[heuristic]`, `[lifecycle]`, `[host]`, `[lysis]`, `[emrakul]`); an unknown key is
-an error naming it.
+`[governor]`, `[heuristic]`, `[lifecycle]`, `[host]`, `[lysis]`, `[emrakul]`, `[zones]` with its
+`[[zones.zone]]` list); an unknown key is an error naming it. A zone file (`esper grow --zones`)
+is the `[zones]` table on its own: `window`, `[narset]` and `[[zone]]` tables.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 
 from esper.contracts import LifecycleConfig
 from esper.contracts.errors import ConfigError
+from esper.contracts.zones import ZonesConfig
 from esper.emrakul import DECAY_POLICIES, EmrakulConfig
 from esper.simic import EconomyConfig
 from esper.tamiyo.policies import HeuristicConfig
@@ -91,6 +93,9 @@ class GrowConfig:
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     lysis: LysisConfig = field(default_factory=LysisConfig)
     emrakul: EmrakulConfig = field(default_factory=EmrakulConfig)
+    zones: ZonesConfig = field(default_factory=ZonesConfig)
+    """Zones (paper §9.6): a Tamiyo–Emrakul pair per zone under per-zone budgets, set by Narset
+    every window. None by default: one global pair."""
 
     def __post_init__(self) -> None:
         if self.decay not in DECAY_POLICIES:
@@ -149,6 +154,10 @@ def _typed(value: Any, hint: Any, key: str) -> Any:
         if len(rest) != 1:
             return value
         hint, args = rest[0], typing.get_args(rest[0])
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a table")
+        return _build(hint, value, key)  # type: ignore[arg-type]
     if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key {key!r} must be a list, got {value!r}")

@@ -272,6 +272,10 @@ def fork_run(
         raise ReplayError(
             f"{source} grew a user's module (esper.grow), which cannot be rebuilt from its config"
         )
+    if cfg.zones.enabled:
+        raise ReplayError(
+            f"{source} ran with zones (a policy per zone): replay does not fork those yet"
+        )
     record = src.decisions
     if from_tick not in record:
         raise ReplayError(f"run {source} recorded no decision at tick {from_tick} (env 0)")

@@ -35,6 +35,7 @@ from esper.kasmina import (
     save_tensors,
     slots_of,
 )
+from esper.narset import Narset
 from esper.recorder import CheckpointRecord, DecisionRecord, RunStore, TickWriter, build_manifest
 from esper.tamiyo.features import OBS_SPEC
 from esper.tamiyo.learned import BLUEPRINT_LIBRARY, LearnedPolicy
@@ -44,6 +45,7 @@ from esper.tolaria.data import TaskData, shared_task
 from esper.tolaria.determinism import RunSeeds, pick_device, seed_everything
 from esper.tolaria.environment import GrowthEnv
 from esper.tolaria.episode import Callback, Episode, Outcome, weights_hash
+from esper.tolaria.zones import ZoneView
 
 SPEC_VERSIONS = {
     "obs": OBS_SPEC,
@@ -114,6 +116,10 @@ def build_episode(
         rng = torch.get_rng_state()  # the episode's stream continues from here
     env = GrowthEnv(model, task, cfg.env, device=pick_device(cfg.device), seed=cfg.seed)
     emrakul = make_emrakul(cfg.decay, cfg.emrakul)
+    zones, narset = cfg.zones, cfg.zones.narset
+    zone_emrakuls = {}
+    if zones.enabled and emrakul is not None:  # each zone its own Emrakul
+        zone_emrakuls = {z.name: make_emrakul(cfg.decay, cfg.emrakul).act for z in zones.zone}  # type: ignore[union-attr]
     return Episode(
         env,
         ticks=cfg.ticks,
@@ -124,6 +130,9 @@ def build_episode(
         rng=rng,
         decay=cfg.lysis if emrakul is not None else None,
         emrakul=emrakul.act if emrakul is not None else None,
+        zones=zones if zones.enabled else None,
+        allocator=Narset(zones.zone, narset) if zones.enabled and narset.enabled else None,
+        zone_emrakuls=zone_emrakuls,
     )
 
 
@@ -145,6 +154,43 @@ def load_policy(cfg: GrowConfig) -> Policy:
     raise ConfigError(
         f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}, learned, "
         "or the path of a trained policy (.safetensors)"
+    )
+
+
+class ZonePolicies:
+    """One growth policy per zone (paper §9.6), each acting on its zone's view of the tick."""
+
+    def __init__(self, by_zone: dict[str, Policy]) -> None:
+        self.by_zone = by_zone
+        self.name = next(iter(by_zone.values())).name
+
+    def act(self, views: dict[str, ZoneView]) -> dict[str, Decision]:
+        return {z: p.act(views[z].observation) for z, p in self.by_zone.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {z: p.state_dict() for z, p in self.by_zone.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for z, p in self.by_zone.items():
+            p.load_state_dict(state[z])
+
+
+def policy_for(cfg: GrowConfig, episode: Episode) -> Policy | ZonePolicies:
+    """The run's policy (`load_policy`), or one per zone when `cfg` has zones (built-in
+    policies only: a learned policy per zone is not wired yet), the i-th zone's seeded with the
+    run's policy seed + i."""
+    if episode.zones is None:
+        return load_policy(cfg)
+    if cfg.policy not in POLICIES:
+        raise ConfigError(
+            f"zones run the built-in policies ({', '.join(POLICIES)}), not {cfg.policy!r}"
+        )
+    seed = RunSeeds(cfg.seed).policy
+    return ZonePolicies(
+        {
+            z: make_policy(cfg.policy, seed + i, cfg.heuristic)
+            for i, z in enumerate(episode.zones.names)
+        }
     )
 
 
@@ -174,25 +220,37 @@ def record_tick(
     `policy`, or `decision.by` when set (an action injected by a forensic replay)."""
     if metrics is not None:
         tx.metrics(metrics)
-    tx.decision(
-        DecisionRecord(
-            env=env,
-            tick=tx.tick,
-            policy=decision.by or policy,
-            action=decision.action.names(),
-            slot_states=[slot_state(s) for s in obs.slots],
-            obs_before=obs_vector(obs),
-            obs_after=obs_vector(outcome.observation),
-            mask=decision.mask,
-            probs=decision.probs,
-            entropy=decision.entropy,
-            value=decision.value,
-            reward=outcome.reward.total,
-            spec_versions=SPEC_VERSIONS,
-        )
-    )
+    tx.decision(decision_record(tx.tick, env, policy, decision, obs, outcome.observation, outcome))
     for e in outcome.events:
         tx.event(e.kind, e.payload, slot=e.slot, env=env)
+
+
+def decision_record(
+    tick: int,
+    env: int,
+    policy: str,
+    decision: Decision,
+    obs: Observation,
+    after: Observation,
+    outcome: Outcome,
+) -> DecisionRecord:
+    """The flight record of one decision taken on `obs` (`after`: the same view after the
+    tick)."""
+    return DecisionRecord(
+        env=env,
+        tick=tick,
+        policy=decision.by or policy,
+        action=decision.action.names(),
+        slot_states=[slot_state(s) for s in obs.slots],
+        obs_before=obs_vector(obs),
+        obs_after=obs_vector(after),
+        mask=decision.mask,
+        probs=decision.probs,
+        entropy=decision.entropy,
+        value=decision.value,
+        reward=outcome.reward.total,
+        spec_versions=SPEC_VERSIONS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +282,8 @@ class GrowResult:
     rollbacks: int = 0
     seed_accounts: dict[str, dict[str, float]] = field(default_factory=dict)
     """seed_id -> rent_paid, churn_paid, ticks_alive (reward units)."""
+    zone_books: dict[str, dict[str, float]] = field(default_factory=dict)
+    """With zones: zone -> rent_paid, churn_paid (reward units), germinations, transitions."""
     wall_time: float = 0.0
     weights_hash: str = ""
     event_log_hash: str = ""
@@ -238,7 +298,13 @@ class GrowthRun:
     """One recorded, resumable episode; `run()` plays its ticks."""
 
     def __init__(
-        self, cfg: GrowConfig, episode: Episode, policy: Policy, run_dir: Path, *, store: RunStore
+        self,
+        cfg: GrowConfig,
+        episode: Episode,
+        policy: Policy | ZonePolicies,
+        run_dir: Path,
+        *,
+        store: RunStore,
     ) -> None:
         self.cfg, self.episode, self.policy = cfg, episode, policy
         self.run_dir, self.store = run_dir, store
@@ -295,19 +361,47 @@ class GrowthRun:
         if t != self.episode.t:
             raise ValueError(f"tick {t} asked for, but the run is at tick {self.episode.t}")
         obs = self.episode.observe()
+        if isinstance(self.policy, ZonePolicies):
+            return self._step_zones(t)
         decision = self.policy.act(obs)
         outcome = self.episode.act(decision.action, decision.reason)
+        metrics, ckpt = self._after(t, outcome)
+        with self.store.tick(t) as tx:
+            record_tick(tx, 0, self.policy.name, decision, obs, outcome, metrics)
+            if ckpt is not None:
+                tx.checkpoint(*ckpt)
+        return metrics
+
+    def _step_zones(self, t: int) -> dict[str, float]:
+        """The rest of tick `t` with zones: each zone's policy on its view, one decision
+        record per zone (its policy named `policy@zone`)."""
+        assert isinstance(self.policy, ZonePolicies) and self.episode.zones is not None
+        views = self.episode.zone_views()
+        decisions = self.policy.act(views)
+        outcome = self.episode.act_zones({z: (d.action, d.reason) for z, d in decisions.items()})
+        metrics, ckpt = self._after(t, outcome)
+        after = self.episode.zones.views(outcome.observation)
+        with self.store.tick(t) as tx:
+            tx.metrics(metrics)
+            for z, d in decisions.items():
+                name = f"{self.policy.name}@{z}"
+                before, now = views[z].observation, after[z].observation
+                tx.decision(decision_record(t, 0, name, d, before, now, outcome))
+            for e in outcome.events:
+                tx.event(e.kind, e.payload, slot=e.slot, env=0)
+            if ckpt is not None:
+                tx.checkpoint(*ckpt)
+        return metrics
+
+    def _after(self, t: int, outcome: Outcome) -> tuple[dict[str, float], tuple[str, str] | None]:
+        """The tick's metrics, and its checkpoint when one is due."""
         # The grown model's cost per sample, measured after the tick's structural changes (a
         # probe forward of one sample, outside the tick: `esper report` plots it over time).
         metrics = {**outcome.metrics, "flops": float(_cost(self.env.model, self.task)[1])}
         ckpt = None
         if (t + 1) % self.cfg.checkpoint_every == 0 or outcome.done or t in self.checkpoint_also:
             ckpt = self.save_checkpoint(t)
-        with self.store.tick(t) as tx:
-            record_tick(tx, 0, self.policy.name, decision, obs, outcome, metrics)
-            if ckpt is not None:
-                tx.checkpoint(*ckpt)
-        return metrics
+        return metrics, ckpt
 
     def result(self, wall: float) -> GrowResult:
         params, flops = _cost(self.env.model, self.task)
@@ -338,6 +432,7 @@ class GrowthRun:
             rollbacks=sum(e.kind == "governor_rollback" for e in events),
             wall_time=wall,
             seed_accounts=self.episode.seed_accounts(),
+            zone_books=self.episode.zones.books_summary() if self.episode.zones else {},
             weights_hash=weights_hash(self.env.model),
             event_log_hash=self.store.event_log_hash(),
         )
@@ -414,7 +509,7 @@ def start_run(
     *,
     model: nn.Module | None = None,
     task: TaskData | None = None,
-    policy: Policy | None = None,
+    policy: Policy | ZonePolicies | None = None,
     run_dir: Path | None = None,
     callbacks: Iterable[Callback] = (),
     provenance: dict[str, Any] | None = None,
@@ -426,7 +521,7 @@ def start_run(
     seed_everything(cfg.seed, device)
     episode = build_episode(cfg, model=model, task=task, callbacks=callbacks)
     if policy is None:
-        policy = load_policy(cfg)
+        policy = policy_for(cfg, episode)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, str(device))
     manifest["task"] = episode.env.task.describe()
@@ -442,7 +537,7 @@ def resume_run(run_dir: Path, callbacks: Iterable[Callback] = ()) -> GrowthRun:
     cfg = config_from_dict(store.manifest()["config"])
     seed_everything(cfg.seed, pick_device(cfg.device))
     episode = build_episode(cfg, callbacks=callbacks)
-    policy = load_policy(cfg)
+    policy = policy_for(cfg, episode)
     run = GrowthRun(cfg, episode, policy, run_dir, store=store)
     run.resume()
     return run

@@ -117,6 +117,9 @@ class Observation:
     slots: tuple[SlotTelemetry, ...]
     legal_blueprints: tuple[tuple[Blueprint, ...], ...]
     """Blueprints each slot's topology supports, in slot order."""
+    growth_blocked: str | None = None
+    """Why GERMINATE is masked on every slot (a zone over its growth budget or rent ceiling,
+    `esper.tolaria.zones`), or None."""
 
 
 def slot_state(s: SlotTelemetry) -> dict[str, Any]:

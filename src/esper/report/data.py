@@ -233,14 +233,19 @@ class DecisionRow(NamedTuple):
 
 
 def decision_rows(view: RunView) -> list[DecisionRow]:
-    """One row per decision, joined to the op or rejection event of its tick."""
-    said: dict[int, tuple[str, bool]] = {}
+    """One row per decision, joined to the op or rejection event of its tick (and of its zone,
+    with zones: a zone's decision names its policy `policy@zone`)."""
+    said: dict[tuple[int, str | None], tuple[str, bool]] = {}
     for e in view.events:
+        key = (e.tick, e.payload.get("zone"))
         if e.kind in OP_EVENTS and "reason" in e.payload:
-            said[e.tick] = (str(e.payload["reason"]), False)
+            said[key] = (str(e.payload["reason"]), False)
         elif e.kind == "rejected_action":
-            said[e.tick] = (f"rejected: {e.payload.get('reason', '')}", True)
-    return [_row(d, *said.get(d.tick, ("", False))) for d in view.decisions]
+            said[key] = (f"rejected: {e.payload.get('reason', '')}", True)
+    return [
+        _row(d, *said.get((d.tick, d.policy.partition("@")[2] or None), ("", False)))
+        for d in view.decisions
+    ]
 
 
 def _row(d: DecisionRecord, reason: str, rejected: bool) -> DecisionRow:

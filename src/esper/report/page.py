@@ -129,7 +129,9 @@ def _sections(views: Sequence[RunView], divergence: int | None = None) -> Iterab
         ),
     )
     yield _section("cost", _plot("fig-cost", figures.cost(views)))
-    yield _section("economy", _plot("fig-economy", figures.economy(views)))
+    yield _section(
+        "economy", _plot("fig-economy", figures.economy(views)), *(_zones(v) for v in views)
+    )
     yield _section("decisions", *(_decisions(v, len(views) > 1) for v in views))
     phi = figures.audit(views)
     audit = [_plot("fig-audit", phi), *(_audit_table(v) for v in views)] if phi else []
@@ -246,13 +248,18 @@ def _span(*parts: tuple[float, ...] | None) -> str:
 def _decisions(v: RunView, several: bool) -> str:
     rows = decision_rows(v)
     learned = any(r.prob is not None or r.value is not None for r in rows)
+    zoned = any("@" in r.policy for r in rows)  # a policy per zone: group them by zone
+    if zoned:
+        rows = sorted(rows, key=lambda r: (r.policy.partition("@")[2], r.tick))
     headers = (
-        ["tick", "op", "slot", "heads", "reason"]
+        (["zone"] if zoned else [])
+        + ["tick", "op", "slot", "heads", "reason"]
         + (["p(action)", "H (nats)", "V"] if learned else [])
         + ["reward"]
     )
     cells = [
-        [r.tick, r.op, r.slot, r.detail, r.reason]
+        ([r.policy.partition("@")[2]] if zoned else [])
+        + [r.tick, r.op, r.slot, r.detail, r.reason]
         + ([r.prob, r.entropy, r.value] if learned else [])
         + [r.reward]
         for r in rows
@@ -268,6 +275,63 @@ def _decisions(v: RunView, several: bool) -> str:
     )
     caption = _note(f"{len(rows)} decisions by {policies}; {how}")
     return title + caption + _table(headers, cells, classes)
+
+
+def _zones(v: RunView) -> str:
+    """With zones: each budget window, zone by zone (what Narset read and set), then the
+    zones' books; nothing without zones."""
+    windows = [e for e in v.events if e.kind == "narset_update"]
+    books = [e.payload for e in v.events if e.kind == "zone_books"]
+    if not windows and not books:
+        return ""
+    rows = [
+        (
+            e.tick,
+            zone,
+            z["budgets"]["price"],
+            z["budgets"]["growth_budget"],
+            z["budgets"]["rent_ceiling"],
+            z["budgets"]["risk_share"],
+            z["telemetry"]["rent"],
+            z["telemetry"]["rent_utilisation"],
+            z["telemetry"]["improvement_per_rent"],
+            z["telemetry"]["germinations"],
+            z["telemetry"]["loss_spikes"],
+        )
+        for e in windows
+        for zone, z in e.payload["zones"].items()
+    ]
+    by = windows[0].payload["by"] if windows else "fixed"
+    parts = [
+        _note(f"{v.name}: zone budgets by window (set by {by}), and the telemetry they read"),
+        _table(
+            (
+                "tick",
+                "zone",
+                "price λ",
+                "growth budget",
+                "rent ceiling",
+                "risk share",
+                "rent",
+                "utilisation",
+                "gain / rent",
+                "germinations",
+                "loss spikes",
+            ),
+            rows,
+        ),
+    ]
+    if books:
+        parts.append(
+            _table(
+                ("zone", "rent paid", "churn paid", "germinations", "transitions"),
+                [
+                    (z, b["rent_paid"], b["churn_paid"], b["germinations"], b["transitions"])
+                    for z, b in books[-1].items()
+                ],
+            )
+        )
+    return "\n".join(parts)
 
 
 def _audit_table(v: RunView) -> str:

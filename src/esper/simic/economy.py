@@ -475,6 +475,9 @@ class Economy:
         self.ledger = Ledger(self.cfg)
         self.last_rents: dict[str, float] = {}
         """Each slot's weighted rent (W_rent·C_rent) at the last step: what policies observe."""
+        self.last_churn: dict[str, float] = {}
+        """Each slot's weighted churn (W_churn·C_churn) at the last step (zones' books; not
+        state: read in the tick that set it)."""
 
     def step(
         self,
@@ -493,6 +496,7 @@ class Economy:
         r = reward(prev_metric, metric, rents, churn, self.cfg)
         self.ledger.record(tick, slots, rents, churn, r)
         self.last_rents = {k: self.cfg.w_rent * v for k, v in rents.items()}
+        self.last_churn = {k: self.cfg.w_churn * v for k, v in churn.by_slot.items()}
         return r
 
     def state_dict(self) -> dict[str, Any]:

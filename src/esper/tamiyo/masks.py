@@ -50,6 +50,8 @@ def slot_allows(slot: SlotTelemetry, op: Op) -> bool:
 
 
 def slot_mask(obs: Observation, op: Op) -> list[bool]:
+    if op is Op.GERMINATE and obs.growth_blocked is not None:
+        return [False] * len(obs.slots)
     return [slot_allows(s, op) for s in obs.slots]
 
 
@@ -84,6 +86,8 @@ def illegal_reason(action: FactoredAction, obs: Observation) -> str | None:
     if not 0 <= action.slot < len(obs.slots):
         return f"slot index {action.slot} out of range"
     slot = obs.slots[action.slot]
+    if action.op is Op.GERMINATE and obs.growth_blocked is not None:
+        return f"GERMINATE masked: {obs.growth_blocked}"
     if not slot_allows(slot, action.op):
         return f"{action.op.name} not allowed on slot {slot.name} in stage {slot.stage.name}"
     if action.op is Op.GERMINATE and action.blueprint not in obs.legal_blueprints[action.slot]:

@@ -234,7 +234,8 @@ class HeuristicPolicy:
             for s in obs.slots
         )
         if (
-            obs.tick < cfg.warmup_ticks
+            obs.growth_blocked is not None
+            or obs.tick < cfg.warmup_ticks
             or live >= cfg.max_live_seeds
             or self.since_improvement < cfg.plateau_patience
         ):

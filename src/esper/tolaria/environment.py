@@ -94,6 +94,8 @@ class TrainStats:
     """Slots whose seed turned a finite input into a non-finite output during the tick
     (`SeedSlot.fault`): the governor blames these first, as their output was the first thing to
     break (after a NaN loss, Adam writes NaN into every parameter that got a gradient)."""
+    loss_variance: float = 0.0
+    """Variance of the training loss across the tick's minibatches (zone telemetry)."""
 
     @property
     def finite(self) -> bool:
@@ -116,6 +118,8 @@ class PendingTrain:
     """(1 + 2·len(slots),) float, 1 = true: the host parameters are all finite, then per slot
     its parameters are all finite, then per slot its fault flag (read with `total`)."""
     slots: tuple[str, ...]
+    squares: torch.Tensor | None = None
+    """Σ of the squared batch losses, 0-d (read with `total`): the minibatch variance."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ class GrowthEnv:
         n = self.cfg.batches_per_tick or len(self.batches)
         self.model.train()
         total = torch.zeros((), device=self.device)
+        squares = torch.zeros((), device=self.device)
         for xb, yb in self.batches.take(n):
             loss = _loss(self.model(xb), yb)
             self.optimizer.zero_grad(set_to_none=True)
@@ -200,7 +205,8 @@ class GrowthEnv:
             observe_gradients(self.model, self.slots.values())
             self.optimizer.step()
             total += loss.detach()
-        return PendingTrain(total, n, self._health(), tuple(self.slots))
+            squares += loss.detach() ** 2
+        return PendingTrain(total, n, self._health(), tuple(self.slots), squares)
 
     def _health(self) -> torch.Tensor:
         """What the governor checks, as one device tensor (no sync): see `PendingTrain.health`."""
@@ -219,12 +225,17 @@ class GrowthEnv:
         """The tick's mean loss and health: the one host sync of a training tick."""
         health, names = pending.health.tolist(), pending.slots
         params_ok, faults = health[1 : 1 + len(names)], health[1 + len(names) :]
+        total, squares = float(pending.total), 0.0
+        if pending.squares is not None:
+            total, squares = torch.stack([pending.total, pending.squares]).tolist()
+        mean = total / pending.steps
         return TrainStats(
-            float(pending.total) / pending.steps,
+            mean,
             pending.steps,
             host_finite=bool(health[0]),
             nonfinite_slots=tuple(s for s, ok in zip(names, params_ok, strict=True) if not ok),
             faults=tuple(s for s, bad in zip(names, faults, strict=True) if bad),
+            loss_variance=max(0.0, squares / pending.steps - mean**2),
         )
 
     # ---------------------------------------------------------------------------------------

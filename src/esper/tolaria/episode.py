@@ -11,6 +11,10 @@ tests.
                                 #   → execute → every slot's clock → Simic prices the tick
                                 #   → snapshot for the governor              → `Outcome`
 
+With zones (paper §9.6, `esper.tolaria.zones`), `act_zones({zone: (action, reason)})` replaces
+`act`: each zone's pair acts on its own view (`zone_views()`), within its budgets, in this same
+tick.
+
 `observe()` is `collect(launch())`: `launch` queues the tick's training and evaluation on the
 device and `collect` reads them back (its one host sync, which also carries the governor's health
 checks), so that a vector of episodes on CUDA can queue all of them before reading any.
@@ -23,7 +27,7 @@ no policy: `act` takes the action and, for the record, the policy's reason.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -40,6 +44,7 @@ from esper.contracts import (
     Op,
     Stage,
 )
+from esper.contracts.zones import ZonesConfig, layout_of
 from esper.simic.economy import Economy, EconomyConfig, RewardBreakdown
 from esper.tolaria.decay import Decay
 from esper.tolaria.environment import (
@@ -51,6 +56,7 @@ from esper.tolaria.environment import (
 )
 from esper.tolaria.governor import Governor, GovernorConfig, Verdict
 from esper.tolaria.lysis import LysisConfig, LysisEvent
+from esper.tolaria.zones import Allocator, Zones, ZoneView
 
 Validator = Callable[[FactoredAction, Observation], str | None]
 """Why an action is illegal in an observation, or None: `esper.tamiyo.masks.illegal_reason`
@@ -60,6 +66,8 @@ Callback = Callable[[int, GrowthEnv], None]
 DecayPolicy = Callable[[DecayObservation], Sequence[DecayAction]]
 """Emrakul: the decay actions for a tick's `DecayObservation` (`esper.emrakul`; passed in)."""
 Ops = tuple[tuple[str, Op], ...]
+ZoneActions = Mapping[str, tuple[FactoredAction, str]]
+"""Zone -> (its pair's action, in the zone's slot indices; the reason, for the record)."""
 
 # Stages a governor may force-prune (a seed or a committed phage is there to remove).
 _PRUNABLE = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.COMMITTED)
@@ -115,6 +123,7 @@ class _Tick:
     train: TrainStats
     evaluation: Evaluation
     events: list[TickEvent]
+    views: dict[str, ZoneView]
 
 
 def _decay_events(events: Iterable[LysisEvent]) -> list[TickEvent]:
@@ -145,11 +154,16 @@ class Episode:
         rng: torch.Tensor | None = None,
         decay: LysisConfig | None = None,
         emrakul: DecayPolicy | None = None,
+        zones: ZonesConfig | None = None,
+        allocator: Allocator | None = None,
+        zone_emrakuls: Mapping[str, DecayPolicy] | None = None,
     ) -> None:
         """`governor` None runs without safety checks. `rng`: the torch CPU RNG state the
         episode starts from (default: the global state now). `decay`: the LysisGovernor's
         settings, to run the decay half with `emrakul` choosing its actions (None: growth
-        only)."""
+        only). `zones`: a zone layout (paper §9.6; off when it has no zones): then `act_zones`
+        takes one action per zone, `zone_emrakuls` decay each zone, and `allocator` (Narset)
+        sets the zones' budgets every window (None: the configured budgets stay)."""
         if ticks < 1:
             raise ValueError(f"an episode needs ticks >= 1, got {ticks}")
         self.env, self.ticks, self.validator = env, ticks, validator
@@ -166,6 +180,13 @@ class Episode:
         self.decay = (
             Decay(env.model, env.slots, decay, self.economy.cfg) if decay is not None else None
         )
+        self.zones: Zones | None = None
+        self.zone_emrakuls = dict(zone_emrakuls or {})
+        if zones is not None and zones.enabled:
+            stream = getattr(env.model, "stream", None)
+            blocks = stream.slot_blocks if stream is not None else {}
+            layout = layout_of(zones, blocks, env.slots)
+            self.zones = Zones(layout, zones, allocator, higher_is_better=env.task.higher_is_better)
         if self.governor is not None:
             self.governor.keep(-1, self.state())
 
@@ -224,8 +245,19 @@ class Episode:
         if self.start_metric is None:
             self.start_metric = ev.metric
         obs = self._observation(ev, train)
-        self._tick = _Tick(obs, train, ev, events)
+        views = {}
+        if self.zones is not None:
+            self.zones.measure(env.model, train.loss_variance)
+            events += [TickEvent(k, p) for k, p in self.zones.refresh(self.economy.last_rents)]
+            views = self.zones.views(obs)
+        self._tick = _Tick(obs, train, ev, events, views)
         return obs
+
+    def zone_views(self) -> dict[str, ZoneView]:
+        """Each zone's view of the observed tick (its pair acts on its `observation`)."""
+        if self._tick is None or self.zones is None:
+            raise RuntimeError("zone views exist between observe and act, with zones on")
+        return self._tick.views
 
     def _recover(self, verdict: Verdict | None, events: list[TickEvent]) -> TrainStats:
         """Roll back to the last known-good state, force-prune the culprit, train again; until
@@ -264,19 +296,52 @@ class Episode:
     # -----------------------------------------------------------------------------------------
     def act(self, action: FactoredAction, reason: str = "") -> Outcome:
         """Finish the tick with `action` (`reason`: the policy's, for the record)."""
+        if self.zones is not None:
+            raise RuntimeError("an episode with zones takes one action per zone: act_zones")
+        return self._finish([(None, action, reason)])
+
+    def act_zones(self, actions: ZoneActions) -> Outcome:
+        """Finish the tick with each zone's action, in its own slot indices (a zone left out
+        waits); each is checked against its zone's view, then executed, in layout order."""
+        if self.zones is None:
+            raise RuntimeError("act_zones needs an episode with zones")
+        unknown = sorted(set(actions) - set(self.zones.names))
+        if unknown:
+            raise ValueError(f"no zones {unknown}; the zones are {', '.join(self.zones.names)}")
+        return self._finish([(z, *actions[z]) for z in self.zones.names if z in actions])
+
+    def _vet(
+        self, zone: str | None, action: FactoredAction, tick: _Tick
+    ) -> tuple[str | None, FactoredAction]:
+        """Why the action is illegal (or None), and the action in the episode's slot indices."""
+        if zone is None or self.zones is None:
+            return self.validator(action, tick.observation), action
+        view = tick.views[zone]
+        why = self.zones.authorize(view, action) or self.validator(action, view.observation)
+        if why is not None or action.op is Op.WAIT:
+            return why, action
+        return None, replace(action, slot=view.index[action.slot])
+
+    def _finish(self, acts: Sequence[tuple[str | None, FactoredAction, str]]) -> Outcome:
         tick = self._tick
         if tick is None:
             raise RuntimeError(f"act before observe in tick {self.t}")
         env, t, events = self.env, self.t, tick.events
-        rejected = self.validator(action, tick.observation)
         ops: Ops = ()
-        if rejected is not None:
-            events.append(TickEvent("rejected_action", {"reason": rejected, **action.names()}))
-        elif action.op is not Op.WAIT:
-            slot = env.slot_at(action.slot)
-            with self.own_rng():
-                ops = tuple(env.execute(action))
-            events.append(self._action_event(action, reason, slot.name))
+        rejections = []
+        for zone, asked, reason in acts:
+            rejected, action = self._vet(zone, asked, tick)
+            if rejected is not None:
+                rejections.append(rejected)
+                where = {"zone": zone} if zone is not None else {}
+                events.append(
+                    TickEvent("rejected_action", {"reason": rejected, **asked.names(), **where})
+                )
+            elif action.op is not Op.WAIT:
+                slot = env.slot_at(action.slot)
+                with self.own_rng():
+                    ops = (*ops, *env.execute(action))
+                events.append(self._action_event(action, reason, slot.name))
         events += self._emrakul_acts(t, tick.evaluation.loss)
         before = {n: s.stage for n, s in env.slots.items()}
         env.advance_clock(t)
@@ -292,6 +357,7 @@ class Episode:
         )
         events += self._safe_boundary()
         after = self._observation(ev, tick.train)
+        events += self._account_zones(t, events, after, ops, ev)
         metrics = {
             "train_loss": tick.train.loss,
             "val_loss": ev.loss,
@@ -305,9 +371,15 @@ class Episode:
         }
         if self.decay is not None:
             metrics.update(self.decay.metrics())
+        if self.zones is not None:
+            metrics.update(self.zones.metrics())
         done = t + 1 == self.ticks
-        if done:  # the episode's books, per seed, as its last event
+        if done:  # the episode's books, per seed (and per zone), as its last events
             events.append(TickEvent("seed_accounts", self.seed_accounts()))
+            if self.zones is not None:
+                events.append(TickEvent("zone_books", self.zones.books_summary()))
+        if self.zones is not None:
+            events = self._tag_zones(events)
         self.t, self._tick = t + 1, None
         if self.governor is not None:
             self.governor.keep(t, self.state())
@@ -316,7 +388,7 @@ class Episode:
             metric=ev.metric,
             reward=r,
             ops=ops,
-            rejected=rejected,
+            rejected="; ".join(rejections) or None,
             events=tuple(events),
             metrics=metrics,
             observation=after,
@@ -324,8 +396,38 @@ class Episode:
             weights_hash=weights_hash(env.model) if done else None,
         )
 
+    def _account_zones(
+        self, t: int, events: list[TickEvent], after: Observation, ops: Ops, ev: Evaluation
+    ) -> list[TickEvent]:
+        """The zones' books for tick `t`, after the economy priced it (at a window's end, the
+        allocator's update)."""
+        if self.zones is None:
+            return []
+        moved = [e.slot for e in events if e.kind == "lifecycle" and e.slot is not None]
+        rents, churn = self.economy.last_rents, self.economy.last_churn
+        booked = self.zones.account(t, after, rents, churn, ops, moved, ev.metric, ev.loss)
+        return [TickEvent(k, p) for k, p in booked]
+
+    def _tag_zones(self, events: list[TickEvent]) -> list[TickEvent]:
+        """Each event of a slot or unit carries its zone (`esper show` groups by it)."""
+        assert self.zones is not None
+        out = []
+        for e in events:
+            zone = None if "zone" in e.payload else self.zones.zone_of_event(e.slot, e.payload)
+            out.append(e if zone is None else e._replace(payload={**e.payload, "zone": zone}))
+        return out
+
     def _emrakul_acts(self, t: int, loss: float) -> list[TickEvent]:
-        """Emrakul's actions on the tick's unit ROI, each granted or refused by the governor."""
+        """Emrakul's actions on the tick's unit ROI, each granted or refused by the governor
+        (with zones: each zone's Emrakul on its units, within its risk share)."""
+        if self.decay is not None and self.zones is not None and self.zone_emrakuls:
+            seen, out = self.decay.observe(t, loss), []
+            for zone, emrakul in self.zone_emrakuls.items():
+                view = self.zones.decay_view(zone, seen, self.decay.governor)
+                granted, refused = self.zones.vet_decay(zone, emrakul(view), view)
+                out += _decay_events(refused)
+                out += _decay_events(self.decay.execute(granted, t, loss))
+            return out
         if self.decay is None or self.emrakul is None:
             return []
         decisions = self.emrakul(self.decay.observe(t, loss))
@@ -380,6 +482,8 @@ class Episode:
             tick=self.t,
             start_metric=self.start_metric,
         )
+        if self.zones is not None:
+            info["zones"] = self.zones.state_dict()
         return info, tensors
 
     def restore(self, info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -397,4 +501,6 @@ class Episode:
             self.governor.load_state_dict(info["governor"])
         if self.decay is not None and info.get("decay") is not None:
             self.decay.load_state_dict(info["decay"])
+        if self.zones is not None:
+            self.zones.load_state_dict(info["zones"])
         self.t, self.start_metric, self._tick = info["tick"], info["start_metric"], None
