@@ -100,6 +100,10 @@ def test_a_study_runs_every_row_and_its_table_matches_the_records(tmp_path: Path
     for run_dir, h in hashes.items():
         with RunStore.open(Path(run_dir)) as store:
             assert store.event_log_hash() == h
+    # a changed study never reads runs of the old one
+    study.write_text(TINY.replace("ticks = 6", "ticks = 7"))
+    changed = CliRunner().invoke(app, ["study", str(study), "--workers", "1", "--out", str(out)])
+    assert changed.exit_code == 2 and "another --out" in changed.output
 
 
 def test_the_worse_quartile_follows_the_metrics_sense() -> None:

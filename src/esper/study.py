@@ -163,10 +163,18 @@ def recorded(run_dir: Path) -> RunSummary | None:
 
 
 def grow_job(cfg: GrowConfig, run_dir: str) -> RunSummary:
-    done = recorded(Path(run_dir))
+    where = Path(run_dir)
+    if (where / "run.sqlite").is_file():
+        with RunStore.open(where) as store:
+            mine = config_from_dict(store.manifest()["config"])
+        if replace(mine, out="") != replace(cfg, out=""):
+            raise ConfigError(
+                f"{where} holds a run of another config than this study's: the study changed, "
+                "so give it another --out"
+            )
+    done = recorded(where)
     if done is not None:
         return done
-    where = Path(run_dir)
     # interrupted: its config is the study's, so resume it
     run = resume_run(where) if (where / "run.sqlite").is_file() else start_run(cfg, run_dir=where)
     try:
