@@ -116,6 +116,8 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
     p.write_text("[economy]\nw_rnet = 0.1\n")
     _assert_clean_failure(_invoke("grow", "--config", str(p)), "economy.w_rnet")
+    p.write_text("[host]\nwidht = 3\n")  # a table name in the message is text, not markup
+    _assert_clean_failure(_invoke("grow", "--config", str(p)), "valid keys in [host]")
 
 
 def test_unwritable_run_dir(tmp_path: Path, tiny_config: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -70,8 +71,8 @@ KNOWN_ERRORS = (EsperError,)
 
 
 def _fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(
-        f"[red]esper: error:[/red] {message}", highlight=False
+    Console(stderr=True, soft_wrap=True).print(  # the message is text, not markup: "[host]"
+        f"[red]esper: error:[/red] {escape(message)}", highlight=False
     )
     raise typer.Exit(2)
 
