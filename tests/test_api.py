@@ -97,6 +97,8 @@ def test_a_built_in_task_by_name(tmp_path: Path) -> None:
     _, result = esper.grow(user_model(), task="digits", config=CFG, run_dir=tmp_path / "d")
     assert manifest_config(tmp_path / "d")["task"] == "digits"
     assert result.metric_name == "accuracy" and 0.0 <= result.final_metric <= 1.0
+    # the run's store is closed on return: its files no longer change behind the caller's back
+    assert not (tmp_path / "d" / "run.sqlite-wal").exists()
 
 
 def test_data_and_output_are_checked_before_the_run(tmp_path: Path) -> None:

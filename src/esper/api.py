@@ -141,7 +141,10 @@ def grow(
         run_dir=Path(run_dir) if run_dir is not None else None,
         callbacks=callbacks,
     )
-    result = run.run()
+    try:
+        result = run.run()
+    finally:  # closed now: its WAL is folded into run.sqlite before anyone hashes the run
+        run.store.close()
     return model, result
 
 
