@@ -223,8 +223,13 @@ def run_study(
     """Every row on every seed on one pool; the table's figures (`to_markdown`)."""
     t0 = time.perf_counter()
     seeds = study.seed_list()
-    independent = [r for r in study.rows if r.kind in ("grow", "host")]
-    dependent = [r for r in study.rows if r not in independent]
+    dependent = [r for r in study.rows if r.kind not in ("grow", "host")]
+    # the rows others depend on go first, so that their dependents join the queue early instead
+    # of running one at a time at the end
+    referenced = {r.of for r in dependent}
+    independent = sorted(
+        (r for r in study.rows if r not in dependent), key=lambda r: r.name not in referenced
+    )
     total = len(study.rows) * len(seeds)
     runs: dict[str, dict[int, RunSummary]] = {r.name: {} for r in study.rows}
     with open_executor(backend, workers, total, device=study.base.device) as (pool, n):
