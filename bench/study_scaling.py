@@ -1,7 +1,7 @@
 """Wall time of one study of ≥ 20 runs on the local process pool with 1 and 2 workers, start-up
 included: the pool is started once per study and reused by every run (`esper.study.run_study`).
 
-    .venv/bin/python bench/study_scaling.py [--seeds 4] [--ticks 6] [--batches 4] [--repeats 3]
+    .venv/bin/python bench/study_scaling.py [--seeds 4] [--ticks 10] [--batches 0] [--repeats 2]
 
 The study: digits, the default CNN host, `--ticks` ticks of `--batches` batches, held-out seeds
 from 1000, five rows (host alone, Esper at default and high rent, parameter-matched host, grown
@@ -62,9 +62,9 @@ of = "Esper"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=4)
-    p.add_argument("--ticks", type=int, default=6)
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ticks", type=int, default=10)
+    p.add_argument("--batches", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
