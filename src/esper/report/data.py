@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from esper.baselines import BASELINE_DIR
 from esper.contracts import RELEVANT_HEADS, FactoredAction, Op
 from esper.contracts.errors import EsperError
 from esper.recorder import RunStore
 from esper.recorder.records import DECISION, DecisionRecord, EventRecord
 
-BASELINE_DIR = "baseline"
-"""Where `esper grow` records a run's matched host (`esper.baselines.BASELINE_DIR`; the report reads
-records only, so it names the folder rather than importing the engine)."""
 OP_EVENTS = ("germinate", "advance", "set_alpha_target", "prune", "fossilize")
 GOVERNOR_EVENTS = (
     "governor_nan",
