@@ -216,7 +216,9 @@ def test_a_zone_over_its_rent_ceiling_cannot_germinate() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _telemetry(zone: str, utilisation: float, ipr: float, spikes: int = 0) -> ZoneTelemetry:
+def _telemetry(
+    zone: str, utilisation: float, ipr: float, spikes: int = 0, rent: float = 0.01
+) -> ZoneTelemetry:
     return ZoneTelemetry(
         zone=zone,
         ticks=4,
@@ -227,7 +229,7 @@ def _telemetry(zone: str, utilisation: float, ipr: float, spikes: int = 0) -> Zo
         val_slope=0.0,
         contribution=0.0,
         improvement_per_rent=ipr,
-        rent=0.0,
+        rent=rent,
         churn=0.0,
         rent_utilisation=utilisation,
         transitions=0,
@@ -242,24 +244,38 @@ def test_narset_price_update_matches_a_hand_computation() -> None:
         ZoneSpec("b", blocks=(4, 7), growth_budget=2, rent_ceiling=0.01, risk_share=0.4),
     )
     narset = Narset(specs, NarsetConfig(step=0.5, productivity_weight=0.5, spike_penalty=0.5))
-    # Window 1. a overspends 3× and produces nothing: λ = 0 + 0.5·(3 − 1) − 0.5·tanh(0) = 1.
-    # b spends half its ceiling and pays 2 per unit rent: λ = max(0, 0.5·(−0.5) − 0.5·tanh 2) = 0.
+    # Window 1. Productivity g: a tanh 0 = 0, b tanh 2 = 0.96403; mean ḡ = 0.48201.
+    # a overspends 3×, below the mean: λ = 0 + 0.5·(3 − 1) − 0.5·(0 − ḡ) = 1.24101.
+    # b spends half its ceiling, above the mean: λ = max(0, 0.5·(−0.5) − 0.5·(g − ḡ)) = 0.
     out = narset.update([_telemetry("a", 3.0, 0.0), _telemetry("b", 0.5, 2.0, spikes=1)])
-    assert (out["a"].price, out["b"].price) == (1.0, 0.0)
-    assert (out["a"].growth_budget, out["b"].growth_budget) == (1, 2)  # floor(2 / (1 + λ))
-    assert out["a"].rent_ceiling == pytest.approx(0.005) and out["b"].rent_ceiling == 0.01
-    # Risk: a 0.4·2 = 0.8, b 0.4 / (1 + 0.5·1) = 0.2667; Σ 1.0667 > 0.8 → both × 0.75.
-    assert out["a"].risk_share == pytest.approx(0.6) and out["b"].risk_share == pytest.approx(0.2)
-    # Window 2. a: 1 + 0.5·0.5 − 0.5·tanh(1) = 0.869203...; b: 0 − 0.5 → clipped at 0.
-    out = narset.update([_telemetry("a", 1.5, 1.0), _telemetry("b", 0.0, 0.0)])
-    assert out["a"].price == pytest.approx(1.25 - 0.5 * math.tanh(1.0), abs=1e-12)
-    assert out["a"].price == pytest.approx(0.8692029, abs=1e-7)
+    g_bar = math.tanh(2.0) / 2
+    assert out["a"].price == pytest.approx(1.0 + 0.5 * g_bar, abs=1e-12)
+    assert out["a"].price == pytest.approx(1.2410069, abs=1e-7)
     assert out["b"].price == 0.0
-    assert out["a"].growth_budget == 1  # floor(2 / 1.869)
+    assert (out["a"].growth_budget, out["b"].growth_budget) == (0, 2)  # floor(2 / (1 + λ))
+    assert out["a"].rent_ceiling == pytest.approx(0.01 / 2.2410069, rel=1e-7)
+    assert out["b"].rent_ceiling == 0.01
+    # Risk: a 0.4·(1 + λ_a), b 0.4 / (1 + 0.5·1); scaled together to the configured 0.8.
+    raw = {"a": 0.4 * (1 + out["a"].price), "b": 0.4 / 1.5}
+    scale = 0.8 / sum(raw.values())
+    assert out["a"].risk_share == pytest.approx(raw["a"] * scale)
+    assert out["b"].risk_share == pytest.approx(raw["b"] * scale)
+    # Window 2. b paid no rent: not judged on productivity; ḡ is a's alone, so a's term is 0.
+    # a: λ + 0.5·(1.5 − 1) − 0.5·(tanh 1 − tanh 1) = λ + 0.25; b: 0 + 0.5·(0 − 1) → clipped at 0.
+    before = out["a"].price
+    out = narset.update([_telemetry("a", 1.5, 1.0), _telemetry("b", 0.0, 5.0, rent=0.0)])
+    assert out["a"].price == pytest.approx(before + 0.25, abs=1e-12)
+    assert out["b"].price == 0.0
+    assert out["a"].growth_budget == 0  # floor(2 / 2.49)
     raw = {"a": 0.4 * (1 + out["a"].price), "b": 0.4}
     scale = 0.8 / sum(raw.values())
     assert out["a"].risk_share == pytest.approx(raw["a"] * scale)
     assert sum(b.risk_share for b in out.values()) <= 0.8 + 1e-12
+    # A boundary breach counts as trouble, like a loss spike: it cuts the zone's risk share.
+    calm, breached = Narset(specs), Narset(specs)
+    quiet = [_telemetry("a", 1.0, 0.0), _telemetry("b", 1.0, 0.0)]
+    broken = [quiet[0], dataclasses.replace(quiet[1], boundary_breaches=2)]
+    assert breached.update(broken)["b"].risk_share < calm.update(quiet)["b"].risk_share
     restored = Narset(specs, NarsetConfig(step=0.5, productivity_weight=0.5))
     restored.load_state_dict(narset.state_dict())
     assert restored.prices == narset.prices

@@ -44,12 +44,28 @@ class HostConfig:
     """Residual blocks (CNN, MLP) or layers (transformer)."""
     heads: int = 4
     """Attention heads of the transformer (its d_model must divide by them)."""
+    hidden: int = 0
+    """CNN: each residual branch's width (0: 2·width)."""
+    narrow: tuple[int, ...] = ()
+    """CNN: [first, last] blocks whose residual branch is 1 wide instead (a bottleneck in one
+    part of the host, e.g. one zone: bench/zones.py)."""
 
     def __post_init__(self) -> None:
         if self.kind not in HOST_KINDS:
             raise ConfigError(
                 f"host.kind must be one of {', '.join(HOST_KINDS)}, got {self.kind!r}"
             )
+        if (self.hidden or self.narrow) and self.kind not in ("cnn", "auto"):
+            raise ConfigError("host.hidden and host.narrow shape the CNN host only")
+        if self.narrow and (
+            len(self.narrow) != 2 or not 0 <= self.narrow[0] <= self.narrow[1] < self.depth
+        ):
+            raise ConfigError(
+                f"host.narrow must be [first, last] blocks below depth {self.depth}, "
+                f"got {list(self.narrow)}"
+            )
+        if self.hidden < 0:
+            raise ConfigError(f"host.hidden must be >= 0, got {self.hidden}")
         if self.width < 1 or self.depth < 1 or self.heads < 1:
             raise ConfigError(
                 "host.width, host.depth and host.heads must be >= 1, got "

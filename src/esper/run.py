@@ -71,7 +71,9 @@ def build_host(cfg: GrowConfig, task: TaskData) -> nn.Module:
     slot_kw = {"lifecycle": cfg.lifecycle}
     if kind == "cnn":
         c, size = task.input_shape[0], task.input_shape[-1]
-        return CNNHost(h.width, h.depth, c, task.num_outputs, size, **slot_kw)
+        return CNNHost(
+            h.width, h.depth, c, task.num_outputs, size, hidden=h.hidden, narrow=h.narrow, **slot_kw
+        )
     if kind == "mlp":
         return MLPHost(
             int(torch.tensor(task.input_shape).prod()),

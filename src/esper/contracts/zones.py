@@ -72,7 +72,8 @@ class NarsetConfig:
     step: float = 0.5
     """η: price change per unit of rent over-utilisation (rent / ceiling − 1)."""
     productivity_weight: float = 0.5
-    """κ: price cut per unit of tanh(improvement per unit rent)."""
+    """κ: price change per unit of tanh(improvement per unit rent) below the zones' mean (a
+    zone more productive than the others gets cheaper)."""
     max_price: float = 10.0
     """λ is kept in [0, max_price]."""
     spike_penalty: float = 0.5
@@ -85,6 +86,37 @@ class NarsetConfig:
             raise ConfigError("narset.max_price must be > 0")
 
 
+PROBE_KINDS = ("ablate", "freeze")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Leave-one-zone-out probes (§9.7: against "false boring" zones): every `every` ticks,
+    each zone's true contribution, recorded and fed to Narset as its productivity.
+
+        ablate  the tick's evaluation gains one replica per zone with all of that zone's grown
+                structure (blended seeds, committed phages) at α=0: contribution = the metric
+                it loses (fused into the evaluation: no state is touched)
+        freeze  from the tick's end state, train `steps` batches with every parameter outside
+                the zone frozen: contribution = the metric that gains; then the whole state
+                (weights, optimizer, data order, RNG) is restored exactly
+    """
+
+    every: int = 0
+    """Ticks between probes (0: no probes)."""
+    kind: str = "ablate"
+    steps: int = 4
+    """freeze: training batches in the probe window."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.steps < 1:
+            raise ConfigError("zones.probe.every must be >= 0 and steps >= 1")
+        if self.kind not in PROBE_KINDS:
+            raise ConfigError(
+                f"zones.probe.kind must be one of {', '.join(PROBE_KINDS)}, got {self.kind!r}"
+            )
+
+
 @dataclass(frozen=True)
 class ZonesConfig:
     """A zone layout (none: one global pair, the default) and its allocator."""
@@ -95,6 +127,17 @@ class ZonesConfig:
     """W: ticks per budget window (growth budgets reset, Narset updates)."""
     spike_fraction: float = 0.05
     """A tick's validation loss above the previous tick's by this fraction is a loss spike."""
+    drift_limit: float = 4.0
+    """Boundary contract: a zone's output activations drifting further than this from the
+    window's reference (standardised per channel, see `esper.tolaria.zones.drift`) breach it.
+    Healthy training of the deep CNN drifts up to ~2.5 in its first window, < 1 later."""
+    gain_limit: float = 25.0
+    """Boundary contract: the gradient's gain through a zone (its input boundary's gradient norm
+    over its output boundary's) outside [1/limit, limit], or not finite, breaches it. The deep
+    CNN's late zone (blocks 4–7) reaches gains of ~15 in healthy training."""
+    boundary_samples: int = 64
+    """Validation samples the boundary contracts are measured on, each tick."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     narset: NarsetConfig = field(default_factory=NarsetConfig)
 
     def __post_init__(self) -> None:
@@ -103,6 +146,10 @@ class ZonesConfig:
             raise ConfigError(f"zone names must be unique, got {names}")
         if self.window < 1 or not self.spike_fraction > 0:
             raise ConfigError("zones.window must be >= 1 and spike_fraction > 0")
+        if not self.drift_limit > 0 or not self.gain_limit > 1 or self.boundary_samples < 1:
+            raise ConfigError(
+                "zones.drift_limit must be > 0, gain_limit > 1 and boundary_samples >= 1"
+            )
         if sum(z.risk_share for z in self.zone) > 1 + 1e-12:
             raise ConfigError(
                 "the zones' risk shares sum above the global sedation budget: "
@@ -232,7 +279,7 @@ class ZoneTelemetry:
     """Mean over the window of the summed measured contributions (metric units) of what the
     zone grew."""
     improvement_per_rent: float
-    """contribution / rent per tick (0 when it paid no rent)."""
+    """contribution (or, when probed, the probe's) / rent per tick (0 when it paid no rent)."""
     # waste
     rent: float
     """Rent paid in the window (reward units)."""
@@ -246,6 +293,23 @@ class ZoneTelemetry:
     # uncertainty
     minibatch_variance: float
     """Mean over the window of the training loss's variance across a tick's minibatches."""
+    # boundary contracts (health at the zone's interfaces)
+    boundary_drift: float = 0.0
+    """Largest drift over the window of the zone's output activations from the window's
+    reference (standardised; 0 = unchanged)."""
+    boundary_grad: float = 0.0
+    """Median over the window of the gradient norm reaching the zone's output boundary."""
+    boundary_gain: float = 1.0
+    """Median over the window of the gradient's gain through the zone (1 for the first zone:
+    nothing upstream is measured)."""
+    boundary_breaches: int = 0
+    """Ticks whose drift or gain broke the boundary contract (`drift_limit`, `gain_limit`)."""
+    # leave-one-zone-out probe
+    probed: int = 0
+    """1 when a probe measured the zone in this window (then `improvement_per_rent` uses it)."""
+    probe_contribution: float = 0.0
+    """The window's last probe: the zone's measured contribution (metric units, signed as
+    better), 0 when not probed."""
 
 
 TELEMETRY_KINDS = (int, float, str)

@@ -32,6 +32,7 @@ from esper.kasmina.hosts import (
     wrap_in_phage,
 )
 from esper.kasmina.insert import InsertionError, describe, insert_slots
+from esper.kasmina.layers import channel_dim
 from esper.kasmina.lysis import UnitMask
 from esper.kasmina.phage import SEDATE, LysisError, Phage, PhageROI
 from esper.kasmina.probe import Cost, module_cost, probing
@@ -77,6 +78,7 @@ __all__ = [
     "blueprint_cost",
     "blueprints_for",
     "build_seed",
+    "channel_dim",
     "curve_value",
     "describe",
     "host_grad_rms",

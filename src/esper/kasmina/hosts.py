@@ -60,10 +60,20 @@ def _branch(c: int, topology: Topology, width: int, first: str) -> HiddenUnits:
     )
 
 
+def _branch_widths(depth: int, hidden: int, narrow: tuple[int, ...]) -> list[int]:
+    """Each block's branch width: `hidden`, or 1 in the [first, last] range `narrow`."""
+    if narrow and (len(narrow) != 2 or not 0 <= narrow[0] <= narrow[1] < depth):
+        raise ValueError(f"narrow must be [first, last] blocks within {depth}, got {narrow}")
+    lo, hi = narrow if narrow else (1, 0)
+    return [1 if lo <= i <= hi else hidden for i in range(depth)]
+
+
 class CNNHost(nn.Module):
     """A small residual CNN: stem → [block → slot → pool]×depth → global pool → linear.
 
-    `width=2` is the "impaired" host: its 2-channel bottleneck leaves room to grow.
+    `width=2` is the "impaired" host: its 2-channel bottleneck leaves room to grow. Each block's
+    residual branch is `hidden` wide (default 2·width); the blocks in `narrow` ([first, last])
+    get a 1-wide branch instead: a bottleneck placed in one part of the host (zones).
     """
 
     def __init__(
@@ -73,6 +83,9 @@ class CNNHost(nn.Module):
         in_channels: int = 1,
         num_classes: int = 10,
         image_size: int = 8,
+        *,
+        hidden: int = 0,
+        narrow: tuple[int, ...] = (),
         **slot_kw: object,
     ) -> None:
         super().__init__()
@@ -80,8 +93,9 @@ class CNNHost(nn.Module):
             raise ValueError(f"CNNHost needs width >= 1 and depth >= 1, got {width}, {depth}")
         self.width, self.depth = width, depth
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.GELU())
+        widths = _branch_widths(depth, hidden or 2 * width, narrow)
         self.blocks = nn.ModuleList(
-            Residual(_branch(width, Topology.CNN, 2 * width, "spatial")) for _ in range(depth)
+            Residual(_branch(width, Topology.CNN, w, "spatial")) for w in widths
         )
         self.slots = nn.ModuleDict(
             {

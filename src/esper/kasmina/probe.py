@@ -21,14 +21,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 @contextmanager
-def probing(model: nn.Module) -> Iterator[None]:
-    """Run the block with `model` in eval mode under `no_grad`; restore every module's mode and
-    every buffer's value afterwards, even when the block raises."""
+def probing(model: nn.Module, *, grad: bool = False) -> Iterator[None]:
+    """Run the block with `model` in eval mode under `no_grad` (`grad=True`: with autograd on,
+    for a probe that differentiates); restore every module's mode and every buffer's value
+    afterwards, even when the block raises."""
     modes = [(m, m.training) for m in model.modules()]
     saved = [(b, b.clone()) for b in model.buffers()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             yield
     finally:
         with torch.no_grad():

@@ -7,15 +7,25 @@ configured budgets B_z and price λ_z (a Lagrange multiplier of its rent ceiling
 
     u_z  = rent per tick / rent ceiling                  (utilisation; > 1 is overspend)
     g_z  = tanh(improvement per unit rent)                (productivity, squashed to (−1, 1))
-    λ_z ← clip(λ_z + η·(u_z − 1) − κ·g_z, 0, λ_max)        (overspend raises it, productivity
-                                                            lowers it)
+    ḡ    = mean of g over the zones that paid rent in the window
+    λ_z ← clip(λ_z + η·(u_z − 1) − κ·(g_z − ḡ), 0, λ_max)  (overspend raises it; productivity
+                                                            above the zones' mean lowers it,
+                                                            below it raises it)
+
+The productivity term is relative: the zones share one run's spend, so a zone whose growth pays
+less than the others' is priced up and the room goes where growth pays (with one zone, or
+when no zone spent, only utilisation moves prices). A zone that paid no rent in the window is
+not judged on productivity (it grew nothing to judge: the rare leave-one-zone-out probes, fed in
+as its productivity, are what guard a "false boring" zone).
     growth budget_z = floor(B_z.growth / (1 + λ_z))
     rent ceiling_z  = B_z.ceiling / (1 + λ_z)
-    risk_z          = B_z.risk · (1 + λ_z) / (1 + c·(spikes_z + non-finite_z))
+    risk_z          = B_z.risk · (1 + λ_z) / (1 + c·(spikes_z + non-finite_z + breaches_z))
                       scaled down, all zones together, until Σ risk_z <= Σ B_z.risk (<= 1)
 
 A pricier zone gets less room to grow and more room to shed (a larger share of the sedation
-budget); a zone whose health is poor gets less risk. Pure Python.
+budget); a zone whose health is poor (loss spikes, non-finite gradients, breaches of its boundary
+contracts) gets less risk. Productivity is the engine's: a zone's measured seed contributions, or,
+in a window with a leave-one-zone-out probe, the probe's calibrated contribution. Pure Python.
 """
 
 from __future__ import annotations
@@ -37,20 +47,24 @@ class Narset:
         self.base = {z.name: z for z in zones}
         self.prices = dict.fromkeys(self.base, 0.0)
 
-    def price(self, t: ZoneTelemetry) -> float:
-        """λ after one dual step on telemetry `t`."""
+    def price(self, t: ZoneTelemetry, mean_productivity: float = 0.0) -> float:
+        """λ after one dual step on telemetry `t`; `mean_productivity`: ḡ over the zones that
+        paid rent this window."""
         cfg, base = self.cfg, self.base[t.zone]
-        g = math.tanh(t.improvement_per_rent)
         u = t.rent_utilisation if base.rent_ceiling > 0 else 0.0
-        lam = self.prices[t.zone] + cfg.step * (u - 1.0) - cfg.productivity_weight * g
+        lam = self.prices[t.zone] + cfg.step * (u - 1.0)
+        if t.rent > 0:  # a zone that spent nothing has no productivity to judge yet
+            lam -= cfg.productivity_weight * (math.tanh(t.improvement_per_rent) - mean_productivity)
         return min(cfg.max_price, max(0.0, lam))
 
     def update(self, telemetry: Sequence[ZoneTelemetry]) -> dict[str, ZoneBudgets]:
         """New prices and each zone's budgets for the next window."""
         cfg, risk = self.cfg, {}
+        spent = [math.tanh(t.improvement_per_rent) for t in telemetry if t.rent > 0]
+        mean = math.fsum(spent) / len(spent) if spent else 0.0
         for t in telemetry:
-            self.prices[t.zone] = self.price(t)
-            trouble = t.loss_spikes + t.nonfinite_grads
+            self.prices[t.zone] = self.price(t, mean)
+            trouble = t.loss_spikes + t.nonfinite_grads + t.boundary_breaches
             b = self.base[t.zone]
             risk[t.zone] = (
                 b.risk_share * (1 + self.prices[t.zone]) / (1 + cfg.spike_penalty * trouble)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,6 +41,7 @@ from esper.kasmina import (
     UnitMask,
     apply_model_state,
     blueprints_for,
+    channel_dim,
     model_state,
     observe_gradients,
     probing,
@@ -133,6 +134,19 @@ class PendingEvaluation:
     """Names of the slots ablated, in replica order."""
     units: tuple[tuple[str, int], ...] = ()
     """(phage, unit) ablated (mask 0) in the replicas after the slots', in order."""
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """(label, slots) ablated together in the replicas after the units', in order."""
+
+
+@dataclass(frozen=True)
+class BoundaryReading:
+    """What crosses one slot's output on the probe batch (`GrowthEnv.boundary_probe`)."""
+
+    mean: list[float]
+    """Per channel."""
+    std: list[float]
+    grad_norm: float
+    """‖∂ validation loss / ∂ output‖ (0 when nothing upstream of it trains)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,9 @@ class Evaluation:
     units: dict[tuple[str, int], tuple[float, float]] = field(default_factory=dict)
     """(phage, unit) -> (contribution, loss rise) when that unit is ablated: the metric
     improvement it brings, signed as `contributions`, and val loss ablated − val loss."""
+    groups: dict[str, float] = field(default_factory=dict)
+    """Group label -> the metric improvement its slots bring together (all at α=0 in one
+    replica; signed as `contributions`): a leave-one-zone-out probe."""
 
 
 def _loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -190,11 +207,12 @@ class GrowthEnv:
     def train_tick(self) -> TrainStats:
         return self.finish_train(self.train_tick_async())
 
-    def train_tick_async(self) -> PendingTrain:
-        """Queue one tick of training; no host sync (the loss stays on the device). Gradient
-        telemetry accumulates on the device too (`SeedSlot.observe_gradients`). One exception:
-        the batch that starts an epoch copies its permutation to the device (`Batches`)."""
-        n = self.cfg.batches_per_tick or len(self.batches)
+    def train_tick_async(self, batches: int | None = None) -> PendingTrain:
+        """Queue one tick of training (`batches`: that many instead of the configured tick); no
+        host sync (the loss stays on the device). Gradient telemetry accumulates on the device
+        too (`SeedSlot.observe_gradients`). One exception: the batch that starts an epoch
+        copies its permutation to the device (`Batches`)."""
+        n = batches or self.cfg.batches_per_tick or len(self.batches)
         self.model.train()
         total = torch.zeros((), device=self.device)
         squares = torch.zeros((), device=self.device)
@@ -241,26 +259,43 @@ class GrowthEnv:
     # ---------------------------------------------------------------------------------------
     # Evaluation, with every blended seed's α=0 ablation in the same pass
     # ---------------------------------------------------------------------------------------
-    def evaluate(self, units: Sequence[tuple[str, int]] = ()) -> Evaluation:
+    def evaluate(
+        self,
+        units: Sequence[tuple[str, int]] = (),
+        groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> Evaluation:
         """Replicate the validation batch K+1 times; replica i > 0 runs with seed i at α=0, then
-        one replica per phage unit in `units` with that unit's mask at 0."""
-        return self.finish_evaluate(self.evaluate_async(units))
+        one replica per phage unit in `units` with that unit's mask at 0, then one per group in
+        `groups` (label -> slot names) with all of its ablatable slots at α=0 together."""
+        return self.finish_evaluate(self.evaluate_async(units, groups))
 
-    def evaluate_async(self, units: Sequence[tuple[str, int]] = ()) -> PendingEvaluation:
+    def evaluate_async(
+        self,
+        units: Sequence[tuple[str, int]] = (),
+        groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> PendingEvaluation:
         """Queue `evaluate`'s work; no host sync (the sums stay on the device). A probe: eval mode
         and `no_grad`, the model's modes and buffers left as they were (`probing`)."""
         active = [s for s in self.slots.values() if s.ablatable]
         masks = {n: t.mask for n, t in tissue_of(self.model).items()} if units else {}
-        reps = len(active) + len(units) + 1
+        live = {s.name for s in active}
+        fused = tuple(
+            (label, tuple(n for n in names if n in live)) for label, names in (groups or {}).items()
+        )
+        fused = tuple(g for g in fused if g[1])  # a group with nothing grown brings exactly 0
+        reps = len(active) + len(units) + len(fused) + 1
         sums = torch.zeros(reps, 2, device=self.device)  # per replica: Σ loss, Σ correct
         count = 0
         with probing(self.model):
             for start in range(0, len(self.val_x), self.cfg.eval_batch_size):
                 x = self.val_x[start : start + self.cfg.eval_batch_size]
                 y = self.val_y[start : start + self.cfg.eval_batch_size]
-                self._evaluate_batch(x, y, active, units, masks, sums)
+                self._evaluate_batch(x, y, active, units, fused, masks, sums)
                 count += y.numel()
-        return PendingEvaluation(sums / count, tuple(s.name for s in active), tuple(units))
+        labels = tuple((label, ()) for label in (groups or {}) if label not in dict(fused))
+        return PendingEvaluation(
+            sums / count, tuple(s.name for s in active), tuple(units), fused + labels
+        )
 
     def _evaluate_batch(
         self,
@@ -268,14 +303,19 @@ class GrowthEnv:
         y: torch.Tensor,
         active: list[SeedSlot],
         units: Sequence[tuple[str, int]],
+        groups: Sequence[tuple[str, tuple[str, ...]]],
         masks: dict[str, UnitMask],
         sums: torch.Tensor,
     ) -> None:
         """Add one validation batch's Σ loss and Σ correct, per replica, to `sums`."""
-        reps, n = len(active) + len(units) + 1, len(x)
+        reps, n = len(active) + len(units) + len(groups) + 1, len(x)
+        first_group = len(active) + len(units) + 1
         for i, slot in enumerate(active, start=1):
             m = torch.ones(reps * n, device=self.device)
             m[i * n : (i + 1) * n] = 0.0
+            for g, (_, names) in enumerate(groups, start=first_group):
+                if slot.name in names:
+                    m[g * n : (g + 1) * n] = 0.0
             slot.set_ablation(m)
         for i, (name, u) in enumerate(units, start=len(active) + 1):
             mask = masks[name]
@@ -308,7 +348,41 @@ class GrowthEnv:
             key: (sign * (metrics[0] - metrics[i]), loss[i] - loss[0])
             for i, key in enumerate(pending.units, start=first)
         }
-        return Evaluation(metrics[0], loss[0], contributions, units)
+        first += len(pending.units)
+        groups = {
+            label: sign * (metrics[0] - metrics[first + i]) if names else 0.0
+            for i, (label, names) in enumerate(pending.groups)
+        }
+        return Evaluation(metrics[0], loss[0], contributions, units, groups)
+
+    def boundary_probe(self, names: Sequence[str], samples: int) -> dict[str, BoundaryReading]:
+        """What crosses each slot in `names` on the first `samples` validation samples: its
+        output's per-channel mean and standard deviation, and the norm of the validation loss's
+        gradient with respect to that output. Eval mode, buffers kept (`probing`); no
+        parameter's `.grad` is touched (`torch.autograd.grad` on the outputs only)."""
+        outs: dict[str, torch.Tensor] = {}
+        hooks = [
+            self.slots[n].register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, o))
+            for n in names
+        ]
+        try:
+            with probing(self.model, grad=True):
+                loss = _loss(self.model(self.val_x[:samples]), self.val_y[:samples])
+                wanted = [n for n in names if outs[n].requires_grad]
+                grads = torch.autograd.grad(loss, [outs[n] for n in wanted]) if wanted else ()
+        finally:
+            for h in hooks:
+                h.remove()
+        norms = dict.fromkeys(names, torch.zeros((), device=self.device))
+        norms.update({n: g.float().norm() for n, g in zip(wanted, grads, strict=True)})
+        out = {}
+        for n in names:
+            o = outs[n].detach().float()
+            c = channel_dim(self.slots[n].topology)
+            flat = o.movedim(c, 0).reshape(o.shape[c], -1)
+            out[n] = (flat.mean(1), flat.std(1, correction=0), norms[n])
+        host = {n: (m.tolist(), s.tolist(), float(g)) for n, (m, s, g) in out.items()}  # one sync
+        return {n: BoundaryReading(*v) for n, v in host.items()}
 
     def _metric(self, loss: float, accuracy: float) -> float:
         if self.task.metric == "accuracy":

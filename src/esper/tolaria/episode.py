@@ -186,7 +186,13 @@ class Episode:
             stream = getattr(env.model, "stream", None)
             blocks = stream.slot_blocks if stream is not None else {}
             layout = layout_of(zones, blocks, env.slots)
-            self.zones = Zones(layout, zones, allocator, higher_is_better=env.task.higher_is_better)
+            self.zones = Zones(
+                layout,
+                zones,
+                allocator,
+                higher_is_better=env.task.higher_is_better,
+                depths=env.depths,
+            )
         if self.governor is not None:
             self.governor.keep(-1, self.state())
 
@@ -221,8 +227,9 @@ class Episode:
         for callback in self.callbacks:
             callback(self.t, self.env)
         units = self.decay.plan() if self.decay is not None else []
+        groups = self.zones.probe_groups(self.t) if self.zones is not None else None
         with self.own_rng():
-            return Launched(self.env.train_tick_async(), self.env.evaluate_async(units))
+            return Launched(self.env.train_tick_async(), self.env.evaluate_async(units, groups))
 
     def collect(self, launched: Launched) -> Observation:
         """Read the launched tick back (one sync), govern it, record it, observe."""
@@ -233,7 +240,8 @@ class Episode:
             ev = env.finish_evaluate(launched.evaluation)
         else:  # the queued evaluation measured a broken model: recover, then measure again
             train = self._recover(verdict, events)
-            ev = env.evaluate(launched.evaluation.units)
+            pending = launched.evaluation
+            ev = env.evaluate(pending.units, {k: v for k, v in pending.groups} or None)
         if self.governor is not None:
             self.governor.accept(train.loss)
         env.record_evaluation(ev, self.t)
@@ -247,11 +255,51 @@ class Episode:
         obs = self._observation(ev, train)
         views = {}
         if self.zones is not None:
-            self.zones.measure(env.model, train.loss_variance)
-            events += [TickEvent(k, p) for k, p in self.zones.refresh(self.economy.last_rents)]
+            events += self._measure_zones(train, ev)
             views = self.zones.views(obs)
         self._tick = _Tick(obs, train, ev, events, views)
         return obs
+
+    def _measure_zones(self, train: TrainStats, ev: Evaluation) -> list[TickEvent]:
+        """Each zone's gradient norm, boundary contracts, probe (ablate) and growth mask."""
+        zones, env = self.zones, self.env
+        assert zones is not None
+        zones.measure(env.model, train.loss_variance)
+        boundaries = sorted(set(zones.boundary.values()))
+        readings = env.boundary_probe(boundaries, zones.cfg.boundary_samples)
+        found = zones.cross(readings)
+        if ev.groups:
+            found.append(zones.probed(self.t, ev.groups))
+        found += zones.refresh(self.economy.last_rents)
+        return [TickEvent(k, p) for k, p in found]
+
+    def _freeze_probe(self, t: int) -> list[TickEvent]:
+        """A leave-one-zone-out probe of kind freeze (`ProbeConfig`): from this state, each
+        zone alone trains a short window (every parameter outside it frozen) and its metric
+        gain is its contribution; then the state is restored exactly (weights, optimizer, data
+        order, RNG, books), as if the probe never ran."""
+        zones, env = self.zones, self.env
+        if zones is None or not zones.probe_due(t, "freeze"):
+            return []
+        snapshot = self.state()
+        sign = 1.0 if env.task.higher_is_better else -1.0
+        flags = {n: p.requires_grad for n, p in env.model.named_parameters()}
+        gains = {}
+        try:
+            with self.own_rng():
+                base = env.evaluate().metric
+            for z in zones.names:
+                self.load_state(*snapshot)
+                for n, p in env.model.named_parameters():
+                    p.requires_grad_(flags[n] and zones.param_owner(n) == z)
+                with self.own_rng():
+                    env.finish_train(env.train_tick_async(zones.cfg.probe.steps))
+                    gains[z] = sign * (env.evaluate().metric - base)
+        finally:
+            self.load_state(*snapshot)
+            for n, p in env.model.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+        return [TickEvent(*zones.probed(t, gains))]
 
     def zone_views(self) -> dict[str, ZoneView]:
         """Each zone's view of the observed tick (its pair acts on its `observation`)."""
@@ -356,6 +404,7 @@ class Episode:
             t, env.slot_economics(), list(ops), env.host_params(), prev, ev.metric
         )
         events += self._safe_boundary()
+        events += self._freeze_probe(t)
         after = self._observation(ev, tick.train)
         events += self._account_zones(t, events, after, ops, ev)
         metrics = {

@@ -46,6 +46,7 @@ from esper.contracts.zones import (
     ZoneViolation,
     budgets_of,
 )
+from esper.tolaria.environment import BoundaryReading
 from esper.tolaria.lysis import LysisEvent, LysisGovernor
 
 _GROWN = (Stage.GERMINATED, Stage.TRAINING, Stage.BLENDING, Stage.HOLDING, Stage.COMMITTED)
@@ -105,7 +106,10 @@ class Zones:
         allocator: Allocator | None = None,
         *,
         higher_is_better: bool = True,
+        depths: Mapping[str, float] | None = None,
     ) -> None:
+        """`depths`: each slot's depth in the host (`GrowthEnv.depths`), which orders the
+        zones' boundaries."""
         self.layout, self.cfg, self.allocator = layout, cfg, allocator
         self.higher_is_better = higher_is_better
         self.budgets = budgets_of(cfg.zone)
@@ -116,6 +120,15 @@ class Zones:
         self.prev_loss: float | None = None
         self._grad: dict[str, float] = {}
         self._variance = 0.0
+        self.boundary, self.upstream = _boundaries(layout, depths or {})
+        """Each zone's output boundary (its deepest slot's output), and the zone upstream of it
+        (whose output boundary is its input), or None for the first."""
+        self.reference: dict[str, tuple[list[float], list[float]]] = {}
+        """Each zone's output statistics at its window's first tick (drift is measured from
+        them)."""
+        self._crossing: dict[str, dict[str, float]] = {}
+        self.probe: dict[str, float] = {}
+        """The window's last leave-one-zone-out contribution of each zone probed."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -143,6 +156,60 @@ class Zones:
             if zone != POOL:
                 return zone
         return POOL
+
+    def cross(self, readings: Mapping[str, BoundaryReading]) -> list[tuple[str, dict[str, Any]]]:
+        """The boundary contracts for this tick, from what crossed each zone's output boundary
+        (`GrowthEnv.boundary_probe` on `self.boundary`'s slots): drift from the window's
+        reference, the gradient norm reaching it and the gain through the zone; (kind, payload)
+        of each breach (boundary_breach)."""
+        out, cfg = [], self.cfg
+        for z in self.names:
+            r = readings[self.boundary[z]]
+            ref = self.reference.setdefault(z, (r.mean, r.std))
+            d = drift(ref, (r.mean, r.std))
+            up = self.upstream[z]
+            g_in = readings[self.boundary[up]].grad_norm if up is not None else r.grad_norm
+            gain = g_in / r.grad_norm if r.grad_norm > 0 else (1.0 if g_in == 0 else math.inf)
+            why = []
+            if not d <= cfg.drift_limit:
+                why.append(f"drift {d:.3f} > {cfg.drift_limit}")
+            if not 1 / cfg.gain_limit <= gain <= cfg.gain_limit:
+                why.append(
+                    f"gradient gain {gain:.3g} outside [1/{cfg.gain_limit}, {cfg.gain_limit}]"
+                )
+            self._crossing[z] = {
+                "drift": d,
+                "boundary_grad": r.grad_norm,
+                "gain": gain,
+                "breach": float(bool(why)),
+            }
+            if why:
+                payload = {"zone": z, "boundary": self.boundary[z], "reason": "; ".join(why)}
+                out.append(("boundary_breach", {**payload, "drift": d, "gain": gain}))
+        return out
+
+    # -- leave-one-zone-out probes -------------------------------------------------------------
+    def probe_due(self, t: int, kind: str) -> bool:
+        """Is tick `t` a probe tick of this kind?"""
+        probe = self.cfg.probe
+        return probe.every > 0 and probe.kind == kind and (t + 1) % probe.every == 0
+
+    def probe_groups(self, t: int) -> dict[str, tuple[str, ...]] | None:
+        """On an ablate-probe tick, each zone's slots (ablated together in one replica of the
+        tick's evaluation); None otherwise."""
+        if not self.probe_due(t, "ablate"):
+            return None
+        return {z: self.layout.slots_of(z) for z in self.names}
+
+    def probed(self, t: int, contributions: Mapping[str, float]) -> tuple[str, dict[str, Any]]:
+        """Record a probe's contributions (metric units, positive: the zone helps)."""
+        self.probe.update(contributions)
+        payload = {"kind": self.cfg.probe.kind, "tick": t, "contribution": dict(contributions)}
+        return "zone_probe", payload
+
+    def param_owner(self, name: str) -> str:
+        """The zone of a parameter (by name), or `POOL`."""
+        return self._param_owner(name)
 
     def refresh(self, rents: Mapping[str, float]) -> list[tuple[str, dict[str, Any]]]:
         """Each zone's growth mask for this tick, from its budgets; (kind, payload) of each
@@ -275,6 +342,7 @@ class Zones:
                 ("contribution", contribution),
                 ("minibatch_variance", self._variance),
                 ("metric", metric),
+                *self._crossing.get(z, {}).items(),
             ):
                 book.add(key, value)
         self.acted, self.prev_loss = acted, val_loss
@@ -288,6 +356,7 @@ class Zones:
             self.budgets.update(self.allocator.update(telemetry))
         for book in self.books.values():
             book.window = {}
+        self.reference, self.probe = {}, {}
         payload = {
             "by": "narset" if self.allocator is not None else "fixed",
             "zones": {
@@ -305,6 +374,10 @@ class Zones:
         grads = sorted(w.get("grad_norm", ()))
         finite = [g for g in grads if math.isfinite(g)]
         rent_per_tick, contribution = mean("rent"), mean("contribution")
+        probed = zone in self.probe
+        worth = self.probe[zone] if probed else contribution
+        default = {"boundary_grad": 0.0, "gain": 1.0}
+        median = lambda key: statistics.median(w[key]) if w.get(key) else default[key]  # noqa: E731
         return ZoneTelemetry(
             zone=zone,
             ticks=n,
@@ -314,13 +387,19 @@ class Zones:
             grad_norm_p90=_percentile(finite, 0.9),
             val_slope=_slope(w.get("metric", []), self.higher_is_better),
             contribution=contribution,
-            improvement_per_rent=contribution / rent_per_tick if rent_per_tick > 0 else 0.0,
+            improvement_per_rent=worth / rent_per_tick if rent_per_tick > 0 else 0.0,
             rent=math.fsum(w.get("rent", ())),
             churn=math.fsum(w.get("churn", ())),
             rent_utilisation=rent_per_tick / b.rent_ceiling if b.rent_ceiling > 0 else 0.0,
             transitions=int(sum(w.get("transitions", ()))),
             germinations=int(sum(w.get("germinations", ()))),
             minibatch_variance=mean("minibatch_variance"),
+            boundary_drift=max(w.get("drift", [0.0])),
+            boundary_grad=median("boundary_grad"),
+            boundary_gain=median("gain"),
+            boundary_breaches=int(sum(w.get("breach", ()))),
+            probed=int(probed),
+            probe_contribution=self.probe.get(zone, 0.0),
         )
 
     def zone_of_event(self, slot: str | None, payload: Mapping[str, Any]) -> str | None:
@@ -338,6 +417,9 @@ class Zones:
             w = self.books[z].window
             out[f"zone.{z}.rent"] = w["rent"][-1] if w.get("rent") else 0.0
             out[f"zone.{z}.price"] = self.budgets[z].price
+            for key in ("drift", "gain"):
+                if key in self._crossing.get(z, {}):
+                    out[f"zone.{z}.{key}"] = self._crossing[z][key]
         return out
 
     def books_summary(self) -> dict[str, dict[str, float]]:
@@ -351,6 +433,8 @@ class Zones:
             "books": {z: asdict(b) for z, b in self.books.items()},
             "acted": list(self.acted),
             "prev_loss": self.prev_loss,
+            "reference": {z: [list(m), list(sd)] for z, (m, sd) in self.reference.items()},
+            "probe": dict(self.probe),
             "allocator": self.allocator.state_dict() if self.allocator is not None else None,
         }
 
@@ -371,6 +455,8 @@ class Zones:
             for z, b in state["books"].items()
         }
         self.acted, self.prev_loss = list(state["acted"]), state["prev_loss"]
+        self.reference = {z: (list(m), list(sd)) for z, (m, sd) in state["reference"].items()}
+        self.probe = dict(state["probe"])
         if self.allocator is not None and state["allocator"] is not None:
             self.allocator.load_state_dict(state["allocator"])
 
@@ -394,3 +480,30 @@ def _slope(values: Sequence[float], higher_is_better: bool) -> float:
     num = math.fsum((i - xm) * (v - ym) for i, v in enumerate(values))
     den = math.fsum((i - xm) ** 2 for i in range(n))
     return num / den if higher_is_better else -num / den
+
+
+def drift(
+    reference: tuple[list[float], list[float]], now: tuple[list[float], list[float]]
+) -> float:
+    """How far a boundary's activations moved from a reference, standardised per channel:
+    sqrt(mean_c[((μ_c − μ_ref,c) / σ_ref,c)² + log²(σ_c / σ_ref,c)]) over the channels both
+    have (a widening adds channels; the host's own are compared). 0 = unchanged; a shift of
+    one reference standard deviation in every channel gives 1."""
+    eps = 1e-6
+    terms = [
+        ((m - mr) / (sr + eps)) ** 2 + math.log((s + eps) / (sr + eps)) ** 2
+        for mr, sr, m, s in zip(*reference, *now, strict=False)
+    ]
+    return math.sqrt(math.fsum(terms) / len(terms)) if terms else 0.0
+
+
+def _boundaries(
+    layout: ZoneLayout, depths: Mapping[str, float]
+) -> tuple[dict[str, str], dict[str, str | None]]:
+    """Each zone's output boundary (its deepest slot) and its upstream zone (the zone whose
+    boundary is the next shallower one), by slot depth (then name)."""
+    key = lambda s: (depths.get(s, 0.0), s)  # noqa: E731
+    out = {z: max(layout.slots_of(z), key=key) for z in layout.names}
+    order = sorted(layout.names, key=lambda z: key(out[z]))
+    upstream = {z: (order[i - 1] if i else None) for i, z in enumerate(order)}
+    return out, upstream
