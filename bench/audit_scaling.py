@@ -30,11 +30,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from esper.audits.backends import start_local_ray
 from esper.audits.replay import Candidate
 from esper.audits.retrain import Audit, AuditProtocol, AuditResult, subset_value
 from esper.config import GrowConfig
 from esper.tolaria.environment import EnvConfig
+from esper.tolaria.remote import start_local_ray
 from vector_env import machine
 
 CANDIDATES = [

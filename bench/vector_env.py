@@ -4,7 +4,8 @@ random policies, same ticks. Both sides run the one tick, governor included.
 
     .venv/bin/python bench/vector_env.py [--device cpu|cuda] [--ks 1 4 8 16] [--ticks 6]
                                          [--repeats 3] [--threads 1] [--workers 2]
-                                         [--backends inprocess processes] [--overlap both]
+                                         [--backends inprocess processes ray]
+                                         [--overlap both]
 
 Host: digits CNN (depth 3) of width 2, `batches_per_tick` 4 of 64 samples, full validation set
 with its α=0 ablations every tick; episodes longer than the timed ticks, so no reset is timed.
@@ -14,6 +15,8 @@ and is reported apart ("start s"). Backends:
 
 - `inprocess`  the K environments one after another in this process
 - `processes`  `--workers` worker processes (one torch thread each), K/workers envs each (CPU only)
+- `ray`        `--workers` Ray actors, likewise (CPU only; not run unless named): "start s" then
+               includes starting the local Ray instance the VectorEnv starts and shuts down
 
 On CUDA the in-process backend runs twice per K, as `inprocess overlap` (every environment's
 train tick and evaluation launched on its own stream, one read-back for all) and `inprocess
@@ -247,8 +250,8 @@ def variants_of(
     with overlap on and/or off; on CPU overlap does nothing and the labels are the backends."""
     out: dict[str, tuple[str, bool]] = {}
     for b in backends:
-        if device.type != "cpu" and b == "processes":
-            continue  # the processes backend is CPU-only
+        if device.type != "cpu" and b in ("processes", "ray"):
+            continue  # CPU-only backends
         if device.type == "cuda" and b == "inprocess":
             if overlap in ("both", "on"):
                 out["inprocess overlap"] = (b, True)

@@ -12,15 +12,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from esper.audits.backends import (
-    GPU_FRACTION,
-    RAY_MISSING,
-    BackendUnavailable,
-    job_resources,
-    start_local_ray,
-)
+from esper.audits.backends import GPU_FRACTION, job_resources
 from esper.audits.retrain import Audit, AuditProtocol
 from esper.cli import app
+from esper.contracts.errors import BackendUnavailable
+from esper.tolaria.remote import RAY_MISSING, start_local_ray
 from test_audit import REAL_PROTOCOL, REAL_SEEDS, A, B, C, fake_value
 
 # One xdist worker runs this whole module (`make test` uses --dist loadgroup), so the module's one

@@ -229,3 +229,11 @@ def test_warm_start_records_the_teacher_and_saves_the_clone(
 def test_cli_rejects_an_unknown_teacher(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["train-policy", "--teacher", "oracle", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "unknown teacher" in r.output and "Traceback" not in r.output
+
+
+def test_backend_is_checked_and_ray_accepted(tmp_path: Path) -> None:
+    assert TrainPolicyConfig(backend="ray").backend == "ray"  # VectorEnv's Ray actors
+    args = ["train-policy", "--backend", "dask", "--out", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "backend must be one of auto, inprocess, processes, ray, got 'dask'" in r.output

@@ -677,6 +677,14 @@ def evaluate_cmd(
 def train_policy_cmd(
     updates: Annotated[int | None, typer.Option(help="PPO updates")] = None,
     envs: Annotated[int | None, typer.Option(help="environments in lockstep")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help="where the environments run: auto (worker processes on a multi-core CPU, else "
+            "in-process), inprocess, processes, or ray (Ray actors, the ray extra) "
+            f"(default: {TrainPolicyConfig.backend})"
+        ),
+    ] = None,
     budget_minutes: Annotated[float | None, typer.Option(help="wall-clock budget")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     out: Annotated[str | None, typer.Option(help="policy and training-run directory")] = None,
@@ -711,6 +719,7 @@ def train_policy_cmd(
     changes = {
         "updates": updates,
         "num_envs": envs,
+        "backend": backend,
         "budget_minutes": budget_minutes,
         "seed": seed,
         "out": out,

@@ -57,6 +57,7 @@ from esper.tamiyo.ppo import (
     ppo_update,
 )
 from esper.tolaria.determinism import pick_device, rng_state, seed_everything, set_rng_state
+from esper.tolaria.vector import BACKENDS as VECTOR_BACKENDS
 from esper.tolaria.vector import StepResult, VectorEnv
 
 
@@ -84,7 +85,8 @@ class TrainPolicyConfig:
     seed: int = 0
     """Seeds the stream of episodes, the network's initialisation and its sampling."""
     backend: str = "auto"
-    """Vector env backend: auto, inprocess, processes."""
+    """Vector env backend (`esper.tolaria.vector`): auto, inprocess, processes or ray (Ray
+    actors on a local instance, or on the Ray this process has initialised; the `ray` extra)."""
     hidden: int = 128
     eval_every: int = 10
     """Evaluate the deterministic policy on held-out seeds every this many updates (and after
@@ -120,8 +122,10 @@ class TrainPolicyConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.updates < 0 or self.eval_every < 0 or not self.budget_minutes > 0:
             raise ConfigError("updates and eval_every must be >= 0 and budget_minutes > 0")
-        if self.backend not in ("auto", "inprocess", "processes"):
-            raise ConfigError(f"backend must be auto, inprocess or processes, got {self.backend!r}")
+        if self.backend not in VECTOR_BACKENDS:
+            raise ConfigError(
+                f"backend must be one of {', '.join(VECTOR_BACKENDS)}, got {self.backend!r}"
+            )
 
 
 def episode_specs(cfg: TrainPolicyConfig) -> Iterator[GrowConfig]:

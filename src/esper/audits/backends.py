@@ -16,24 +16,19 @@ import contextlib
 import math
 import multiprocessing
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from esper.contracts.errors import ConfigError, EsperError
+from esper.contracts.errors import ConfigError
+from esper.tolaria.remote import connect_ray, import_ray
 
 BACKENDS = ("local", "ray")
-RAY_MISSING = "the ray backend needs the ray extra: pip install 'esper[ray]'"
 GPU_FRACTION = 0.25
 """Default GPU share of one Ray job when the protocol trains on CUDA: a retrain of a small host
 uses a fraction of a card, so four share one."""
-
-
-class BackendUnavailable(EsperError, ImportError):
-    """The backend's optional dependency is not installed."""
 
 
 def check_backend(backend: str, ray_address: str | None = None) -> None:
@@ -43,15 +38,7 @@ def check_backend(backend: str, ray_address: str | None = None) -> None:
     if ray_address is not None and backend != "ray":
         raise ConfigError("a Ray address needs backend='ray'")
     if backend == "ray":
-        _import_ray()
-
-
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as err:
-        raise BackendUnavailable(RAY_MISSING) from err
-    return ray
+        import_ray()
 
 
 def usable_cores() -> int:
@@ -84,13 +71,10 @@ def open_executor(
             yield pool, n
         return
     resources = job_resources(device, ray_resources)
-    ray = _import_ray()
-    started = not ray.is_initialized()  # else: the caller's instance or connection, kept open
-    if started and ray_address is not None:
-        ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
-    elif started:
-        per_job = max(1, math.ceil(resources.get("num_cpus", 1)))
-        start_local_ray((workers or usable_cores()) * per_job)
+    ray = import_ray()
+    per_job = max(1, math.ceil(resources.get("num_cpus", 1)))
+    # Ray already initialised: the caller's instance or connection, kept open
+    started = connect_ray((workers or usable_cores()) * per_job, ray_address)
     # A local instance's CPUs bound the jobs in flight; on a cluster, `workers` (if given) does.
     limit = workers if workers and ray_address is not None else jobs
     pool = RayExecutor(ray, resources, shutdown_ray=started)
@@ -132,25 +116,6 @@ def job_resources(device: str, overrides: Mapping[str, Any] | None = None) -> di
     out: dict[str, Any] = {"num_cpus": 1, **({"num_gpus": GPU_FRACTION} if cuda else {})}
     out.update(overrides or {})
     return out
-
-
-def start_local_ray(num_cpus: int) -> None:
-    """A local Ray instance of `num_cpus` CPUs (and the GPUs it finds) whose workers import from
-    this process's sys.path, as a spawned process pool's do: a value function defined in a
-    script or a test module reaches them by reference."""
-    ray = _import_ray()
-    path = [p for p in sys.path if p]
-    try:  # Ray's own channel for the driver's path; ~5 s faster to a first task than a runtime_env
-        where: dict[str, Any] = {"job_config": ray.job_config.JobConfig(_py_driver_sys_path=path)}
-    except TypeError:  # a Ray without it
-        where = {"runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(path)}}}
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-        **where,
-    )
 
 
 def _in_ray_worker(threads: int, fn: Callable[..., Any], *args: Any) -> Any:

@@ -11,3 +11,7 @@ class EsperError(Exception):
 
 class ConfigError(EsperError, ValueError):
     """A config file, option or value that cannot be used."""
+
+
+class BackendUnavailable(EsperError, ImportError):
+    """A backend's optional dependency (Ray: the `ray` extra) is not installed."""

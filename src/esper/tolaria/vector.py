@@ -16,11 +16,16 @@ an episode reports done and is replaced by one built from the next spec.
 Backends. "inprocess" runs the K episodes one after another in this process; "processes" splits
 them over worker processes (spawned, one torch thread each) that step their shares in parallel.
 On CPU the hosts are small and a tick is mostly Python and per-op dispatch, so worker processes
-are the way to use several cores (numbers: bench/RESULTS.md, "Vectorised environments"). On CUDA
-the episodes run in-process, and K processes would each need their own CUDA context for little
-gain. In-process on CPU, prefer torch.set_num_threads(1): these ops are too small to gain from
-intra-op threads, and on a busy machine OpenMP threads waiting for a preempted sibling make a
-tick many times slower.
+are the way to use several cores (numbers: bench/RESULTS.md, "Vectorised environments"). "ray"
+splits them the same way over Ray actors (one CPU and one torch thread each): on the cluster at
+`ray_address`, on the caller's Ray if it has initialised one, else on a local instance of one
+CPU per actor that `close()` shuts down (Ray is an extra, imported lazily: `esper.tolaria.remote`).
+It gives the other backends' results bit for bit (tests/test_vector_ray.py); "auto" never picks
+it, as on one machine processes start sooner and need no extra. Processes and actors are
+CPU-only (ValueError on CUDA): on CUDA the episodes run in-process, and K processes would each
+need their own CUDA context for little gain. In-process on CPU, prefer torch.set_num_threads(1):
+these ops are too small to gain from intra-op threads, and on a busy machine OpenMP threads
+waiting for a preempted sibling make a tick many times slower.
 
 Overlap on CUDA (`overlap=True`, the default). A tick of one episode reads its results back from
 the device once (training loss and health, the evaluation's metrics), and that read makes the CPU
@@ -49,12 +54,14 @@ import torch.multiprocessing as mp
 
 from esper.contracts import FactoredAction, Observation
 from esper.tolaria.episode import Episode, Launched, Outcome
+from esper.tolaria.remote import connect_ray, import_ray
 
 Spec = TypeVar("Spec")
-Backend = Literal["auto", "inprocess", "processes"]
+Backend = Literal["auto", "inprocess", "processes", "ray"]
+BACKENDS = ("auto", "inprocess", "processes", "ray")
 Make = Callable[[Any], Episode]
-"""Builds an episode from a spec; with the processes backend it and the specs must pickle (a
-module-level function such as `esper.run.build_episode`)."""
+"""Builds an episode from a spec; with the processes and ray backends it and the specs must
+pickle (a module-level function such as `esper.run.build_episode`)."""
 
 
 @dataclass(frozen=True)
@@ -148,9 +155,30 @@ class _Episodes:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker(conn: Any, make: Make, specs: list[Any], device: torch.device) -> None:
+def _split(share: range, *columns: Sequence[Any]) -> tuple[list[Any], ...]:
+    """Each column's entries of the positions in `share`."""
+    return tuple([column[i] for i in share] for column in columns)
+
+
+def _shares(k: int, workers: int) -> list[range]:
+    """K positions split into min(workers, k) contiguous shares of (nearly) equal size."""
+    workers = max(1, min(workers, k))
+    bounds = [k * w // workers for w in range(workers + 1)]
+    return [range(a, b) for a, b in pairwise(bounds)]
+
+
+def _cpu_only(backend: str, device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ValueError(f"the {backend} backend is CPU-only; use backend='inprocess' on CUDA")
+
+
+def _worker_setup() -> None:
     torch.set_num_threads(1)  # one core per worker; tiny ops gain nothing from intra-op threads
     torch.use_deterministic_algorithms(True)  # as in the parent (`seed_everything`)
+
+
+def _worker(conn: Any, make: Make, specs: list[Any], device: torch.device) -> None:
+    _worker_setup()
     try:
         episodes = _Episodes(make, specs, device)
         conn.send(("ok", None))
@@ -167,12 +195,8 @@ def _worker(conn: Any, make: Make, specs: list[Any], device: torch.device) -> No
 
 class _Processes:
     def __init__(self, make: Make, specs: Sequence[Any], device: torch.device, workers: int):
-        if device.type != "cpu":
-            raise ValueError("the processes backend is CPU-only; use backend='inprocess' on CUDA")
-        k = len(specs)
-        workers = max(1, min(workers, k))
-        bounds = [k * w // workers for w in range(workers + 1)]
-        self.shares = [range(a, b) for a, b in pairwise(bounds)]
+        _cpu_only("processes", device)
+        self.shares = _shares(len(specs), workers)
         # spawn, not fork: a forked child inherits torch's OpenMP pool in an undefined state.
         ctx = mp.get_context("spawn")
         self.conns, self.procs = [], []
@@ -211,15 +235,7 @@ class _Processes:
     def act(
         self, actions: Sequence[FactoredAction], reasons: Sequence[str], next_specs: Sequence[Any]
     ) -> list[Outcome]:
-        return self._all(
-            [
-                (
-                    "act",
-                    ([actions[i] for i in s], [reasons[i] for i in s], [next_specs[i] for i in s]),
-                )
-                for s in self.shares
-            ]
-        )
+        return self._all([("act", _split(s, actions, reasons, next_specs)) for s in self.shares])
 
     def close(self) -> None:
         for conn in self.conns:
@@ -230,6 +246,113 @@ class _Processes:
             if proc.is_alive():
                 proc.terminate()
         self.conns, self.procs = [], []
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray backend: W actors, each owning a contiguous share of the K episodes
+# ---------------------------------------------------------------------------------------------
+
+
+class _EpisodesActor:
+    """The body of one Ray actor: a worker's share of the episodes. Like `_worker`, it answers
+    ("ok", value) or ("error", its traceback); it never raises, so that a failure reaches the
+    caller as its own traceback rather than as Ray's wrapper of it."""
+
+    def __init__(self, make: Make, specs: list[Any], device: torch.device) -> None:
+        _worker_setup()
+        self.episodes: _Episodes | None = None
+        self.error: str | None = None
+        try:
+            self.episodes = _Episodes(make, specs, device)
+        except Exception:
+            self.error = traceback.format_exc()
+
+    def _answer(self, call: Callable[[_Episodes], Any]) -> tuple[str, Any]:
+        if self.error is not None:
+            return "error", self.error
+        assert self.episodes is not None
+        try:
+            return "ok", call(self.episodes)
+        except Exception:
+            # The share's state is unknown now: every later call fails with this error.
+            self.error = traceback.format_exc()
+            return "error", self.error
+
+    def ready(self) -> tuple[str, Any]:
+        return self._answer(lambda episodes: None)
+
+    def observe(self) -> tuple[str, Any]:
+        return self._answer(lambda episodes: episodes.observe())
+
+    def act(self, actions: list[Any], reasons: list[str], next_specs: list[Any]) -> tuple[str, Any]:
+        return self._answer(lambda episodes: episodes.act(actions, reasons, next_specs))
+
+
+class _RayActors:
+    def __init__(
+        self,
+        make: Make,
+        specs: Sequence[Any],
+        device: torch.device,
+        workers: int,
+        address: str | None = None,
+    ) -> None:
+        _cpu_only("ray", device)
+        self.ray = import_ray()
+        self.shares = _shares(len(specs), workers)
+        self.actors: list[Any] = []
+        self._started = connect_ray(len(self.shares), address)
+        """Whether Ray was initialised here (a local instance or a connection): close() ends it."""
+        try:
+            actor = self.ray.remote(_EpisodesActor).options(
+                num_cpus=1, max_restarts=0, max_task_retries=0
+            )
+            for share in self.shares:
+                self.actors.append(actor.remote(make, [specs[i] for i in share], device))
+            for ref in [a.ready.remote() for a in self.actors]:
+                self._get(ref)
+        except BaseException:
+            self.close()
+            raise
+
+    def _get(self, ref: Any) -> Any:
+        from ray.exceptions import RayError, RayTaskError
+
+        try:
+            status, value = self.ray.get(ref)
+        except RayTaskError as err:  # raised outside `_answer`: its arguments did not unpickle
+            raise RuntimeError(f"a VectorEnv Ray actor failed:\n{err}") from None
+        except RayError as err:  # the actor died (killed, out of memory, its node lost)
+            raise RuntimeError(f"a VectorEnv Ray actor died:\n{err}") from None
+        if status == "error":
+            raise RuntimeError(f"a VectorEnv Ray actor failed:\n{value}")
+        return value
+
+    def _gather(self, refs: list[Any]) -> list[Any]:
+        """Every share's answer, in order (the calls were all made before the first wait)."""
+        return [x for ref in refs for x in self._get(ref)]
+
+    def observe(self) -> list[Observation]:
+        return self._gather([a.observe.remote() for a in self.actors])
+
+    def act(
+        self, actions: Sequence[FactoredAction], reasons: Sequence[str], next_specs: Sequence[Any]
+    ) -> list[Outcome]:
+        return self._gather(
+            [
+                a.act.remote(*_split(s, actions, reasons, next_specs))
+                for a, s in zip(self.actors, self.shares, strict=True)
+            ]
+        )
+
+    def close(self) -> None:
+        for actor in self.actors:
+            with suppress(Exception):
+                self.ray.kill(actor)
+        self.actors = []
+        if self._started:
+            self._started = False
+            self.ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,14 +377,22 @@ class VectorEnv(Generic[Spec]):
         backend: Backend = "auto",
         workers: int | None = None,
         overlap: bool = True,
+        ray_address: str | None = None,
     ) -> None:
         """`specs` is consumed lazily: the first k build the episodes, the next ones replace
         episodes as they finish. `device` is the episodes' (it picks the backend and the
         streams). `backend="auto"`: processes on CPU with two or more cores and episodes,
-        in-process otherwise. `overlap`: on CUDA, in-process, launch every episode on its own
-        stream before reading any back (module docstring); no effect on CPU or with processes."""
+        in-process otherwise; "ray" is only ever chosen by name. `workers`: processes or Ray
+        actors (default: the usable cores; never more than k). `overlap`: on CUDA, in-process,
+        launch every episode on its own stream before reading any back (module docstring); no
+        effect on CPU, with processes or with actors. `ray_address`: with backend "ray", the
+        cluster to join (default: the Ray this process has initialised, else a local instance)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        if ray_address is not None and backend != "ray":
+            raise ValueError("a Ray address needs backend='ray'")
         self.k, self.device = k, torch.device(device)
         self._spec_iter = iter(specs)
         self.specs: list[Spec] = self._draw(k)
@@ -270,12 +401,13 @@ class VectorEnv(Generic[Spec]):
         if backend == "auto":
             cpu = self.device.type == "cpu"
             backend = "processes" if cpu and min(k, workers) > 1 else "inprocess"
+        self._envs: _Episodes | _Processes | _RayActors
         if backend == "inprocess":
-            self._envs: _Episodes | _Processes = _Episodes(make, self.specs, self.device, overlap)
+            self._envs = _Episodes(make, self.specs, self.device, overlap)
         elif backend == "processes":
             self._envs = _Processes(make, self.specs, self.device, workers)
         else:
-            raise ValueError(f"unknown backend {backend!r}; valid: auto, inprocess, processes")
+            self._envs = _RayActors(make, self.specs, self.device, workers, ray_address)
         self.backend: str = backend
         self.overlap = isinstance(self._envs, _Episodes) and self._envs.two_phase
         """Whether episodes overlap on the device (CUDA, in-process, `overlap=True`)."""
