@@ -29,9 +29,7 @@ the best gain per unit rent.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing
 import statistics
 import tempfile
 import time
@@ -47,6 +45,7 @@ from esper.evaluate import FIRST_HELD_OUT
 from esper.run import start_run
 from esper.tamiyo.policies import HeuristicConfig
 from esper.tolaria.environment import EnvConfig
+from pool import run_pool
 from vector_env import machine
 
 ARMS = ("host", "global", "fixed", "narset", "early only", "late only")
@@ -101,6 +100,13 @@ def run_one(arm: str, seed: int, ticks: int) -> dict[str, object]:
         "params": result.params_end,
         "wall": result.wall_time,
     }
+
+
+def _describe(r: dict) -> str:
+    return (
+        f"{r['arm']:<10} seed {r['seed']}: acc {r['final']:.4f}, rent {r['rent']:.4f}, "
+        f"grown early {r['early']} late {r['late']}"
+    )
 
 
 def _grown(run: object) -> list[str]:
@@ -188,17 +194,7 @@ def main() -> None:
     arms = [a.strip() for a in args.arms.split(",")]
     jobs = [(a, s, args.ticks) for s in seeds for a in arms]
     t0 = time.perf_counter()
-    rows = []
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
-        futures = [pool.submit(run_one, *job) for job in jobs]
-        for i, f in enumerate(cf.as_completed(futures), 1):
-            rows.append(f.result())
-            r = rows[-1]
-            console.print(
-                f"[{i}/{len(jobs)}] {r['arm']:<10} seed {r['seed']}: acc {r['final']:.4f}, "
-                f"rent {r['rent']:.4f}, grown early {r['early']} late {r['late']}"
-            )
+    rows = run_pool(run_one, jobs, args.workers, console, _describe)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     console.print(f"{machine(torch.device('cpu'))}; {time.perf_counter() - t0:.0f} s in all")

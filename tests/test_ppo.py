@@ -4,20 +4,25 @@ acts; a toy bandit is learned; the health monitor flags collapse."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 
 import pytest
 import torch
+from torch.distributions import Categorical, kl_divergence
 
-from esper.contracts import TAMIYO_OPS, AlphaCurve, Observation, Op, SlotTelemetry, Stage
+from esper.contracts import HEADS, TAMIYO_OPS, AlphaCurve, Observation, Op, SlotTelemetry, Stage
 from esper.tamiyo.learned import LearnedPolicy
+from esper.tamiyo.network import masked_log_softmax
 from esper.tamiyo.ppo import (
+    Anchor,
     HealthMonitor,
     PPOConfig,
     RewardScaler,
     RolloutBuffer,
     UpdateStats,
+    anchor_kl,
     clipped_surrogate,
     compute_gae,
     explained_variance,
@@ -383,3 +388,52 @@ def test_reward_scaler_divides_by_the_std_of_discounted_returns() -> None:
     assert torch.equal(
         restored(r, torch.zeros(2, dtype=torch.bool)), scaler(r, torch.zeros(2, dtype=torch.bool))
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The anchor: KL to the clone
+# ---------------------------------------------------------------------------------------------
+
+
+def test_anchor_kl_matches_torch_distributions_head_by_head() -> None:
+    g = torch.Generator().manual_seed(3)
+    n, sizes = 5, {h: 3 + i for i, h in enumerate(HEADS)}
+    masks = {h: torch.rand(n, k, generator=g) > 0.3 for h, k in sizes.items()}
+    for m in masks.values():
+        m[:, 0] = True  # every head keeps a legal choice
+    logp = [
+        {h: masked_log_softmax(torch.randn(n, k, generator=g), masks[h]) for h, k in sizes.items()}
+        for _ in range(2)
+    ]
+    relevant = torch.rand(n, len(HEADS), generator=g) > 0.5
+    got = anchor_kl(logp[0], logp[1], relevant)
+    for row in range(n):
+        expected = 0.0
+        for i, h in enumerate(HEADS):
+            if relevant[row, i]:
+                legal = masks[h][row]
+                p = Categorical(probs=logp[0][h][row][legal].exp())
+                q = Categorical(probs=logp[1][h][row][legal].exp())
+                expected += float(kl_divergence(p, q))
+        assert float(got[row]) == pytest.approx(expected, abs=1e-5)
+    assert torch.allclose(anchor_kl(logp[0], logp[0], relevant), torch.zeros(n), atol=1e-6)
+
+
+def _kl_to(anchor: torch.nn.Module, policy: LearnedPolicy, buffer: RolloutBuffer) -> float:
+    b = buffer.flat()
+    with torch.no_grad():
+        ref = anchor.evaluate(b.g, b.s, b.actions, b.masks)
+        new = policy.net.evaluate(b.g, b.s, b.actions, b.masks)
+    return float(anchor_kl(ref.logp, new.logp, new.relevant).mean())
+
+
+def test_the_anchor_holds_the_policy_near_the_clone() -> None:
+    moved = {}
+    for coef in (0.0, 5.0):
+        policy, optimizer, buffer, adv, ret, cfg = setup(lr=0.01, target_kl=None)
+        clone = copy.deepcopy(policy.net).requires_grad_(False)
+        stats = ppo_update(policy.net, optimizer, buffer, adv, ret, cfg, anchor=Anchor(clone, coef))
+        moved[coef] = _kl_to(clone, policy, buffer)
+        assert (stats.anchor_kl > 0) == (coef > 0)
+    assert moved[0.0] > 0.01  # PPO alone moves away from the clone ...
+    assert moved[5.0] < 0.5 * moved[0.0]  # ... and the anchor holds it at under half that

@@ -35,6 +35,7 @@ from esper.contracts.zones import (
 )
 from esper.kasmina import CNNHost
 from esper.narset import Narset
+from esper.narset.allocator import relative_productivity
 from esper.run import build_episode, resume_run, start_run
 from esper.tamiyo.masks import action_masks, illegal_reason
 from esper.tamiyo.policies import HeuristicPolicy
@@ -244,33 +245,33 @@ def test_narset_price_update_matches_a_hand_computation() -> None:
         ZoneSpec("b", blocks=(4, 7), growth_budget=2, rent_ceiling=0.01, risk_share=0.4),
     )
     narset = Narset(specs, NarsetConfig(step=0.5, productivity_weight=0.5, spike_penalty=0.5))
-    # Window 1. Productivity g: a tanh 0 = 0, b tanh 2 = 0.96403; mean ḡ = 0.48201.
-    # a overspends 3×, below the mean: λ = 0 + 0.5·(3 − 1) − 0.5·(0 − ḡ) = 1.24101.
-    # b spends half its ceiling, above the mean: λ = max(0, 0.5·(−0.5) − 0.5·(g − ḡ)) = 0.
+    # Window 1. Productivity p: a 0, b 2; mean p̄ = 1, mean |p| = 1 → r_a = −1, r_b = +1.
+    # a overspends 3×, below the mean: λ = 0 + 0.5·(3 − 1) − 0.5·(−1) = 1.5.
+    # b spends half its ceiling, above the mean: λ = max(0, 0.5·(−0.5) − 0.5·1) = 0.
     out = narset.update([_telemetry("a", 3.0, 0.0), _telemetry("b", 0.5, 2.0, spikes=1)])
-    g_bar = math.tanh(2.0) / 2
-    assert out["a"].price == pytest.approx(1.0 + 0.5 * g_bar, abs=1e-12)
-    assert out["a"].price == pytest.approx(1.2410069, abs=1e-7)
-    assert out["b"].price == 0.0
+    assert relative_productivity([_telemetry("a", 3.0, 0.0), _telemetry("b", 0.5, 2.0)]) == {
+        "a": -1.0,
+        "b": 1.0,
+    }
+    assert (out["a"].price, out["b"].price) == (1.5, 0.0)
     assert (out["a"].growth_budget, out["b"].growth_budget) == (0, 2)  # floor(2 / (1 + λ))
-    assert out["a"].rent_ceiling == pytest.approx(0.01 / 2.2410069, rel=1e-7)
-    assert out["b"].rent_ceiling == 0.01
-    # Risk: a 0.4·(1 + λ_a), b 0.4 / (1 + 0.5·1); scaled together to the configured 0.8.
-    raw = {"a": 0.4 * (1 + out["a"].price), "b": 0.4 / 1.5}
-    scale = 0.8 / sum(raw.values())
-    assert out["a"].risk_share == pytest.approx(raw["a"] * scale)
-    assert out["b"].risk_share == pytest.approx(raw["b"] * scale)
-    # Window 2. b paid no rent: not judged on productivity; ḡ is a's alone, so a's term is 0.
-    # a: λ + 0.5·(1.5 − 1) − 0.5·(tanh 1 − tanh 1) = λ + 0.25; b: 0 + 0.5·(0 − 1) → clipped at 0.
-    before = out["a"].price
+    assert out["a"].rent_ceiling == pytest.approx(0.004) and out["b"].rent_ceiling == 0.01
+    # Risk: a 0.4·2.5 = 1.0, b 0.4 / (1 + 0.5·1) = 0.2667; Σ 1.2667 > 0.8 → both scaled.
+    scale = 0.8 / (1.0 + 0.4 / 1.5)
+    assert out["a"].risk_share == pytest.approx(1.0 * scale)
+    assert out["b"].risk_share == pytest.approx(0.4 / 1.5 * scale)
+    # Window 2. b paid no rent: not judged on productivity; a alone is its own mean (r = 0).
+    # a: 1.5 + 0.5·(1.5 − 1) = 1.75; b: 0 + 0.5·(0 − 1) → clipped at 0.
     out = narset.update([_telemetry("a", 1.5, 1.0), _telemetry("b", 0.0, 5.0, rent=0.0)])
-    assert out["a"].price == pytest.approx(before + 0.25, abs=1e-12)
-    assert out["b"].price == 0.0
-    assert out["a"].growth_budget == 0  # floor(2 / 2.49)
-    raw = {"a": 0.4 * (1 + out["a"].price), "b": 0.4}
+    assert (out["a"].price, out["b"].price) == (1.75, 0.0)
+    assert out["a"].growth_budget == 0  # floor(2 / 2.75)
+    raw = {"a": 0.4 * 2.75, "b": 0.4}
     scale = 0.8 / sum(raw.values())
     assert out["a"].risk_share == pytest.approx(raw["a"] * scale)
     assert sum(b.risk_share for b in out.values()) <= 0.8 + 1e-12
+    # Relative productivity is scale-free and clipped: 100 vs 300 reads as −0.5 vs +0.5.
+    r = relative_productivity([_telemetry("a", 1.0, 100.0), _telemetry("b", 1.0, 300.0)])
+    assert r == {"a": -0.5, "b": 0.5}
     # A boundary breach counts as trouble, like a loss spike: it cuts the zone's risk share.
     calm, breached = Narset(specs), Narset(specs)
     quiet = [_telemetry("a", 1.0, 0.0), _telemetry("b", 1.0, 0.0)]

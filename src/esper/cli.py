@@ -696,6 +696,13 @@ def train_policy_cmd(
         ),
     ] = None,
     critic_weight: Annotated[float | None, typer.Option(help="weight of the critic's φ")] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="none, or paired: each episode beside its host-alone twin, the reward their "
+            f"difference (twice the environment work) (default: {TrainPolicyConfig.baseline})"
+        ),
+    ] = None,
     teacher: Annotated[
         str | None,
         typer.Option(
@@ -725,6 +732,7 @@ def train_policy_cmd(
         "out": out,
         "critic": critic,
         "critic_weight": critic_weight,
+        "baseline": baseline,
         "imitation.episodes": demo_episodes,
     }
     try:

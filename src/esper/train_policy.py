@@ -43,11 +43,13 @@ from esper.tamiyo.imitation import (
     Demonstrations,
     ImitationConfig,
     action_indices,
+    agreement,
     imitation_update,
 )
 from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.policies import Decision, Policy
 from esper.tamiyo.ppo import (
+    Anchor,
     HealthMonitor,
     PPOConfig,
     RewardScaler,
@@ -58,7 +60,7 @@ from esper.tamiyo.ppo import (
 )
 from esper.tolaria.determinism import pick_device, rng_state, seed_everything, set_rng_state
 from esper.tolaria.vector import BACKENDS as VECTOR_BACKENDS
-from esper.tolaria.vector import StepResult, VectorEnv
+from esper.tolaria.vector import PairedVectorEnv, StepResult, VectorEnv
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,17 @@ class TrainPolicyConfig:
     after it germinated, is added to that tick's training reward × `critic_weight` (paper
     §5.4: audited credit without an audit at training time). None: the economy alone."""
     critic_weight: float = 1.0
+    anchor: float = 0.0
+    """Keep what the clone knows while PPO improves on it: the weight of KL(clone ‖ policy) in
+    PPO's loss at the first update (`tamiyo.ppo.Anchor`), annealed linearly to 0 over
+    `anchor_updates` (0: no anchor). Needs the warm start."""
+    anchor_updates: int = 20
+    baseline: str = "none"
+    """none: the reward is the episode's own. paired: each episode runs beside its host-alone
+    twin (same seed, host and data order; `tolaria.vector.PairedVectorEnv`) and the reward is
+    the difference, which cancels the seed's and the host's share of the return (issue 15:
+    that noise dwarfs the difference between good schedules; measured in bench/RESULTS.md,
+    "Signal to noise"). Doubles the environment work."""
     ppo: PPOConfig = field(
         default_factory=lambda: PPOConfig(
             clip_vloss=False, lr=3e-4, update_epochs=4, ent_coef=0.001
@@ -122,10 +135,43 @@ class TrainPolicyConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.updates < 0 or self.eval_every < 0 or not self.budget_minutes > 0:
             raise ConfigError("updates and eval_every must be >= 0 and budget_minutes > 0")
+        if self.anchor < 0 or self.anchor_updates < 1:
+            raise ConfigError("anchor must be >= 0 and anchor_updates >= 1")
+        if self.anchor > 0 and self.imitation.teacher is None:
+            raise ConfigError("anchor needs a warm start to anchor to (imitation.teacher)")
+        if self.baseline not in BASELINES:
+            raise ConfigError(
+                f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}"
+            )
         if self.backend not in VECTOR_BACKENDS:
             raise ConfigError(
                 f"backend must be one of {', '.join(VECTOR_BACKENDS)}, got {self.backend!r}"
             )
+
+
+BASELINES = ("none", "paired")
+
+
+def _environments(
+    cfg: TrainPolicyConfig, device: torch.device, skip: int
+) -> VectorEnv | PairedVectorEnv:
+    """The K lockstep episodes (and with `baseline = "paired"` their twins, drawing the same
+    spec stream), the first `skip` specs of the stream already used."""
+
+    def vector() -> VectorEnv:
+        specs = episode_specs(cfg)
+        for _ in range(skip):
+            next(specs)
+        return VectorEnv(build_episode, cfg.num_envs, specs, device=device, backend=cfg.backend)
+
+    if cfg.baseline == "none":
+        return vector()
+    main = vector()
+    try:
+        return PairedVectorEnv(main, vector())
+    except BaseException:
+        main.close()
+        raise
 
 
 def episode_specs(cfg: TrainPolicyConfig) -> Iterator[GrowConfig]:
@@ -213,15 +259,15 @@ def _demo_rollouts(cfg: TrainPolicyConfig) -> int:
 
 def _demonstrate(
     cfg: TrainPolicyConfig,
-    venv: VectorEnv,
+    venv: VectorEnv | PairedVectorEnv,
     policy: LearnedPolicy,
     store: RunStore,
     obs: list[Observation],
     scaler: RewardScaler,
 ) -> tuple[Demonstrations, list[Observation], torch.Tensor]:
     """Whole rollouts of the teacher (one fresh teacher per episode) in `venv`, recorded to
-    `store`; folds their features into the policy's normalisers. Returns the demonstrations,
-    and the observations and done flags for PPO to continue from."""
+    `store`; folds their features into the policy's normalisers. Returns the demonstrations
+    (raw features), and the observations and done flags for PPO to continue from."""
     teacher = cfg.imitation.teacher
     assert teacher is not None
 
@@ -262,9 +308,9 @@ def _demonstrate(
     policy.global_norm.update(g_all)
     policy.slot_norm.update(s_all)
     n = T * cfg.num_envs
-    demos = Demonstrations(
-        policy.global_norm(g_all.reshape(n, -1)),
-        policy.slot_norm(s_all.reshape(n, *s_all.shape[2:])),
+    demos = Demonstrations(  # raw features: `_normalised` at each use, as the policy sees them
+        g_all.reshape(n, -1),
+        s_all.reshape(n, *s_all.shape[2:]),
         torch.stack(actions).reshape(n, -1),
         {h: torch.stack([m[h] for m in masks]).reshape(n, -1) for h in masks[0]},
         returns.reshape(n),
@@ -274,26 +320,43 @@ def _demonstrate(
 
 def _warm_start(
     cfg: TrainPolicyConfig,
-    venv: VectorEnv,
+    venv: VectorEnv | PairedVectorEnv,
     policy: LearnedPolicy,
     out: Path,
     obs: list[Observation],
     scaler: RewardScaler,
-) -> tuple[dict[str, Any], list[Observation], torch.Tensor]:
+) -> tuple[dict[str, Any], list[Observation], torch.Tensor, Demonstrations]:
     """Demonstrations (recorded in `out/demos`), then behaviour cloning. The cloned policy is
     also saved alone as `out/warm_start.safetensors` (to evaluate what PPO added), with its
-    statistics (returned as well) in `warm_start.json`."""
+    statistics (returned as well) in `warm_start.json`. Returns the demonstrations too (raw
+    features), to measure the policy's agreement with the teacher as PPO moves it."""
     manifest = build_manifest(config_to_dict(cfg), {"seed": cfg.seed}, str(venv.device))
     out.mkdir(parents=True, exist_ok=True)
     with RunStore.create(out / "demos", manifest) as store:
         demos, obs, next_done = _demonstrate(cfg, venv, policy, store, obs, scaler)
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.imitation.lr, eps=1e-5)
     generator = torch.Generator().manual_seed(cfg.seed)
-    stats = imitation_update(policy.net, optimizer, demos, cfg.imitation, generator)
+    normalised = _normalised(policy, demos)
+    stats = imitation_update(policy.net, optimizer, normalised, cfg.imitation, generator)
     policy.save(out / "warm_start.safetensors")
     summary = {**stats.__dict__, "decisions": int(demos.actions.shape[0])}
     (out / "warm_start.json").write_text(json.dumps(summary, indent=1))
-    return summary, obs, next_done
+    return summary, obs, next_done, demos
+
+
+def _normalised(policy: LearnedPolicy, demos: Demonstrations) -> Demonstrations:
+    """The demonstrations' raw features through the policy's normalisers as they are now."""
+    return demos._replace(g=policy.global_norm(demos.g), s=policy.slot_norm(demos.s))
+
+
+def _anchor(cfg: TrainPolicyConfig, out: Path, update: int) -> Anchor | None:
+    """The frozen clone (`out/warm_start.safetensors`) and its KL weight at `update`."""
+    coef = cfg.anchor * max(0.0, 1.0 - update / cfg.anchor_updates)
+    if coef <= 0:
+        return None
+    net = LearnedPolicy.load(out / "warm_start.safetensors").net
+    net.requires_grad_(False)
+    return Anchor(net, coef)
 
 
 def _open_store(
@@ -311,7 +374,7 @@ def _open_store(
 
 def _rollout(
     cfg: TrainPolicyConfig,
-    venv: VectorEnv,
+    venv: VectorEnv | PairedVectorEnv,
     policy: LearnedPolicy,
     store: RunStore,
     update: int,
@@ -354,7 +417,6 @@ def train_policy(
     out = Path(cfg.out)
     device = pick_device(cfg.episode.device)
     seed_everything(cfg.seed, device)
-    specs = episode_specs(cfg)
     policy = LearnedPolicy(hidden=cfg.hidden, seed=cfg.seed)
     policy.update_normalizers = True
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=cfg.ppo.lr, eps=1e-5)
@@ -364,19 +426,18 @@ def train_policy(
         if cfg.critic is None
         else CriticBonus(load_critic(cfg.critic), cfg.critic_weight, cfg.num_envs)
     )
-    start = 0
-    if resume:
+    start = used = 0
+    if resume:  # later specs than those already used
         start = _load_training_state(out, policy, optimizer, scaler)
         used = start + (_demo_rollouts(cfg) if cfg.imitation.teacher is not None else 0)
-        for _ in range(used * cfg.num_envs):  # later specs than those already used
-            next(specs)
     monitor = HealthMonitor()
     t0 = time.perf_counter()
-    with VectorEnv(build_episode, cfg.num_envs, specs, device=device, backend=cfg.backend) as venv:
+    with _environments(cfg, device, used * cfg.num_envs) as venv:
         obs = venv.observe()
         next_done = torch.zeros(cfg.num_envs)
+        demos: Demonstrations | None = None  # (not kept across a resume)
         if not resume and cfg.imitation.teacher is not None:
-            clone, obs, next_done = _warm_start(cfg, venv, policy, out, obs, scaler)
+            clone, obs, next_done, demos = _warm_start(cfg, venv, policy, out, obs, scaler)
             _save_training_state(out, policy, optimizer, scaler, 0)
             _log(
                 out,
@@ -390,7 +451,8 @@ def train_policy(
                 raw, finished, obs, next_done = _rollout(
                     cfg, venv, policy, store, update, buf, obs, next_done, scaler, bonus
                 )
-                stats = _ppo_step(cfg, policy, optimizer, buf, obs, next_done, update)
+                anchor = _anchor(cfg, out, update)
+                stats = _ppo_step(cfg, policy, optimizer, buf, obs, next_done, update, anchor)
                 _save_training_state(out, policy, optimizer, scaler, update + 1)
                 info = {
                     "update": update + 1,
@@ -401,9 +463,14 @@ def train_policy(
                     "return_mean": float(raw.sum(0).mean()),
                     "final_metric_mean": sum(finished) / len(finished) if finished else None,
                     "op_distribution": stats.op_distribution,
+                    "anchor_coef": anchor.coef if anchor is not None else 0.0,
+                    "anchor_kl": stats.anchor_kl,
                     "warnings": monitor.check(stats),
                     "minutes": (time.perf_counter() - t0) / 60,
                 }
+                if demos is not None:  # how much of the teacher PPO kept (per head)
+                    kept, _ = agreement(policy.net, _normalised(policy, demos))
+                    info["teacher_agreement"] = kept
                 last = update + 1 == cfg.updates or info["minutes"] > cfg.budget_minutes
                 if cfg.eval_every and ((update + 1) % cfg.eval_every == 0 or last):
                     info.update(_held_out(cfg, policy, out, update + 1))
@@ -421,6 +488,7 @@ def _ppo_step(
     obs: list[Observation],
     next_done: torch.Tensor,
     update: int,
+    anchor: Anchor | None = None,
 ) -> UpdateStats:
     """GAE over the rollout in `buf` (bootstrapped from V of `obs`), then one PPO update."""
     with torch.no_grad():
@@ -429,7 +497,7 @@ def _ppo_step(
         buf.rewards, buf.values, buf.dones, last_value, next_done, cfg.ppo.gamma, cfg.ppo.gae_lambda
     )
     frac = 1.0 - update / cfg.updates if cfg.ppo.anneal_lr else 1.0
-    return ppo_update(policy.net, optimizer, buf, adv, ret, cfg.ppo, lr_frac=frac)
+    return ppo_update(policy.net, optimizer, buf, adv, ret, cfg.ppo, lr_frac=frac, anchor=anchor)
 
 
 def _log(

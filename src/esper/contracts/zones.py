@@ -72,8 +72,8 @@ class NarsetConfig:
     step: float = 0.5
     """η: price change per unit of rent over-utilisation (rent / ceiling − 1)."""
     productivity_weight: float = 0.5
-    """κ: price change per unit of tanh(improvement per unit rent) below the zones' mean (a
-    zone more productive than the others gets cheaper)."""
+    """κ: price change per unit of relative productivity (improvement per unit rent against the
+    zones' mean, in [−1, 1]: a zone more productive than the others gets cheaper)."""
     max_price: float = 10.0
     """λ is kept in [0, max_price]."""
     spike_penalty: float = 0.5

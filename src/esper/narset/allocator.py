@@ -6,9 +6,10 @@ uncertainty) — never the topology, the seed inventory or a slot's stage. Per z
 configured budgets B_z and price λ_z (a Lagrange multiplier of its rent ceiling)::
 
     u_z  = rent per tick / rent ceiling                  (utilisation; > 1 is overspend)
-    g_z  = tanh(improvement per unit rent)                (productivity, squashed to (−1, 1))
-    ḡ    = mean of g over the zones that paid rent in the window
-    λ_z ← clip(λ_z + η·(u_z − 1) − κ·(g_z − ḡ), 0, λ_max)  (overspend raises it; productivity
+    p_z  = improvement per unit rent                      (productivity)
+    r_z  = clip((p_z − p̄) / mean|p|, −1, 1)                (relative to the zones that paid rent
+                                                            in the window; 0 for the others)
+    λ_z ← clip(λ_z + η·(u_z − 1) − κ·r_z, 0, λ_max)        (overspend raises it; productivity
                                                             above the zones' mean lowers it,
                                                             below it raises it)
 
@@ -47,23 +48,20 @@ class Narset:
         self.base = {z.name: z for z in zones}
         self.prices = dict.fromkeys(self.base, 0.0)
 
-    def price(self, t: ZoneTelemetry, mean_productivity: float = 0.0) -> float:
-        """λ after one dual step on telemetry `t`; `mean_productivity`: ḡ over the zones that
-        paid rent this window."""
+    def price(self, t: ZoneTelemetry, relative: float = 0.0) -> float:
+        """λ after one dual step on telemetry `t`; `relative`: the zone's productivity relative
+        to the zones' (`relative_productivity`), 0 when it paid no rent."""
         cfg, base = self.cfg, self.base[t.zone]
         u = t.rent_utilisation if base.rent_ceiling > 0 else 0.0
-        lam = self.prices[t.zone] + cfg.step * (u - 1.0)
-        if t.rent > 0:  # a zone that spent nothing has no productivity to judge yet
-            lam -= cfg.productivity_weight * (math.tanh(t.improvement_per_rent) - mean_productivity)
+        lam = self.prices[t.zone] + cfg.step * (u - 1.0) - cfg.productivity_weight * relative
         return min(cfg.max_price, max(0.0, lam))
 
     def update(self, telemetry: Sequence[ZoneTelemetry]) -> dict[str, ZoneBudgets]:
         """New prices and each zone's budgets for the next window."""
         cfg, risk = self.cfg, {}
-        spent = [math.tanh(t.improvement_per_rent) for t in telemetry if t.rent > 0]
-        mean = math.fsum(spent) / len(spent) if spent else 0.0
+        relative = relative_productivity(telemetry)
         for t in telemetry:
-            self.prices[t.zone] = self.price(t, mean)
+            self.prices[t.zone] = self.price(t, relative.get(t.zone, 0.0))
             trouble = t.loss_spikes + t.nonfinite_grads + t.boundary_breaches
             b = self.base[t.zone]
             risk[t.zone] = (
@@ -87,3 +85,18 @@ class Narset:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prices = {k: float(v) for k, v in state["prices"].items()}
+
+
+def relative_productivity(telemetry: Sequence[ZoneTelemetry]) -> dict[str, float]:
+    """r_z = clip((p_z − p̄) / mean|p|, −1, 1) over the zones that paid rent in the window, p
+    their improvement per unit rent: how much better (or worse) a zone's growth pays than the
+    zones' average, scale-free (improvement per rent runs from ~0.1 to ~100 with the task and
+    the rent weight, so no fixed squashing fits). Zones that paid no rent are absent."""
+    spent = {t.zone: t.improvement_per_rent for t in telemetry if t.rent > 0}
+    if not spent:
+        return {}
+    mean = math.fsum(spent.values()) / len(spent)
+    scale = math.fsum(abs(v) for v in spent.values()) / len(spent)
+    if scale == 0:
+        return dict.fromkeys(spent, 0.0)
+    return {z: min(1.0, max(-1.0, (v - mean) / scale)) for z, v in spent.items()}

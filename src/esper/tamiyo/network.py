@@ -68,6 +68,8 @@ class EvalOut(NamedTuple):
     """(N, 8) bool."""
     value: torch.Tensor
     """(N,)"""
+    logp: dict[str, torch.Tensor] | None = None
+    """head -> (N, n) log-distribution of each head under the row's op and slot."""
 
 
 def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
@@ -210,6 +212,7 @@ class TamiyoNet(nn.Module):
             torch.where(relevant, entropy, zero),
             relevant,
             value,
+            logp,
         )
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from esper.contracts import HEADS, TAMIYO_OPS
 from esper.tamiyo.features import GLOBAL_DIM, SLOT_DIM, RunningNormalizer
 from esper.tamiyo.masks import HEAD_SIZES_FIXED
-from esper.tamiyo.network import HEAD_INDEX, ActOut, TamiyoNet
+from esper.tamiyo.network import HEAD_INDEX, ActOut, EvalOut, TamiyoNet
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,8 @@ class UpdateStats:
     minibatches: int
     early_stopped: bool
     lr: float
+    anchor_kl: float = 0.0
+    """Mean KL(anchor ‖ policy) over the minibatches run (0 without an anchor)."""
 
 
 @dataclass
@@ -263,6 +265,26 @@ class _Log:
     ratio: list[torch.Tensor] = field(default_factory=list)
     entropy_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(len(HEADS)))
     relevant_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(len(HEADS)))
+    anchor_kl: list[torch.Tensor] = field(default_factory=list)
+
+
+class Anchor(NamedTuple):
+    """Keep what the clone knows while PPO improves on it (issue 15): a frozen reference
+    network (the warm start) and the weight of KL(reference ‖ policy) in this update's loss."""
+
+    net: TamiyoNet
+    coef: float
+
+
+def anchor_kl(
+    reference: dict[str, torch.Tensor], new: dict[str, torch.Tensor], relevant: torch.Tensor
+) -> torch.Tensor:
+    """(N,) KL(reference ‖ new) of the factored policy, per row: Σ over the heads relevant to the
+    row's op of each head's KL, the slot and knob heads conditioned on the row's op and slot
+    (the chain rule, its expectation over op and slot taken on the rollout's actions). Masked
+    entries carry probability 0 in both and add nothing."""
+    kls = torch.stack([(reference[h].exp() * (reference[h] - new[h])).sum(-1) for h in HEADS], 1)
+    return torch.where(relevant, kls, torch.zeros((), dtype=kls.dtype)).sum(1)
 
 
 def ppo_update(
@@ -274,9 +296,11 @@ def ppo_update(
     cfg: PPOConfig,
     lr_frac: float = 1.0,
     generator: torch.Generator | None = None,
+    anchor: Anchor | None = None,
 ) -> UpdateStats:
     """One PPO update on a full rollout. `lr_frac` is the fraction of training left (CleanRL:
-    1 − (update − 1) / num_updates); `generator` seeds the minibatch shuffle."""
+    1 − (update − 1) / num_updates); `generator` seeds the minibatch shuffle; `anchor` adds
+    coef × KL(anchor ‖ policy) to the loss."""
     lr = cfg.lr * lr_frac if cfg.anneal_lr else cfg.lr
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -309,6 +333,10 @@ def ppo_update(
             # Each head's mean entropy over the rows where it matters (N, 8) -> (8,).
             head_entropy = new.entropy.sum(0) / new.relevant.sum(0).clamp(min=1)
             loss = pg_loss - cfg.ent_coef * head_entropy.sum() + cfg.vf_coef * v_loss
+            if anchor is not None and anchor.coef > 0:
+                kl = _anchor_loss(anchor, b, mb, new)
+                loss = loss + anchor.coef * kl
+                log.anchor_kl.append(kl.detach())
 
             log.policy_loss.append(pg_loss.detach())
             log.value_loss.append(v_loss.detach())
@@ -328,6 +356,16 @@ def ppo_update(
             break
 
     return _summarise(log, b, b_returns, cfg, early_stopped, lr)
+
+
+def _anchor_loss(anchor: Anchor, b: Batch, mb: torch.Tensor, new: EvalOut) -> torch.Tensor:
+    """Mean over the minibatch of KL(anchor ‖ policy) (`anchor_kl`)."""
+    with torch.no_grad():
+        ref = anchor.net.evaluate(
+            b.g[mb], b.s[mb], b.actions[mb], {h: m[mb] for h, m in b.masks.items()}
+        )
+    assert ref.logp is not None and new.logp is not None
+    return anchor_kl(ref.logp, new.logp, new.relevant).mean()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
@@ -357,6 +395,7 @@ def _summarise(
         minibatches=len(log.ratio),
         early_stopped=early_stopped,
         lr=lr,
+        anchor_kl=float(torch.stack(log.anchor_kl).mean()) if log.anchor_kl else 0.0,
     )
 
 

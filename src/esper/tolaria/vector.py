@@ -74,6 +74,9 @@ class StepResult(Generic[Spec]):
     """Each episode's tick (`Outcome`: metric, reward, ops, rejected, events, ...)."""
     specs: tuple[Spec, ...]
     """The spec of the episode each outcome belongs to (not of its replacement)."""
+    baseline: torch.Tensor | None = None
+    """With `PairedVectorEnv`: (K,) float64, the twins' rewards, already subtracted from
+    `rewards`; None otherwise."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +459,72 @@ class VectorEnv(Generic[Spec]):
         self._envs.close()
 
     def __enter__(self) -> VectorEnv[Spec]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A paired counterfactual baseline: each episode beside its host-alone twin
+# ---------------------------------------------------------------------------------------------
+
+
+class PairedVectorEnv(Generic[Spec]):
+    """K episodes and their K twins in lockstep; the rewards are each episode's minus its twin's.
+
+    A twin is built from the same spec (the same seed, host, data order and initial weights)
+    and takes `twin_action` every tick (WAIT by default: the host alone, the `none` policy), so
+    until the episode's first action the two are the same run, and afterwards their reward
+    difference is what the actions did: what the seed and the host decide (most of an
+    episode's return, and most of its variance across episodes) cancels. The twins' rewards do
+    not depend on the policy's actions, so subtracting them leaves the policy gradient
+    unbiased (a baseline that is a function of the episode's exogenous randomness only). It
+    doubles the environment work (the twins train the host too).
+
+    `main` and `twin` must draw the same spec stream (two iterators of the same seeded
+    generator, e.g. `train_policy.episode_specs` twice); `act` checks that they stay aligned.
+    The interface is `VectorEnv`'s."""
+
+    def __init__(
+        self,
+        main: VectorEnv[Spec],
+        twin: VectorEnv[Spec],
+        twin_action: FactoredAction | None = None,
+    ) -> None:
+        if main.k != twin.k or main.specs != twin.specs:
+            raise ValueError("the twins must hold the same K specs as the main episodes")
+        self.main, self.twin = main, twin
+        self.twin_action = twin_action or FactoredAction()
+        self.k, self.device, self.backend = main.k, main.device, main.backend
+        self._twin_observed = False
+
+    @property
+    def specs(self) -> list[Spec]:
+        return self.main.specs
+
+    def observe(self) -> list[Observation]:
+        self.twin.observe()
+        self._twin_observed = True
+        return self.main.observe()
+
+    def act(
+        self, actions: Sequence[FactoredAction], reasons: Sequence[str] | None = None
+    ) -> StepResult[Spec]:
+        if not self._twin_observed:
+            raise RuntimeError("act before observe")
+        mine = self.main.act(actions, reasons)
+        twins = self.twin.act([self.twin_action] * self.k, ["twin"] * self.k)
+        self._twin_observed = False
+        if mine.specs != twins.specs or not torch.equal(mine.dones, twins.dones):
+            raise RuntimeError("an episode and its twin drifted apart (different spec streams?)")
+        return replace(mine, rewards=mine.rewards - twins.rewards, baseline=twins.rewards)
+
+    def close(self) -> None:
+        self.main.close()
+        self.twin.close()
+
+    def __enter__(self) -> PairedVectorEnv[Spec]:
         return self
 
     def __exit__(self, *exc: object) -> None:
