@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from esper.cli import app
 from esper.config import GrowConfig, HostConfig
+from esper.contracts.zones import ZonesConfig, ZoneSpec
 from esper.recorder import RunStore
 from esper.run import start_run
 from esper.tamiyo.imitation import ImitationConfig
@@ -92,6 +93,22 @@ def test_a_trained_policy_grows_a_host_it_never_saw(
     assert len(run.env.slots) == 2
     assert not [e for e in run.store.events() if e.kind == "rejected_action"]
     assert {d.policy for d in run.store.decisions()} == {"learned"}
+
+
+def test_a_trained_policy_acts_in_each_zone_of_a_deeper_host(
+    trained: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    path, _ = trained  # trained on the 3-slot digits CNN; here one copy per 4-slot zone
+    zones = ZonesConfig(zone=(ZoneSpec("early", blocks=(0, 3)), ZoneSpec("late", blocks=(4, 7))))
+    host = HostConfig(kind="cnn", width=2, depth=8)
+    env = EnvConfig(batches_per_tick=2, eval_samples=256)
+    cfg = GrowConfig(policy=str(path), ticks=3, host=host, env=env, zones=zones)
+    run = start_run(cfg, run_dir=tmp_path / "run")
+    run.run()
+    assert not [e for e in run.store.events() if e.kind == "rejected_action"]
+    decisions = run.store.decisions()
+    assert {d.policy for d in decisions} == {"learned@early", "learned@late"}
+    assert len(decisions) == 2 * 3
 
 
 def test_a_policy_of_another_spec_is_refused(

@@ -703,6 +703,13 @@ def train_policy_cmd(
             f"difference (twice the environment work) (default: {TrainPolicyConfig.baseline})"
         ),
     ] = None,
+    anchor: Annotated[
+        float | None,
+        typer.Option(
+            help="weight of KL(clone ‖ policy) in PPO's loss, annealed to 0 over "
+            f"anchor_updates (default: {TrainPolicyConfig.anchor}, off)"
+        ),
+    ] = None,
     teacher: Annotated[
         str | None,
         typer.Option(
@@ -733,6 +740,7 @@ def train_policy_cmd(
         "critic": critic,
         "critic_weight": critic_weight,
         "baseline": baseline,
+        "anchor": anchor,
         "imitation.episodes": demo_episodes,
     }
     try:

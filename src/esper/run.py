@@ -143,11 +143,11 @@ def slot_layout(cfg: GrowConfig) -> list[str]:
     return sorted(slots_of(build_host(cfg, task_of(cfg))))
 
 
-def load_policy(cfg: GrowConfig) -> Policy:
+def load_policy(cfg: GrowConfig, offset: int = 0) -> Policy:
     """A built-in policy by name, or a trained one from a `.safetensors` file (deployed
     deterministically, the most probable action, unless `cfg.sample_actions`), seeded by the
-    run's seed (`RunSeeds.policy`). A trained policy acts on any host's slots."""
-    seed = RunSeeds(cfg.seed).policy
+    run's seed (`RunSeeds.policy`) + `offset`. A trained policy acts on any host's slots."""
+    seed = RunSeeds(cfg.seed).policy + offset
     if cfg.policy in POLICIES:
         return make_policy(cfg.policy, seed, cfg.heuristic)
     path = SHIPPED_POLICY if cfg.policy == "learned" else Path(cfg.policy)
@@ -178,22 +178,12 @@ class ZonePolicies:
 
 
 def policy_for(cfg: GrowConfig, episode: Episode) -> Policy | ZonePolicies:
-    """The run's policy (`load_policy`), or one per zone when `cfg` has zones (built-in
-    policies only: a learned policy per zone is not wired yet), the i-th zone's seeded with the
+    """The run's policy (`load_policy`), or one per zone when `cfg` has zones — a built-in one
+    or a trained (layout-free) one acting on the zone's view — the i-th zone's seeded with the
     run's policy seed + i."""
     if episode.zones is None:
         return load_policy(cfg)
-    if cfg.policy not in POLICIES:
-        raise ConfigError(
-            f"zones run the built-in policies ({', '.join(POLICIES)}), not {cfg.policy!r}"
-        )
-    seed = RunSeeds(cfg.seed).policy
-    return ZonePolicies(
-        {
-            z: make_policy(cfg.policy, seed + i, cfg.heuristic)
-            for i, z in enumerate(episode.zones.names)
-        }
-    )
+    return ZonePolicies({z: load_policy(cfg, i) for i, z in enumerate(episode.zones.names)})
 
 
 def _cost(model: nn.Module, task: TaskData) -> tuple[int, int]:
