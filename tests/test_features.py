@@ -180,11 +180,15 @@ def test_extremes_are_clamped_and_finite() -> None:
     assert sf(s, 0, "log_grad_ratio") == 4.0 and sf(s, 0, "gate_passed") == 0.0
 
 
-def test_batches_need_one_slot_count() -> None:
-    g, s = featurize_batch([observe([tele("a"), tele("b")])] * 3)
-    assert g.shape == (3, GLOBAL_DIM) and s.shape == (3, 2, SLOT_DIM)
-    with pytest.raises(ValueError, match="different slot counts"):
-        featurize_batch([observe([tele("a")]), observe([tele("a"), tele("b")])])
+def test_batches_of_mixed_hosts_are_padded_to_the_largest() -> None:
+    g, s, valid = featurize_batch([observe([tele("a"), tele("b")])] * 3)
+    assert g.shape == (3, GLOBAL_DIM) and s.shape == (3, 2, SLOT_DIM) and bool(valid.all())
+    small, large = observe([tele("a")]), observe([tele("a"), tele("b"), tele("c")])
+    g, s, valid = featurize_batch([small, large])
+    assert s.shape == (2, 3, SLOT_DIM)
+    assert valid.tolist() == [[True, False, False], [True, True, True]]
+    assert torch.equal(s[0, :1], featurize(small)[1]) and not s[0, 1:].any()  # zero padding
+    assert torch.equal(s[1], featurize(large)[1])
 
 
 # ---------------------------------------------------------------------------------------------

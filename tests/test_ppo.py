@@ -422,8 +422,8 @@ def test_anchor_kl_matches_torch_distributions_head_by_head() -> None:
 def _kl_to(anchor: torch.nn.Module, policy: LearnedPolicy, buffer: RolloutBuffer) -> float:
     b = buffer.flat()
     with torch.no_grad():
-        ref = anchor.evaluate(b.g, b.s, b.actions, b.masks)
-        new = policy.net.evaluate(b.g, b.s, b.actions, b.masks)
+        ref = anchor.evaluate(b.g, b.s, b.actions, b.masks, b.valid)
+        new = policy.net.evaluate(b.g, b.s, b.actions, b.masks, b.valid)
     return float(anchor_kl(ref.logp, new.logp, new.relevant).mean())
 
 

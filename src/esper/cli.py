@@ -726,7 +726,10 @@ def train_policy_cmd(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option(help="TOML config file (TrainPolicyConfig: [episode], [ppo], [imitation])"),
+        typer.Option(
+            help="TOML config file (TrainPolicyConfig: [episode], [ppo], [imitation], "
+            "[[curriculum]])"
+        ),
     ] = None,
 ) -> None:
     """Phase 1: train a growth policy with PPO over vectorised environments."""

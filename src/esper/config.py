@@ -36,7 +36,7 @@ class HostConfig:
     """The reference host built for a built-in task."""
 
     kind: str = "auto"
-    """cnn, mlp or transformer; auto: cnn for images, transformer for text."""
+    """cnn, mlp or transformer; auto: cnn for images, transformer for text, mlp for vectors."""
     width: int = 2
     """Channels of the CNN (2 is the impaired host), hidden width of the MLP, d_model of the
     transformer (auto-raised to 64 for text when left at 2)."""
@@ -78,7 +78,8 @@ class GrowConfig:
     """Everything one growth run needs."""
 
     task: str = "digits"
-    """digits, text or cifar10."""
+    """digits, text, cifar10, or a vector task: breast_cancer, wine, iris, synthetic-easy,
+    synthetic-hard (`esper.tolaria.data`)."""
     policy: str = "heuristic"
     """heuristic, random, none, learned (the shipped PPO policy), or a trained policy file."""
     decay: str = "none"

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from esper.config import GrowConfig, config_from_dict, config_to_dict
-from esper.contracts import Observation, obs_vector, slot_state
+from esper.contracts import Observation, Topology, obs_vector, slot_state
 from esper.contracts.errors import ConfigError
 from esper.emrakul import make_emrakul
 from esper.kasmina import (
@@ -67,7 +67,8 @@ SHIPPED_POLICY = Path(__file__).parent / "tamiyo" / "trained" / "digits.safetens
 def build_host(cfg: GrowConfig, task: TaskData) -> nn.Module:
     h, kind = cfg.host, cfg.host.kind
     if kind == "auto":
-        kind = "transformer" if task.name == "text" else "cnn"
+        vector = task.topology is Topology.VEC
+        kind = "transformer" if task.name == "text" else "mlp" if vector else "cnn"
     slot_kw = {"lifecycle": cfg.lifecycle}
     if kind == "cnn":
         c, size = task.input_shape[0], task.input_shape[-1]

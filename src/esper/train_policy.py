@@ -8,11 +8,15 @@ from there. `imitation.teacher = None` starts PPO from a random initialisation i
 
 Each episode is an `esper grow` run (`cfg.episode`, built by `esper.run.build_episode`) whose
 seed (below 1000: held-out seeds are never drawn) and host width (from `widths`) are drawn, so
-the policy sees variety. Every decision and event of every episode goes to the flight recorder of
-the training run; the policy is checkpointed (weights-only, with its normalisers) after every
-update, together with the optimizer, so training resumes at an update boundary (episodes restart
-from fresh specs on resume). The periodic held-out evaluation is `esper evaluate`'s
-(`run_held_out`).
+the policy sees variety. With a `curriculum` (`esper.curriculum`; examples/curriculum.toml) each
+episode first draws a family — a task and a host of several widths and depths: the digits CNN,
+MLPs on vector tasks, the char transformer — so the K environments step hosts of different
+sizes in lockstep; the policy reads them in one padded batch (`featurize_batch`), and the rollout
+buffer pads to the largest slot count seen. Every decision and event of every episode goes to
+the flight recorder of the training run (an `episode` event says what each episode is); the
+policy is checkpointed (weights-only, with its normalisers) after every update, together with
+the optimizer, so training resumes at an update boundary (episodes restart from fresh specs on
+resume). The periodic held-out evaluation is `esper evaluate`'s (`run_held_out`).
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from esper.config import GrowConfig, config_to_dict
-from esper.contracts import Observation, Op
+from esper.contracts import HEADS, Observation, Op
 from esper.contracts.errors import ConfigError
+from esper.curriculum import Family, check_curriculum, draw_family, mean_ticks
 from esper.evaluate import FIRST_HELD_OUT, Contender, held_out_seeds, run_held_out
 from esper.kasmina import save_tensors
 from esper.recorder import RunStore, build_manifest
 from esper.run import build_episode, load_policy, record_tick
 from esper.simic import Critic, load_critic
-from esper.tamiyo.features import featurize_batch
+from esper.tamiyo.features import featurize_batch, stack_padded
 from esper.tamiyo.imitation import (
     Demonstrations,
     ImitationConfig,
@@ -75,7 +80,13 @@ class TrainPolicyConfig:
     per tick (the default env): shorter ticks end episodes before the width-2 host plateaus, and
     growth cannot pay before then (bench/RESULTS.md)."""
     widths: tuple[int, ...] = (2, 3, 4)
-    """Host widths episodes draw from (the impaired CNN and two slightly wider ones)."""
+    """Host widths episodes draw from (the impaired CNN and two slightly wider ones); unused
+    with a curriculum (each family has its own)."""
+    curriculum: tuple[Family, ...] = ()
+    """Families of episodes (`[[curriculum]]` tables: task, host, widths, depths, ticks, env,
+    weight) drawn per episode in proportion to their weights; each is `episode` with the
+    family's settings (`Family.episode`). Empty: every episode is `episode` on a width from
+    `widths`. The held-out evaluation (`eval_every`) stays on `episode`."""
     num_envs: int = 8
     """K episodes stepped in lockstep."""
     num_steps: int = 40
@@ -143,6 +154,7 @@ class TrainPolicyConfig:
             raise ConfigError(
                 f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}"
             )
+        check_curriculum(self.curriculum)
         if self.backend not in VECTOR_BACKENDS:
             raise ConfigError(
                 f"backend must be one of {', '.join(VECTOR_BACKENDS)}, got {self.backend!r}"
@@ -176,9 +188,14 @@ def _environments(
 
 def episode_specs(cfg: TrainPolicyConfig) -> Iterator[GrowConfig]:
     """The endless, reproducible stream of training episodes: `cfg.episode` with a seed drawn
-    uniformly below FIRST_HELD_OUT and a host width drawn from `cfg.widths`."""
+    uniformly below FIRST_HELD_OUT and a host width drawn from `cfg.widths`; with a curriculum,
+    a family drawn by weight, then the seed, then the family's width and depth."""
     rng = random.Random(cfg.seed)
     while True:
+        if cfg.curriculum:
+            family = draw_family(cfg.curriculum, rng)
+            yield family.episode(cfg.episode, rng.randrange(FIRST_HELD_OUT), rng)
+            continue
         seed, width = rng.randrange(FIRST_HELD_OUT), rng.choice(cfg.widths)
         yield replace(cfg.episode, seed=seed, host=replace(cfg.episode.host, width=width))
 
@@ -192,11 +209,19 @@ def _record(
     policy: str = "learned",
 ) -> None:
     """One tick of every environment: the decisions and events (env = position), the mean
-    reward as the tick's metric."""
+    reward as the tick's metric; an `episode` event where an episode starts (what it is)."""
     with store.tick(tick) as tx:
         tx.metrics({"reward_mean": float(result.rewards.mean())})
         for i, (o, d, outcome) in enumerate(zip(obs, decisions, result.outcomes, strict=True)):
+            if o.tick == 0:
+                tx.event("episode", _episode_payload(result.specs[i]), env=i)
             record_tick(tx, i, policy, d, o, outcome)
+
+
+def _episode_payload(spec: GrowConfig) -> dict[str, Any]:
+    h = spec.host
+    host = {"kind": h.kind, "width": h.width, "depth": h.depth}
+    return {"task": spec.task, "host": host, "seed": spec.seed, "ticks": spec.ticks}
 
 
 class CriticBonus:
@@ -253,7 +278,7 @@ def _held_out(cfg: TrainPolicyConfig, policy: LearnedPolicy, out: Path, update: 
 
 def _demo_rollouts(cfg: TrainPolicyConfig) -> int:
     """Whole rollouts (num_steps × num_envs ticks) that hold `imitation.episodes` episodes."""
-    ticks = cfg.imitation.episodes * cfg.episode.ticks
+    ticks = cfg.imitation.episodes * mean_ticks(cfg.curriculum, cfg.episode)
     return math.ceil(ticks / (cfg.num_envs * cfg.num_steps))
 
 
@@ -275,18 +300,19 @@ def _demonstrate(
         return load_policy(replace(spec, policy=teacher))
 
     teachers = [fresh(spec) for spec in venv.specs]
-    gs, ss, actions, masks = [], [], [], []
+    gs, ss, valids, actions, masks = [], [], [], [], []
     T = _demo_rollouts(cfg) * cfg.num_steps
     rewards, dones = torch.zeros(T, cfg.num_envs), torch.zeros(T, cfg.num_envs)
     next_done = torch.zeros(cfg.num_envs)
     for t in range(T):
-        g, s = featurize_batch(obs)
+        g, s, valid = featurize_batch(obs)
         decisions = [p.act(o) for p, o in zip(teachers, obs, strict=True)]
         result = venv.act([d.action for d in decisions], [d.reason for d in decisions])
         gs.append(g)
         ss.append(s)
+        valids.append(valid)
         actions.append(action_indices([d.action for d in decisions]))
-        masks.append({h: torch.tensor([d.mask[h] for d in decisions]) for h in decisions[0].mask})
+        masks.append({h: _mask_rows([d.mask[h] for d in decisions]) for h in HEADS})
         _record(store, t, obs, decisions, result, policy=teacher)
         dones[t] = next_done
         raw = result.rewards.float()
@@ -304,18 +330,26 @@ def _demonstrate(
     _, returns = compute_gae(
         rewards, torch.zeros_like(rewards), dones, zeros, next_done, cfg.ppo.gamma, 1.0
     )
-    g_all, s_all = torch.stack(gs), torch.stack(ss)  # (T, K, G), (T, K, S, F)
+    # (T, K, G), (T, K, S, F), (T, K, S): slots padded to the largest host of the demonstrations
+    g_all, s_all, valid_all = torch.stack(gs), stack_padded(ss), stack_padded(valids)
     policy.global_norm.update(g_all)
-    policy.slot_norm.update(s_all)
+    policy.slot_norm.update(s_all[valid_all])
     n = T * cfg.num_envs
     demos = Demonstrations(  # raw features: `_normalised` at each use, as the policy sees them
         g_all.reshape(n, -1),
         s_all.reshape(n, *s_all.shape[2:]),
         torch.stack(actions).reshape(n, -1),
-        {h: torch.stack([m[h] for m in masks]).reshape(n, -1) for h in masks[0]},
+        {h: stack_padded([m[h] for m in masks]).reshape(n, -1) for h in HEADS},
         returns.reshape(n),
+        valid_all.reshape(n, -1),
     )
     return demos, obs, next_done
+
+
+def _mask_rows(rows: list[list[bool]]) -> torch.Tensor:
+    """(K, n) bool, shorter rows (the slot masks of smaller hosts) padded with False."""
+    n = max(len(r) for r in rows)
+    return torch.tensor([r + [False] * (n - len(r)) for r in rows], dtype=torch.bool)
 
 
 def _warm_start(
@@ -345,8 +379,12 @@ def _warm_start(
 
 
 def _normalised(policy: LearnedPolicy, demos: Demonstrations) -> Demonstrations:
-    """The demonstrations' raw features through the policy's normalisers as they are now."""
-    return demos._replace(g=policy.global_norm(demos.g), s=policy.slot_norm(demos.s))
+    """The demonstrations' raw features through the policy's normalisers as they are now (the
+    padding slots kept at zero)."""
+    s = policy.slot_norm(demos.s)
+    if demos.valid is not None:
+        s = torch.where(demos.valid.unsqueeze(-1), s, torch.zeros(()))
+    return demos._replace(g=policy.global_norm(demos.g), s=s)
 
 
 def _anchor(cfg: TrainPolicyConfig, out: Path, update: int) -> Anchor | None:
@@ -447,7 +485,7 @@ def train_policy(
             )
         with _open_store(cfg, out, start if resume else None, device) as store:
             for update in range(start, cfg.updates):
-                buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, len(obs[0].slots))
+                buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, max(len(o.slots) for o in obs))
                 raw, finished, obs, next_done = _rollout(
                     cfg, venv, policy, store, update, buf, obs, next_done, scaler, bonus
                 )

@@ -1,10 +1,13 @@
 """What the learned policy reads of an `Observation`: a global vector and one vector per slot.
 
     featurize(obs) -> g (GLOBAL_DIM,), s (S, SLOT_DIM)
+    featurize_batch(observations) -> g (B, GLOBAL_DIM), s (B, S_max, SLOT_DIM), valid (B, S_max)
 
 Layout-free: a slot is described by what it is (topology, channels, depth in the host, stage,
 α, gradient health, contribution, rent), never by its name or its index, and the host by its
 size; so one policy reads any host, with any number of slots (`TamiyoNet` treats them as a set).
+A batch may mix hosts: `featurize_batch` pads it to its largest slot count and says which slots
+are real (`FeatureBatch.valid`).
 
 Every feature is a bounded or log-scaled number; `RunningNormalizer` then whitens each column
 with running statistics that are saved with the policy. Changing any feature here changes the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -157,17 +161,43 @@ def featurize(obs: Observation) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def featurize_batch(observations: Sequence[Observation]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, GLOBAL_DIM) and (B, S, SLOT_DIM); a batch's observations have one slot count (a
-    policy acts on any count, one count per forward pass)."""
-    counts = {len(o.slots) for o in observations}
-    if len(counts) != 1:
-        raise ValueError(
-            f"observations have different slot counts {sorted(counts)}; "
-            "a batch needs one slot count"
-        )
+class FeatureBatch(NamedTuple):
+    """A batch of observations featurised, padded to its largest slot count."""
+
+    g: torch.Tensor
+    """(B, GLOBAL_DIM)"""
+    s: torch.Tensor
+    """(B, S, SLOT_DIM), S the batch's largest slot count; rows past an observation's own slots
+    are zeros."""
+    valid: torch.Tensor
+    """(B, S) bool: True for an observation's own slots (a prefix of each row), False for
+    padding, which `TamiyoNet` leaves out of its pooling and never picks."""
+
+
+def featurize_batch(observations: Sequence[Observation]) -> FeatureBatch:
+    """Every observation featurised; hosts with fewer slots are padded to the batch's largest
+    slot count (a curriculum steps hosts of different sizes in lockstep)."""
     pairs = [featurize(o) for o in observations]
-    return torch.stack([g for g, _ in pairs]), torch.stack([s for _, s in pairs])
+    counts = torch.tensor([s.shape[0] for _, s in pairs])
+    n = int(counts.max())
+    s = torch.stack([pad_slots(s[None], n)[0] for _, s in pairs])
+    valid = torch.arange(n) < counts[:, None]  # (B, S)
+    return FeatureBatch(torch.stack([g for g, _ in pairs]), s, valid)
+
+
+def pad_slots(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`x` (B, S, ...) padded along the slot dimension to n >= S with zeros (False for bool)."""
+    if x.shape[1] == n:
+        return x
+    out = x.new_zeros((x.shape[0], n, *x.shape[2:]))
+    out[:, : x.shape[1]] = x
+    return out
+
+
+def stack_padded(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, S_i, ...) tensors stacked to (len, B, max S_i, ...), each padded by `pad_slots`."""
+    n = max(x.shape[1] for x in xs)
+    return torch.stack([pad_slots(x, n) for x in xs])
 
 
 # ---------------------------------------------------------------------------------------------

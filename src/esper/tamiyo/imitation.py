@@ -72,6 +72,9 @@ class Demonstrations(NamedTuple):
     """head -> (N, n) bool, the masks under the teacher's op and slot."""
     returns: torch.Tensor
     """(N,) the (scaled) discounted return from this decision on."""
+    valid: torch.Tensor | None = None
+    """(N, S) bool: each row's real slots, where hosts of different sizes were padded to S
+    (None: every slot is real)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ def imitation_update(
                 demos.s[mb],
                 demos.actions[mb],
                 {h: m[mb] for h, m in demos.masks.items()},
+                None if demos.valid is None else demos.valid[mb],
             )
             mb_nll = -out.logprob.mean()
             mb_v = 0.5 * (out.value - demos.returns[mb]).square().mean()
@@ -127,7 +131,7 @@ def imitation_update(
 def agreement(net: TamiyoNet, demos: Demonstrations) -> tuple[dict[str, float], dict[str, float]]:
     """How often the policy's most probable choice is the teacher's: per head (where relevant,
     each head conditioned on the teacher's earlier choices) and, for the op head, per op."""
-    ctx, slots, _ = net.encode(demos.g, demos.s)
+    ctx, slots, _ = net.encode(demos.g, demos.s, demos.valid)
     op, slot = demos.actions[:, HEAD_INDEX["op"]], demos.actions[:, HEAD_INDEX["slot"]]
     logits = {
         "op": net.op_head(ctx),

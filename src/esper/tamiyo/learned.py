@@ -4,7 +4,8 @@ A policy is layout-free: it reads each slot by what it is (`tamiyo.features`) an
 slots as a set (`TamiyoNet`), so one policy acts on any host with SeedSlots — the built-in
 hosts, or a user's module with any number of slots of mixed topologies. A policy file stores no
 slot layout, only the specs it was trained with (observation, blueprint library, ops); `load`
-refuses a file made for other specs. One forward pass acts on observations with one slot count.
+refuses a file made for other specs. One forward pass acts on observations of any hosts: a
+batch is padded to its largest slot count, and the padding is never read or picked.
 
 File format (safetensors): `net.*` the network's parameters, `norm.global.*` and `norm.slot.*`
 the running normaliser statistics; the header's metadata holds the specs as JSON strings.
@@ -40,6 +41,7 @@ from esper.tamiyo.features import (
     GLOBAL_DIM,
     OBS_SPEC,
     SLOT_DIM,
+    FeatureBatch,
     RunningNormalizer,
     featurize_batch,
 )
@@ -63,7 +65,7 @@ class PolicyStep(NamedTuple):
     g: torch.Tensor
     """(B, GLOBAL_DIM) normalised."""
     s: torch.Tensor
-    """(B, S, SLOT_DIM) normalised."""
+    """(B, S, SLOT_DIM) normalised, padded to the batch's largest slot count (`out.valid`)."""
     out: ActOut
 
 
@@ -88,39 +90,50 @@ class LearnedPolicy:
         return self.step([obs]).decisions[0]
 
     def act_batch(self, observations: Sequence[Observation]) -> list[Decision]:
-        """One forward pass for all (observations with one slot count)."""
+        """One forward pass for all (hosts of any sizes)."""
         return self.step(observations).decisions
 
     def step(self, observations: Sequence[Observation]) -> PolicyStep:
         """Act on every observation in one forward pass; also return what a rollout stores."""
-        g, s = self.features(observations, update=self.update_normalizers)
+        g, s, valid = self.batch(observations, update=self.update_normalizers)
 
         def mask_fn(b: int, op: Op | None = None, slot: int | None = None) -> dict[str, list[bool]]:
             # As the engine records a WAIT: no slot, so the blueprint head is unconstrained.
             return action_masks(observations[b], op, None if op is Op.WAIT else slot)
 
-        out = self.net.act(g, s, mask_fn, self.generator, self.deterministic)
+        out = self.net.act(g, s, mask_fn, self.generator, self.deterministic, valid)
         decisions = [self._decision(out, b) for b in range(len(observations))]
         return PolicyStep(decisions, g, s, out)
 
     @torch.no_grad()
     def value(self, observations: Sequence[Observation]) -> torch.Tensor:
         """(B,) V(s), without sampling or touching the normalisers (GAE's bootstrap value)."""
-        g, s = self.features(observations, update=False)
-        return self.net.encode(g, s)[2]
+        return self.net.encode(*self.batch(observations, update=False))[2]
 
     def features(
         self, observations: Sequence[Observation], update: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised (B, GLOBAL_DIM), (B, S, SLOT_DIM); `update` folds them into the stats."""
-        g, s = featurize_batch(observations)
+        """Normalised (B, GLOBAL_DIM), (B, S, SLOT_DIM) of observations with one slot count;
+        `update` folds them into the stats. `batch` takes hosts of mixed sizes."""
+        g, s, valid = self.batch(observations, update)
+        if not bool(valid.all()):
+            raise ValueError("observations have different slot counts; use `batch`")
+        return g, s
+
+    def batch(self, observations: Sequence[Observation], update: bool = False) -> FeatureBatch:
+        """`featurize_batch`, normalised (padded slots stay zero and stay out of the slot
+        statistics); `update` folds the real rows into the stats first."""
+        g, s, valid = featurize_batch(observations)
         if update:
             self.global_norm.update(g)
-            self.slot_norm.update(s)
-        return self.global_norm(g), self.slot_norm(s)
+            self.slot_norm.update(s[valid])
+        s = torch.where(valid.unsqueeze(-1), self.slot_norm(s), torch.zeros(()))
+        return FeatureBatch(self.global_norm(g), s, valid)
 
     def _decision(self, out: ActOut, b: int) -> Decision:
         i = dict(zip(HEADS, out.actions[b].tolist(), strict=True))
+        n = int(out.valid[b].sum())  # the row's own slots (padding follows them)
+        own = {h: slice(None) if h != "slot" else slice(n) for h in HEADS}
         action = FactoredAction(
             op=TAMIYO_OPS[i["op"]],
             slot=i["slot"],
@@ -134,8 +147,8 @@ class LearnedPolicy:
         how = "argmax" if self.deterministic else "sampled"
         return Decision(
             action,
-            mask={h: out.masks[h][b].tolist() for h in HEADS},
-            probs={h: out.probs[h][b].tolist() for h in HEADS},
+            mask={h: out.masks[h][b, own[h]].tolist() for h in HEADS},
+            probs={h: out.probs[h][b, own[h]].tolist() for h in HEADS},
             entropy={h: float(out.entropy[b, k]) for k, h in enumerate(HEADS)},
             value=float(out.value[b]),
             reason=f"{how}, p = {float(out.logprob[b].exp()):.3f}",

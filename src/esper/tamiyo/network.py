@@ -12,6 +12,10 @@ context invariant to slot order, and the slot head scores each slot from its own
 the shared context, so the slot scores are permutation-equivariant (permute the slots, the scores
 permute the same way) and any number of slots can be scored by the same weights.
 
+Hosts of different sizes share a batch padded to its largest slot count (`valid` (B, S), from
+`featurize_batch`): padded slots are left out of the pooling and their slot logits are masked
+like illegal slots, so a row's log-probabilities and value are those it has alone.
+
 Heads are sampled in the order op → slot → the rest, each under the mask that
 `tamiyo.masks.action_masks` gives for the choices so far. Illegal actions get a logit of −1e9
 and therefore probability exactly 0: there is no probability floor anywhere.
@@ -57,6 +61,8 @@ class ActOut(NamedTuple):
     """(B,) V(s)."""
     probs: dict[str, torch.Tensor]
     """head -> (B, n) the distribution each head was sampled from."""
+    valid: torch.Tensor
+    """(B, S) bool: the real slots of each row (False: padding); store it for `evaluate`."""
 
 
 class EvalOut(NamedTuple):
@@ -126,11 +132,12 @@ class TamiyoNet(nn.Module):
 
     # -- the shared encoder and the three conditional stages --------------------------------------
     def encode(
-        self, g: torch.Tensor, s: torch.Tensor
+        self, g: torch.Tensor, s: torch.Tensor, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> context (B, H), slot embeddings (B, S, H), value (B,)."""
+        """-> context (B, H), slot embeddings (B, S, H), value (B,); `valid` (B, S) marks the
+        real slots (None: all)."""
         slots = self.slot_encoder(s)
-        pooled = torch.cat([slots.mean(1), slots.amax(1)], dim=-1)  # (B, 2H), order-invariant
+        pooled = pool_slots(slots, valid)  # (B, 2H), order-invariant
         ctx = self.context(torch.cat([self.global_encoder(g), pooled], dim=-1))
         return ctx, slots, self.value_head(ctx).squeeze(-1)
 
@@ -160,9 +167,11 @@ class TamiyoNet(nn.Module):
         mask_fn: MaskFn,
         generator: torch.Generator | None = None,
         deterministic: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> ActOut:
-        rows = range(g.shape[0])
-        ctx, slots, value = self.encode(g, s)
+        rows, n_slots = range(g.shape[0]), s.shape[1]
+        valid = torch.ones(s.shape[:2], dtype=torch.bool) if valid is None else valid
+        ctx, slots, value = self.encode(g, s, valid)
         masks, logp, chosen = {}, {}, {}
 
         masks["op"] = _as_mask([mask_fn(b)["op"] for b in rows])
@@ -170,7 +179,8 @@ class TamiyoNet(nn.Module):
         chosen["op"] = pick(logp["op"], generator, deterministic)
         ops = [TAMIYO_OPS[i] for i in chosen["op"].tolist()]
 
-        masks["slot"] = _as_mask([mask_fn(b, ops[b])["slot"] for b in rows])
+        # mask_fn knows each row's own slots: the padding is masked like an illegal slot
+        masks["slot"] = _as_mask([mask_fn(b, ops[b])["slot"] for b in rows], n_slots)
         logp["slot"] = masked_log_softmax(self.slot_logits(ctx, slots, chosen["op"]), masks["slot"])
         chosen["slot"] = pick(logp["slot"], generator, deterministic)
 
@@ -186,7 +196,7 @@ class TamiyoNet(nn.Module):
         masks = {h: masks[h] for h in HEADS}
         probs = {h: logp[h].exp() for h in HEADS}
         summed = torch.where(relevant, logprob, torch.zeros(())).sum(1)
-        return ActOut(actions, masks, summed, entropy, relevant, value, probs)
+        return ActOut(actions, masks, summed, entropy, relevant, value, probs, valid)
 
     # -- learning: the same distributions, recomputed under the stored masks ---------------------
     def evaluate(
@@ -195,8 +205,9 @@ class TamiyoNet(nn.Module):
         s: torch.Tensor,
         actions: torch.Tensor,
         masks: dict[str, torch.Tensor],
+        valid: torch.Tensor | None = None,
     ) -> EvalOut:
-        ctx, slots, value = self.encode(g, s)
+        ctx, slots, value = self.encode(g, s, valid)
         op, slot = actions[:, HEAD_INDEX["op"]], actions[:, HEAD_INDEX["slot"]]
         logp = {
             "op": masked_log_softmax(self.op_head(ctx), masks["op"]),
@@ -216,7 +227,21 @@ class TamiyoNet(nn.Module):
         )
 
 
-def _as_mask(rows: list[list[bool]]) -> torch.Tensor:
+def pool_slots(slots: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, S, H) -> (B, 2H): mean and max over each row's real slots (`valid`; None: all)."""
+    if valid is None or bool(valid.all()):
+        return torch.cat([slots.mean(1), slots.amax(1)], dim=-1)
+    w = valid.unsqueeze(-1)  # (B, S, 1)
+    mean = (slots * w).sum(1) / w.sum(1).clamp(min=1)
+    top = slots.masked_fill(~w, float("-inf")).amax(1)
+    top = torch.where(w.any(1), top, torch.zeros(()))  # a row without slots: 0, not −inf
+    return torch.cat([mean, top], dim=-1)
+
+
+def _as_mask(rows: list[list[bool]], width: int | None = None) -> torch.Tensor:
+    """Rows of booleans; with `width`, each padded with False to it (slots a row lacks)."""
+    if width is not None:
+        rows = [r + [False] * (width - len(r)) for r in rows]
     return torch.tensor(rows, dtype=torch.bool)
 
 

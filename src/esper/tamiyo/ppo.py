@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from esper.contracts import HEADS, TAMIYO_OPS
-from esper.tamiyo.features import GLOBAL_DIM, SLOT_DIM, RunningNormalizer
+from esper.tamiyo.features import GLOBAL_DIM, SLOT_DIM, RunningNormalizer, pad_slots
 from esper.tamiyo.masks import HEAD_SIZES_FIXED
 from esper.tamiyo.network import HEAD_INDEX, ActOut, EvalOut, TamiyoNet
 
@@ -121,6 +121,8 @@ class Batch(NamedTuple):
     masks: dict[str, torch.Tensor]
     logprobs: torch.Tensor
     values: torch.Tensor
+    valid: torch.Tensor
+    """(N, S) bool: the real slots of each row."""
 
 
 class RolloutBuffer:
@@ -128,6 +130,10 @@ class RolloutBuffer:
 
     `dones[t]` follows CleanRL: 1 when observation t is the first of a new episode (the step
     before it ended one). `rewards[t]` is the reward for the action taken at step t.
+
+    Slots are stored padded to the largest slot count seen (`num_slots` to start with; a step
+    with more slots widens the buffer), with `valid` marking each row's real ones: with a
+    curriculum, the K environments hold hosts of different sizes.
     """
 
     def __init__(
@@ -149,15 +155,29 @@ class RolloutBuffer:
         self.values = torch.zeros(T, K)
         self.rewards = torch.zeros(T, K)
         self.dones = torch.zeros(T, K)
+        self.valid = torch.zeros(T, K, num_slots, dtype=torch.bool)
 
     def add(
         self, t: int, g: torch.Tensor, s: torch.Tensor, out: ActOut, dones: torch.Tensor
     ) -> None:
         """Store step t for all K envs: features (K, G), (K, S, F), the net's output, dones (K,)."""
-        self.g[t], self.s[t], self.actions[t] = g, s, out.actions
+        n = max(s.shape[1], self.s.shape[2])
+        if n > self.s.shape[2]:
+            self._widen(n)
+        self.g[t], self.s[t], self.actions[t] = g, pad_slots(s, n), out.actions
         for h in HEADS:
-            self.masks[h][t] = out.masks[h]
+            self.masks[h][t] = pad_slots(out.masks[h], n) if h == "slot" else out.masks[h]
+        self.valid[t] = pad_slots(out.valid, n)
         self.logprobs[t], self.values[t], self.dones[t] = out.logprob, out.value, dones
+
+    def _widen(self, n: int) -> None:
+        """Pad the stored slots (and their masks) of every step to n."""
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # (T, K, S, ...) -> (T, K, n, ...)
+            return pad_slots(x.flatten(0, 1), n).unflatten(0, x.shape[:2])
+
+        self.s, self.valid = pad(self.s), pad(self.valid)
+        self.masks["slot"] = pad(self.masks["slot"])
 
     def flat(self) -> Batch:
         n = self.num_steps * self.num_envs
@@ -168,6 +188,7 @@ class RolloutBuffer:
             {h: m.reshape(n, -1) for h, m in self.masks.items()},
             self.logprobs.reshape(n),
             self.values.reshape(n),
+            self.valid.reshape(n, -1),
         )
 
 
@@ -316,7 +337,7 @@ def ppo_update(
         for start in range(0, n, minibatch_size):
             mb = order[start : start + minibatch_size]
             new = net.evaluate(
-                b.g[mb], b.s[mb], b.actions[mb], {h: m[mb] for h, m in b.masks.items()}
+                b.g[mb], b.s[mb], b.actions[mb], {h: m[mb] for h, m in b.masks.items()}, b.valid[mb]
             )
             logratio = new.logprob - b.logprobs[mb]
             ratio = logratio.exp()
@@ -362,7 +383,7 @@ def _anchor_loss(anchor: Anchor, b: Batch, mb: torch.Tensor, new: EvalOut) -> to
     """Mean over the minibatch of KL(anchor ‖ policy) (`anchor_kl`)."""
     with torch.no_grad():
         ref = anchor.net.evaluate(
-            b.g[mb], b.s[mb], b.actions[mb], {h: m[mb] for h, m in b.masks.items()}
+            b.g[mb], b.s[mb], b.actions[mb], {h: m[mb] for h, m in b.masks.items()}, b.valid[mb]
         )
     assert ref.logp is not None and new.logp is not None
     return anchor_kl(ref.logp, new.logp, new.relevant).mean()

@@ -3,6 +3,10 @@
 Tasks (DESIGN.md, "Tasks and hosts"):
 
 - `digits`  scikit-learn's bundled 8×8 handwritten digits (1,797 images), (N, 1, 8, 8) in [0, 1].
+- vectors   (N, F) features standardised with the training split's statistics: scikit-learn's
+            bundled `breast_cancer` (569 × 30, 2 classes), `wine` (178 × 13, 3) and `iris`
+            (150 × 4, 3), and `synthetic-easy` / `synthetic-hard`, fixed `make_classification`
+            draws (well-separated classes; overlapping classes, noisy labels). An MLP host.
 - `text`    character-level LM on the Python standard library's own top-level `*.py` sources, as
             bytes (vocab 256); x, y are (N, T) int64 windows with y = x shifted by one.
 - `cifar10` the standard CIFAR-10 files from a local folder, binary or python format, (N, 3, 32, 32)
@@ -117,6 +121,76 @@ def _load_digits(seed: int, device: torch.device, val_fraction: float) -> TaskDa
         metric="accuracy",
         higher_is_better=True,
         num_classes=10,
+    )
+
+
+# ─────────────────────────────────────────────────────────────────────────────
+# vector tasks: scikit-learn's bundled tables and fixed synthetic draws
+# ─────────────────────────────────────────────────────────────────────────────
+
+SYNTHETIC = {
+    # 4 well-separated classes, 10 informative features of 20, 1% flipped labels
+    "synthetic-easy": dict(
+        n_samples=2000,
+        n_features=20,
+        n_informative=10,
+        n_redundant=4,
+        n_classes=4,
+        class_sep=1.5,
+        flip_y=0.01,
+    ),
+    # 6 overlapping classes of 3 clusters each, 8 informative features of 40, 5% flipped labels
+    "synthetic-hard": dict(
+        n_samples=2000,
+        n_features=40,
+        n_informative=8,
+        n_redundant=8,
+        n_classes=6,
+        n_clusters_per_class=3,
+        class_sep=0.6,
+        flip_y=0.05,
+    ),
+}
+VECTOR_TASKS = ("breast_cancer", "wine", "iris", *SYNTHETIC)
+
+
+def _vector_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn import datasets  # slow to import; only these tasks need it
+
+    if name in SYNTHETIC:  # the same draw everywhere: random_state is part of the task
+        return datasets.make_classification(**SYNTHETIC[name], random_state=0)  # type: ignore[arg-type]
+    return getattr(datasets, f"load_{name}")(return_X_y=True)
+
+
+def _load_vector(name: str, seed: int, device: torch.device, val_fraction: float) -> TaskData:
+    from sklearn.model_selection import train_test_split
+
+    _check_val_fraction(val_fraction)
+    x, y = _vector_arrays(name)
+    tr_x, va_x, tr_y, va_y = train_test_split(
+        x.astype(np.float64),
+        y.astype(np.int64),
+        test_size=val_fraction,
+        random_state=seed,
+        stratify=y,
+    )
+    mean, std = tr_x.mean(0), tr_x.std(0)
+    std[std == 0] = 1.0  # a constant column stays 0
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
+    return TaskData(
+        name=name,
+        topology=Topology.VEC,
+        train_x=tensor(((tr_x - mean) / std).astype(np.float32)),
+        train_y=tensor(tr_y),
+        val_x=tensor(((va_x - mean) / std).astype(np.float32)),
+        val_y=tensor(va_y),
+        input_shape=(x.shape[1],),
+        metric="accuracy",
+        higher_is_better=True,
+        num_classes=int(y.max()) + 1,
     )
 
 
@@ -330,8 +404,8 @@ def _load_cifar10(data_dir: Path | None, device: torch.device) -> TaskData:
 # entry points
 # ─────────────────────────────────────────────────────────────────────────────
 
-TASK_NAMES = ("digits", "text", "cifar10")
-SEEDED_SPLITS = ("digits",)
+TASK_NAMES = ("digits", "text", "cifar10", *VECTOR_TASKS)
+SEEDED_SPLITS = ("digits", *VECTOR_TASKS)
 """Tasks whose validation split depends on the seed; the others' splits are fixed."""
 
 
@@ -347,12 +421,15 @@ def load_task(
 ) -> TaskData:
     """Build a built-in task on `device`.
 
-    `seed` picks the digits split; text and cifar10 splits are fixed (contiguous tail; the official
-    test batch). `seq_len` and `text_bytes` apply to text, `data_dir` to cifar10.
+    `seed` picks the digits and vector splits; text and cifar10 splits are fixed (contiguous
+    tail; the official test batch). `seq_len` and `text_bytes` apply to text, `data_dir` to
+    cifar10.
     """
     device = torch.device(device)
     if name == "digits":
         return _load_digits(seed, device, val_fraction)
+    if name in VECTOR_TASKS:
+        return _load_vector(name, seed, device, val_fraction)
     if name == "text":
         return _load_text(device, val_fraction, seq_len, text_bytes)
     if name == "cifar10":
