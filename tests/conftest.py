@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
+import pytest
 import torch
 from torch import nn
 
 from esper.contracts import AlphaCurve, SeedSpec, Stage, Topology
 from esper.kasmina import CNNHost, MLPHost, SeedSlot, TransformerHost, observe_gradients
+from esper.tolaria.remote import start_local_ray
 
 # Tests run in parallel (-n 2) on tensors of a few hundred elements: intra-op threads only
 # contend (a 6-channel conv takes ~10 ms with 2 OpenMP threads on a busy machine, ~0.2 ms with 1).
@@ -140,3 +142,19 @@ def grow(
     if order.index(stage) >= 4:
         slot.fossilize()
     assert slot.stage is stage
+
+
+# ---------------------------------------------------------------------------------------------
+# One local Ray instance per test module that asks for it (the ray backends' tests)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray():
+    import ray  # a dev dependency: CI must run these tests, not skip them
+
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already running in this process")
+    start_local_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()

@@ -16,7 +16,7 @@ from esper.audits.backends import GPU_FRACTION, job_resources
 from esper.audits.retrain import Audit, AuditProtocol
 from esper.cli import app
 from esper.contracts.errors import BackendUnavailable
-from esper.tolaria.remote import RAY_MISSING, start_local_ray
+from esper.tolaria.remote import RAY_MISSING
 from test_audit import REAL_PROTOCOL, REAL_SEEDS, A, B, C, fake_value
 
 # One xdist worker runs this whole module (`make test` uses --dist loadgroup), so the module's one
@@ -38,17 +38,6 @@ class FailsFirst:
             if len(list(self.marks.iterdir())) <= self.times:
                 raise RuntimeError("out of memory (simulated)")
         return fake_value(protocol, candidates, subset, repeat)
-
-
-@pytest.fixture(scope="module")
-def ray():
-    import ray  # a dev dependency: CI must run these tests, not skip them
-
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already running in this process")
-    start_local_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 def test_ray_gives_the_local_values_and_reports_progress(ray, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from esper.config import GrowConfig
 from esper.contracts import FactoredAction
 from esper.contracts.errors import BackendUnavailable
 from esper.run import build_episode
-from esper.tolaria.remote import RAY_MISSING, start_local_ray
+from esper.tolaria.remote import RAY_MISSING
 from esper.tolaria.vector import VectorEnv
 from test_vector import BASE, K, make_venv, poisoned_second, random_policy, rollout, specs
 
@@ -28,17 +28,6 @@ pytestmark = pytest.mark.xdist_group("ray")
 
 EPISODE_TICKS = 3
 TICKS = 5  # every tick of the first K episodes, then two of their replacements
-
-
-@pytest.fixture(scope="module")
-def ray():
-    import ray  # a dev dependency: CI must run these tests, not skip them
-
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already running in this process")
-    start_local_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
 
 
 def test_ray_actors_match_in_process_bit_for_bit(ray) -> None:

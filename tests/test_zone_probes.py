@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from esper.config import GrowConfig, HostConfig
 from esper.contracts import Stage
 from esper.contracts.errors import ConfigError
 from esper.contracts.zones import NarsetConfig, ProbeConfig, ZonesConfig, ZoneSpec, ZoneTelemetry
-from esper.run import build_episode, start_run
+from esper.run import GrowthRun, build_episode, start_run
 from esper.tolaria.environment import EnvConfig
 from esper.tolaria.zones import drift
 
@@ -40,6 +41,19 @@ def _cfg(ticks: int, zones: ZonesConfig) -> GrowConfig:
     return GrowConfig(
         ticks=ticks, device="cpu", host=DEEP, zones=zones, env=env, heuristic=FAST_HEURISTIC
     )
+
+
+def _run_watching_narset(
+    zones: ZonesConfig, run_dir: Path
+) -> tuple[GrowthRun, list[ZoneTelemetry]]:
+    """A 6-tick run, and every `ZoneTelemetry` Narset received, in order."""
+    run = start_run(_cfg(6, zones), run_dir=run_dir)
+    seen: list[ZoneTelemetry] = []
+    narset = run.episode.zones.allocator  # type: ignore[union-attr]
+    update = narset.update
+    narset.update = lambda t: (seen.extend(t), update(t))[1]  # type: ignore[method-assign]
+    run.run()
+    return run, seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,12 +112,7 @@ def test_the_boundary_probe_matches_an_independent_forward_and_backward() -> Non
 
 def test_a_breached_boundary_contract_is_recorded_and_reaches_narset(tmp_path: object) -> None:
     zones = _zones(window=3, drift_limit=1e-9, gain_limit=1.0001)  # any change breaches
-    run = start_run(_cfg(6, zones), run_dir=tmp_path / "run")  # type: ignore[operator]
-    seen: list[ZoneTelemetry] = []
-    narset = run.episode.zones.allocator  # type: ignore[union-attr]
-    update = narset.update
-    narset.update = lambda t: (seen.extend(t), update(t))[1]  # type: ignore[method-assign]
-    run.run()
+    run, seen = _run_watching_narset(zones, tmp_path / "run")  # type: ignore[operator]
     breaches = [e for e in run.store.events() if e.kind == "boundary_breach"]
     assert breaches and {e.payload["zone"] for e in breaches} == {"early", "late"}
     assert all(e.payload["reason"] for e in breaches)
@@ -179,12 +188,7 @@ def test_probes_leave_the_run_exactly_as_without_them(kind: str, tmp_path: objec
 
 def test_the_probe_contribution_is_narsets_productivity(tmp_path: object) -> None:
     zones = dataclasses.replace(_zones(window=3), probe=ProbeConfig(every=3, kind="freeze"))
-    run = start_run(_cfg(6, zones), run_dir=tmp_path / "run")  # type: ignore[operator]
-    seen: list[ZoneTelemetry] = []
-    narset = run.episode.zones.allocator  # type: ignore[union-attr]
-    update = narset.update
-    narset.update = lambda t: (seen.extend(t), update(t))[1]  # type: ignore[method-assign]
-    run.run()
+    run, seen = _run_watching_narset(zones, tmp_path / "run")  # type: ignore[operator]
     probes = {
         e.tick: e.payload["contribution"] for e in run.store.events() if e.kind == "zone_probe"
     }
