@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 # The policy shipped in src/esper/tamiyo/trained/digits.safetensors (see bench/RESULTS.md).
 policy: $(VENV)/.installed
 	rm -rf policies/digits
-	$(VENV)/bin/esper train-policy --updates 50 --budget-minutes 55 --out policies/digits
+	$(VENV)/bin/esper train-policy --baseline paired --updates 50 --budget-minutes 58 --out policies/digits
 	cp policies/digits/policy.safetensors src/esper/tamiyo/trained/digits.safetensors
 
 lint: $(VENV)/.installed

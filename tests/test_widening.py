@@ -51,7 +51,8 @@ from esper.kasmina import (
 )
 from esper.kasmina.stream import _Wide
 from esper.run import load_policy, resume_run, start_run
-from esper.tamiyo.learned import PolicyLoadError
+from esper.tamiyo.learned import LearnedPolicy
+from esper.tamiyo.masks import illegal_reason
 from esper.tolaria.environment import GrowthEnv
 
 HOSTS: dict[str, Callable[[], nn.Module]] = {
@@ -265,9 +266,13 @@ def test_one_live_widening_at_a_time() -> None:
     assert not any(Blueprint.WIDEN in bps for bps in after)
 
 
-def test_the_shipped_policy_is_refused_for_the_previous_library() -> None:
-    with pytest.raises(PolicyLoadError, match=r"blueprint_library = 'kasmina-13-v1'.*kasmina-14"):
-        load_policy(GrowConfig(policy="learned"))
+def test_the_shipped_policy_loads_for_this_library_and_can_widen() -> None:
+    policy = load_policy(GrowConfig(policy="learned"))
+    assert isinstance(policy, LearnedPolicy)
+    obs = cnn_driver().tick().observation  # the first tick of the impaired CNN: WIDEN is legal
+    assert all(Blueprint.WIDEN in bps for bps in obs.legal_blueprints)
+    decision = policy.act(obs)
+    assert illegal_reason(decision.action, obs) is None
 
 
 # ---------------------------------------------------------------------------------------------
