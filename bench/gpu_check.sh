@@ -10,8 +10,8 @@
 # GPU_CHECK_PYTHON=/path/to/python forces one (even without CUDA: a dry run of the script).
 #
 # Every step has its own timeout and later steps run even when one fails (set -u, not set -e);
-# the whole script stays under ~6 minutes. Logs land in $OUT: summary.txt, env.txt,
-# nvidia-smi.txt, pytest-gpu.txt, bench-vector_env.txt.
+# the whole script stays under ~9 minutes. Logs land in $OUT: summary.txt, env.txt,
+# nvidia-smi.txt, pytest-gpu.txt, bench-vector_env.txt, train-throughput.txt.
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -114,6 +114,13 @@ if have rich && have sklearn && have esper; then
         --ks 1 16 64 --ticks 6 --repeats 3 --backends inprocess --progress
 else
     note "step bench-vector_env: skipped, it needs rich, sklearn (the digits data) and esper"
+fi
+
+# 5. Phase 1 training throughput on CUDA: a short PPO run (no warm start), environment ticks/s --
+if have rich && have sklearn && have esper; then
+    step train-throughput train-throughput.txt 180 "$PY" bench/train_throughput.py --device cuda
+else
+    note "step train-throughput: skipped, it needs rich, sklearn and esper"
 fi
 
 note "total $((SECONDS - START)) s"
