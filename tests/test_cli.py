@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esper.audits.replay import candidates_from_run
-from esper.cli import app
+from esper.cli import _detail, app
 from esper.recorder import RunStore
 from esper.report import decision_rows, load_run
 
@@ -252,4 +252,26 @@ def test_grow_with_a_zone_file_and_show_groups_events_by_zone(tmp_path: Path) ->
     _assert_clean_failure(
         _invoke("grow", "--config", str(p), "--zones", str(bad), "--out", str(tmp_path / "x")),
         "risk shares sum above",
+    )
+
+
+def test_show_summarises_a_narset_update_per_zone() -> None:
+    payload = {
+        "by": "narset",
+        "zones": {
+            "early": {
+                "budgets": {
+                    "growth_budget": 0,
+                    "price": 1.5,
+                    "rent_ceiling": 0.004,
+                    "risk_share": 0.6,
+                },
+                "telemetry": {"improvement_per_rent": -2.0, "boundary_breaches": 3, "rent": 0.1},
+            }
+        },
+    }
+    line = _detail("narset_update", payload)
+    assert line == (
+        "by narset: early λ 1.500, growth 0, ceiling 0.004, risk 0.60 "
+        "(improvement/rent -2, breaches 3)"
     )

@@ -417,8 +417,23 @@ def _detail(kind: str, payload: dict) -> str:  # type: ignore[type-arg]
         units = payload["units"]
         low = min(units, key=lambda k: units[k][0])
         return f"{len(units)} units measured; lowest contribution {units[low][0]:+.4f} ({low})"
+    if kind == "narset_update" and isinstance(payload.get("zones"), dict):
+        return f"by {payload.get('by')}: " + "; ".join(
+            _zone_budget(z, v) for z, v in payload["zones"].items()
+        )
     shown = {k: v for k, v in payload.items() if v is not None and k not in ("action", "spec")}
     return ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+
+
+def _zone_budget(zone: str, entry: dict) -> str:  # type: ignore[type-arg]
+    """One zone of a `narset_update` (the whole telemetry is in the record and the report)."""
+    b, t = entry.get("budgets", {}), entry.get("telemetry", {})
+    return (
+        f"{zone} λ {b.get('price', 0.0):.3f}, growth {b.get('growth_budget')}, "
+        f"ceiling {b.get('rent_ceiling', 0.0):.4g}, risk {b.get('risk_share', 0.0):.2f} "
+        f"(improvement/rent {t.get('improvement_per_rent', 0.0):.3g}, "
+        f"breaches {t.get('boundary_breaches', 0)})"
+    )
 
 
 def _print_events(events: list) -> None:  # type: ignore[type-arg]
