@@ -52,6 +52,7 @@ from esper.tamiyo.imitation import (
     imitation_update,
 )
 from esper.tamiyo.learned import LearnedPolicy
+from esper.tamiyo.network import TamiyoNet
 from esper.tamiyo.policies import Decision, Policy
 from esper.tamiyo.ppo import (
     Anchor,
@@ -387,14 +388,18 @@ def _normalised(policy: LearnedPolicy, demos: Demonstrations) -> Demonstrations:
     return demos._replace(g=policy.global_norm(demos.g), s=s)
 
 
-def _anchor(cfg: TrainPolicyConfig, out: Path, update: int) -> Anchor | None:
-    """The frozen clone (`out/warm_start.safetensors`) and its KL weight at `update`."""
-    coef = cfg.anchor * max(0.0, 1.0 - update / cfg.anchor_updates)
-    if coef <= 0:
+def _clone(cfg: TrainPolicyConfig, out: Path) -> TamiyoNet | None:
+    """The frozen clone (`out/warm_start.safetensors`) PPO is anchored to, or None (no anchor)."""
+    if cfg.anchor <= 0:
         return None
     net = LearnedPolicy.load(out / "warm_start.safetensors").net
-    net.requires_grad_(False)
-    return Anchor(net, coef)
+    return net.requires_grad_(False)
+
+
+def _anchor(cfg: TrainPolicyConfig, clone: TamiyoNet | None, update: int) -> Anchor | None:
+    """The clone and its KL weight at `update` (annealed linearly to 0)."""
+    coef = cfg.anchor * max(0.0, 1.0 - update / cfg.anchor_updates)
+    return Anchor(clone, coef) if clone is not None and coef > 0 else None
 
 
 def _open_store(
@@ -483,13 +488,14 @@ def train_policy(
                 -1,
                 {"update": 0, "minutes": (time.perf_counter() - t0) / 60, "imitation": clone},
             )
+        clone = _clone(cfg, out)
         with _open_store(cfg, out, start if resume else None, device) as store:
             for update in range(start, cfg.updates):
                 buf = RolloutBuffer(cfg.num_steps, cfg.num_envs, max(len(o.slots) for o in obs))
                 raw, finished, obs, next_done = _rollout(
                     cfg, venv, policy, store, update, buf, obs, next_done, scaler, bonus
                 )
-                anchor = _anchor(cfg, out, update)
+                anchor = _anchor(cfg, clone, update)
                 stats = _ppo_step(cfg, policy, optimizer, buf, obs, next_done, update, anchor)
                 _save_training_state(out, policy, optimizer, scaler, update + 1)
                 info = {

@@ -135,7 +135,8 @@ class PendingEvaluation:
     units: tuple[tuple[str, int], ...] = ()
     """(phage, unit) ablated (mask 0) in the replicas after the slots', in order."""
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    """(label, slots) ablated together in the replicas after the units', in order."""
+    """(label, grown slots) of each group; those with slots are ablated together, one replica
+    each, after the units', in order."""
 
 
 @dataclass(frozen=True)
@@ -279,10 +280,11 @@ class GrowthEnv:
         active = [s for s in self.slots.values() if s.ablatable]
         masks = {n: t.mask for n, t in tissue_of(self.model).items()} if units else {}
         live = {s.name for s in active}
-        fused = tuple(
+        # each group's grown slots; a group with none brings exactly 0 and gets no replica
+        grouped = tuple(
             (label, tuple(n for n in names if n in live)) for label, names in (groups or {}).items()
         )
-        fused = tuple(g for g in fused if g[1])  # a group with nothing grown brings exactly 0
+        fused = tuple(g for g in grouped if g[1])
         reps = len(active) + len(units) + len(fused) + 1
         sums = torch.zeros(reps, 2, device=self.device)  # per replica: Σ loss, Σ correct
         count = 0
@@ -292,10 +294,7 @@ class GrowthEnv:
                 y = self.val_y[start : start + self.cfg.eval_batch_size]
                 self._evaluate_batch(x, y, active, units, fused, masks, sums)
                 count += y.numel()
-        labels = tuple((label, ()) for label in (groups or {}) if label not in dict(fused))
-        return PendingEvaluation(
-            sums / count, tuple(s.name for s in active), tuple(units), fused + labels
-        )
+        return PendingEvaluation(sums / count, tuple(s.name for s in active), tuple(units), grouped)
 
     def _evaluate_batch(
         self,
@@ -348,10 +347,10 @@ class GrowthEnv:
             key: (sign * (metrics[0] - metrics[i]), loss[i] - loss[0])
             for i, key in enumerate(pending.units, start=first)
         }
-        first += len(pending.units)
+        replica = iter(range(first + len(pending.units), len(metrics)))
         groups = {
-            label: sign * (metrics[0] - metrics[first + i]) if names else 0.0
-            for i, (label, names) in enumerate(pending.groups)
+            label: sign * (metrics[0] - metrics[next(replica)]) if names else 0.0
+            for label, names in pending.groups
         }
         return Evaluation(metrics[0], loss[0], contributions, units, groups)
 

@@ -265,8 +265,7 @@ class Episode:
         zones, env = self.zones, self.env
         assert zones is not None
         zones.measure(env.model, train.loss_variance)
-        boundaries = sorted(set(zones.boundary.values()))
-        readings = env.boundary_probe(boundaries, zones.cfg.boundary_samples)
+        readings = env.boundary_probe(zones.boundary_slots, zones.cfg.boundary_samples)
         found = zones.cross(readings)
         if ev.groups:
             found.append(zones.probed(self.t, ev.groups))

@@ -123,6 +123,7 @@ class Zones:
         self.boundary, self.upstream = _boundaries(layout, depths or {})
         """Each zone's output boundary (its deepest slot's output), and the zone upstream of it
         (whose output boundary is its input), or None for the first."""
+        self.boundary_slots = tuple(sorted(set(self.boundary.values())))
         self.reference: dict[str, tuple[list[float], list[float]]] = {}
         """Each zone's output statistics at its window's first tick (drift is measured from
         them)."""
@@ -140,7 +141,7 @@ class Zones:
         `.grad`), and the minibatch variance of the training loss."""
         sq: dict[str, list[torch.Tensor]] = {z: [] for z in self.names}
         for name, p in model.named_parameters():
-            zone = self._param_owner(name)
+            zone = self.param_owner(name)
             if zone != POOL and p.grad is not None:
                 sq[zone].append(p.grad.detach().float().pow(2).sum())
         self._grad = {
@@ -148,7 +149,7 @@ class Zones:
         }
         self._variance = minibatch_variance
 
-    def _param_owner(self, name: str) -> str:
+    def param_owner(self, name: str) -> str:
         """The zone of a parameter: that of its longest module path a zone owns."""
         parts = name.split(".")
         for k in range(len(parts) - 1, 0, -1):
@@ -206,10 +207,6 @@ class Zones:
         self.probe.update(contributions)
         payload = {"kind": self.cfg.probe.kind, "tick": t, "contribution": dict(contributions)}
         return "zone_probe", payload
-
-    def param_owner(self, name: str) -> str:
-        """The zone of a parameter (by name), or `POOL`."""
-        return self._param_owner(name)
 
     def refresh(self, rents: Mapping[str, float]) -> list[tuple[str, dict[str, Any]]]:
         """Each zone's growth mask for this tick, from its budgets; (kind, payload) of each
