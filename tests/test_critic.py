@@ -3,6 +3,7 @@ the dataset join of labelled germinations, folds by run, save/load, `esper train
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -84,12 +85,21 @@ def test_live_and_recorded_features_agree() -> None:
     obs = observation()
     for s in obs.slots:
         recorded = snapshot_features(
-            obs_vector(obs), slot_state(s), s.spec.blueprint.name if s.spec else None
+            obs_vector(obs), slot_state(s), s.spec.blueprint.name if s.spec else None, 0.8 - 0.5
         )
         assert observation_features(obs, s.name) == recorded
     live = observation_features(obs, "slots.b0")
     assert (live["contribution"], live["has_contribution"], live["stage"]) == (0.07, 1.0, 3.0)
     assert live["blueprint=CONV_LIGHT"] == 1.0 and live["progress"] == 0.5
+    # gradient health, size and place: log10 of the telemetry, the seed's share of the host
+    assert live["log_seed_grad"] == pytest.approx(-1.0)
+    assert live["log_host_grad"] == pytest.approx(math.log10(0.2))
+    assert live["log_grad_ratio"] == pytest.approx(math.log10(0.5))
+    assert live["seed_param_frac"] == pytest.approx(40 / 300)
+    assert live["topology=cnn"] == 1.0
+    # the metric's gain over the last `lag` ticks (the history holds two: the gain is 0.3)
+    assert live["metric_gain"] == pytest.approx(0.3)
+    assert observation_features(obs, "slots.b0", lag=0)["metric_gain"] == 0.0
     assert observation_features(obs, "slots.b1", "NORM")["blueprint=NORM"] == 1.0
     with pytest.raises(ValueError, match="no slot"):
         observation_features(obs, "slots.b9")
@@ -118,7 +128,11 @@ def test_dataset_joins_a_labelled_germination_of_a_real_run(tmp_path: Path) -> N
     assert row.snapshot_tick == min(germ.tick + 2, cfg.ticks - 1)
     later = decisions[row.snapshot_tick]
     state = next(s for s in later.slot_states if s["name"] == germ.slot)
-    assert row.features == snapshot_features(later.obs_before, state, row.blueprint)
+    first = decisions[max(0, row.snapshot_tick - 2)]
+    gain = later.obs_before[1] - first.obs_before[1]
+    assert row.features == snapshot_features(later.obs_before, state, row.blueprint, gain)
+    assert row.features["log_seed_grad"] != 0.0  # gradient health is recorded
+    assert row.features["log_grad_ratio"] == pytest.approx(math.log10(state["grad_ratio"]))
     assert row.features["stage"] == float(Stage[state["stage"]]) > 0
     assert row.decision_features["stage"] == 0.0  # the policy germinated into a DORMANT slot
     assert row.decision_features[f"blueprint={row.blueprint}"] == 1.0

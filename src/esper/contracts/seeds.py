@@ -132,6 +132,14 @@ def slot_state(s: SlotTelemetry) -> dict[str, Any]:
         "ticks_in_stage": s.ticks_in_stage,
         "contribution": s.contribution,
         "rent": s.rent,
+        # Gradient health and where the slot sits: what a critic of credit reads (simic.critic).
+        "seed_grad_norm": s.seed_grad_norm,
+        "host_grad_norm": s.host_grad_norm,
+        "grad_ratio": s.grad_ratio,
+        "param_count": s.param_count,
+        "topology": s.topology.value,
+        "channels": s.channels,
+        "depth": s.depth,
     }
 
 

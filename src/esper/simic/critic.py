@@ -12,8 +12,10 @@
 A deployed policy asks `Critic.predict_observation(obs, slot)` for the φ a live seed would earn
 under the audit protocol the critic was trained on. The features are those the flight recorder
 keeps (`esper.contracts.obs_vector` and `slot_state`, one function for both), so that recorded
-rows and live observations map to the same numbers; gradient health is not recorded and so is
-not a feature.
+rows and live observations map to the same numbers: the global state, the slot's stage, α,
+contribution and rent, its gradient health (seed and host gradient norms, their ratio), where it
+sits (depth, width, topology), the seed's size, and the metric's gain over the last `lag` ticks.
+Runs recorded before gradient health was kept read 0 there.
 
 This module needs numpy, safetensors and the recorder (to read runs), not torch.
 """
@@ -56,7 +58,15 @@ SLOT_FEATURES = (
     "contribution",
     "has_contribution",
     "slot_rent",
+    "log_seed_grad",
+    "log_host_grad",
+    "log_grad_ratio",
+    "seed_param_frac",
+    "depth",
+    "log_channels",
+    "metric_gain",
 )
+TOPOLOGY_PREFIX = "topology="
 BLUEPRINT_PREFIX = "blueprint="
 L2_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 FORMAT = "esper-critic-v1"
@@ -119,12 +129,22 @@ def _finite(x: Any) -> float:
     return x if math.isfinite(x) else 0.0
 
 
+def _log10(x: Any) -> float:
+    """log10 of a non-negative telemetry number, clipped at 1e-8 (0 when missing)."""
+    x = _finite(x)
+    return math.log10(max(x, 1e-8)) if x > 0 else 0.0
+
+
 def snapshot_features(
-    obs_vec: Sequence[float], state: Mapping[str, Any], blueprint: str | None
+    obs_vec: Sequence[float],
+    state: Mapping[str, Any],
+    blueprint: str | None,
+    metric_gain: float = 0.0,
 ) -> dict[str, float]:
     """Features of one recorded snapshot: the first seven entries of `esper.contracts.obs_vector`
     (progress, metric, val_loss, train_loss, host params, seed params, rent paid), one slot's
-    `esper.contracts.slot_state`, and the seed's blueprint (one-hot, by name)."""
+    `esper.contracts.slot_state`, the seed's blueprint and the slot's topology (one-hot, by
+    name), and `metric_gain` (the metric now minus `lag` ticks ago)."""
     progress, metric, val_loss, train_loss, host, seed, rent_paid = obs_vec[:7]
     contribution = state.get("contribution")
     out = {
@@ -141,14 +161,23 @@ def snapshot_features(
         "contribution": _finite(contribution),
         "has_contribution": float(contribution is not None),
         "slot_rent": _finite(state.get("rent")),
+        "log_seed_grad": _log10(state.get("seed_grad_norm")),
+        "log_host_grad": _log10(state.get("host_grad_norm")),
+        "log_grad_ratio": _log10(state.get("grad_ratio")),
+        "seed_param_frac": _finite(state.get("param_count")) / max(1.0, _finite(host)),
+        "depth": _finite(state.get("depth")),
+        "log_channels": math.log2(max(1.0, _finite(state.get("channels")))),
+        "metric_gain": _finite(metric_gain),
     }
+    if state.get("topology") is not None:
+        out[TOPOLOGY_PREFIX + str(state["topology"])] = 1.0
     if blueprint is not None:
         out[BLUEPRINT_PREFIX + blueprint] = 1.0
     return out
 
 
 def observation_features(
-    obs: Observation, slot: str, blueprint: str | None = None
+    obs: Observation, slot: str, blueprint: str | None = None, lag: int = DEFAULT_LAG
 ) -> dict[str, float]:
     """The same features from a live `Observation` (what `esper.run` would have recorded).
     `blueprint` defaults to the slot's seed; give it to score a germination not yet made."""
@@ -158,7 +187,9 @@ def observation_features(
     s = by_name[slot]
     if blueprint is None and s.spec is not None:
         blueprint = s.spec.blueprint.name
-    return snapshot_features(obs_vector(obs), slot_state(s), blueprint)
+    h = obs.history
+    gain = h[-1] - h[max(0, len(h) - 1 - lag)] if h else 0.0
+    return snapshot_features(obs_vector(obs), slot_state(s), blueprint, gain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,12 +215,18 @@ class CriticRow:
     """What the policy saw when it germinated (the slot still DORMANT), with the blueprint."""
 
 
-def _recorded(d: Any, slot: str, blueprint: str) -> dict[str, float]:
-    """Features of one slot in one recorded `DecisionRecord`."""
+def _recorded(
+    by_tick: Mapping[int, Any], tick: int, slot: str, blueprint: str, lag: int
+) -> dict[str, float]:
+    """Features of one slot in the `DecisionRecord` of `tick` (the metric gain read against
+    the record `lag` ticks earlier, or the earliest one, as a live history would give it)."""
+    d = by_tick[tick]
     if d.obs_before is None:
         raise ValueError(f"tick {d.tick}: the decision record holds no observation")
     state = next(s for s in d.slot_states if s["name"] == slot)
-    return snapshot_features(d.obs_before, state, blueprint)
+    earlier = [t for t in by_tick if tick - lag <= t <= tick and by_tick[t].obs_before]
+    gain = d.obs_before[1] - by_tick[min(earlier)].obs_before[1]
+    return snapshot_features(d.obs_before, state, blueprint, gain)
 
 
 def critic_dataset(
@@ -236,8 +273,8 @@ def critic_dataset(
                     protocol_hash=str(lab.get("protocol_hash", ""))
                     if isinstance(lab, Mapping)
                     else "",
-                    features=_recorded(by_tick[max(ticks)], e.slot, blueprint),
-                    decision_features=_recorded(by_tick[e.tick], e.slot, blueprint),
+                    features=_recorded(by_tick, max(ticks), e.slot, blueprint, lag),
+                    decision_features=_recorded(by_tick, e.tick, e.slot, blueprint, lag),
                 )
             )
     return rows
@@ -280,7 +317,7 @@ class Critic:
         self, obs: Observation, slot: str, blueprint: str | None = None
     ) -> float:
         """Predicted φ of the seed in `slot` (or of germinating `blueprint` there)."""
-        return float(self.predict(observation_features(obs, slot, blueprint)))
+        return float(self.predict(observation_features(obs, slot, blueprint, self.lag)))
 
     def save(self, path: str | Path) -> Path:
         meta = {
@@ -330,9 +367,10 @@ def load_critic(path: str | Path) -> Critic:
 
 
 def feature_names(rows: Sequence[CriticRow]) -> tuple[str, ...]:
-    """The fixed features, then a one-hot per blueprint seen in `rows` (sorted)."""
+    """The fixed features, then a one-hot per topology and per blueprint seen in `rows`."""
     blueprints = sorted({BLUEPRINT_PREFIX + r.blueprint for r in rows})
-    return (*GLOBAL_FEATURES, *SLOT_FEATURES, *blueprints)
+    topologies = sorted({f for r in rows for f in r.features if f.startswith(TOPOLOGY_PREFIX)})
+    return (*GLOBAL_FEATURES, *SLOT_FEATURES, *topologies, *blueprints)
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:

@@ -1,0 +1,173 @@
+"""The φ critic (paper §5.4) on more audited runs, under the replay audit protocol, with and
+without the gradient-health telemetry.
+
+    .venv/bin/python bench/critic.py [--runs 36] [--widths 2 3] [--ticks 12] [--budget 10]
+        [--repeats 2] [--workers 2] [--lag 3] [--out runs/critic]
+
+1. Grow N digits runs (seeds 0..N−1), cycling over `--policies` and `--widths` (the same
+   `esper grow` runs as bench/audit_estimators.py, each with its flight recorder; a complete run
+   under --out is reused, and so is a finished audit: the audit cache answers it).
+2. Audit each exactly over its first ≤ 3 germinations that leave a tick of training inside the
+   budget (`esper audit`'s protocol; φ labels land on the germinate events).
+3. Fit the ridge critic on the recorded telemetry `--lag` ticks after each germination and score
+   it on runs it never saw (leave one run out, pooled Spearman ρ and MAE against exact φ), for
+   feature sets that add one group at a time: the features of the first critic, + gradient
+   health, + place and size, + the metric's recent gain. `critic.safetensors` is the full set.
+
+Writes `critic.json` and `critic.md` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from audit_estimators import audit, grow, machine
+from esper.simic.critic import (
+    BLUEPRINT_PREFIX,
+    GLOBAL_FEATURES,
+    TOPOLOGY_PREFIX,
+    CriticRow,
+    critic_dataset,
+    fit_critic,
+    held_out,
+)
+
+FIRST = (
+    *GLOBAL_FEATURES,
+    "stage",
+    "alpha",
+    "ticks_in_stage",
+    "contribution",
+    "has_contribution",
+    "slot_rent",
+)
+GROUPS = {
+    "first critic's features": (),
+    "+ gradient health": ("log_seed_grad", "log_host_grad", "log_grad_ratio"),
+    "+ depth, width, seed size": ("depth", "log_channels", "seed_param_frac"),
+    "+ metric gain over lag": ("metric_gain",),
+}
+
+
+def keep(rows: list[CriticRow], names: set[str]) -> list[CriticRow]:
+    """The rows with only the named features (and every blueprint/topology one-hot)."""
+
+    def pick(f: dict[str, float]) -> dict[str, float]:
+        return {
+            k: v
+            for k, v in f.items()
+            if k in names or k.startswith((BLUEPRINT_PREFIX, TOPOLOGY_PREFIX))
+        }
+
+    return [dataclasses.replace(r, features=pick(r.features)) for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=36, help="recorded runs (seeds 0..N-1)")
+    p.add_argument("--widths", type=int, nargs="+", default=[2, 3], help="host widths, cycled")
+    p.add_argument("--ticks", type=int, default=12, help="ticks of each recorded run")
+    p.add_argument("--budget", type=int, default=10, help="ticks of each audit retrain")
+    p.add_argument("--repeats", type=int, default=2, help="R of the exact audit")
+    p.add_argument("--metric", default="metric", help="metric, val_loss or train_loss")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lag", type=int, default=3, help="critic: ticks after germination")
+    p.add_argument("--policies", nargs="+", default=["heuristic", "random"])
+    p.add_argument("--batches-per-tick", type=int, default=0, help="0: one epoch")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    p.add_argument("--out", type=Path, default=Path("runs/critic"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console(width=150)
+    console.print(
+        f"[bold]{machine()}[/]\n$ {' '.join(sys.argv)}\nload average before: {os.getloadavg()}"
+    )
+    t0 = time.perf_counter()
+    runs, audited = [], 0
+    for seed in range(args.runs):
+        policy = args.policies[seed % len(args.policies)]
+        width = args.widths[(seed // len(args.policies)) % len(args.widths)]
+        args.width = width  # grow() reads the host width from args
+        run_dir = args.out / "runs" / f"digits-w{width}-{policy}-s{seed}"
+        n, ran, hit = audit(args, grow(args, seed, run_dir, policy))
+        console.print(
+            f"seed {seed} (w{width}, {policy}): {n} audited, {ran} retrained, {hit} cached "
+            f"({time.perf_counter() - t0:.0f} s so far)"
+        )
+        if n:
+            runs.append(run_dir)
+            audited += n
+    t_audit = time.perf_counter() - t0
+    rows = critic_dataset(runs, lag=args.lag)
+    if len({r.run for r in rows}) < 3:
+        raise SystemExit("fewer than 3 audited runs: nothing to hold out")
+
+    table = Table(
+        "features", "n features", "held-out Spearman ρ", "held-out MAE", "rows", "runs",
+        title=f"critic of exact φ: ridge on telemetry {args.lag} ticks after germination, "
+        "leave one run out",
+    )  # fmt: skip
+    names: set[str] = set(FIRST)
+    scores = {}
+    for label, group in GROUPS.items():
+        names |= set(group)
+        subset = keep(rows, names)
+        score = held_out(subset, lag=args.lag)
+        n_features = len({k for r in subset for k in r.features})
+        scores[label] = {"spearman": score.spearman, "mae": score.mae, "n": score.n}
+        table.add_row(
+            label,
+            str(n_features),
+            f"{score.spearman:+.3f}",
+            f"{score.mae:.4f}",
+            str(score.n),
+            str(len(runs)),
+        )
+    console.print(table)
+    critic = fit_critic(rows, lag=args.lag)
+    critic.meta["held_out"] = scores[label]
+    path = critic.save(args.out / "critic.safetensors")
+    phis = [r.phi for r in rows]
+    zeros = sum(1 for x in phis if x == 0)
+    summary = (
+        f"{len(rows)} labelled seeds from {len(runs)} runs ({audited} audited); φ from "
+        f"{min(phis):+.4f} to {max(phis):+.4f}, mean |φ| "
+        f"{sum(map(abs, phis)) / len(phis):.4f}, {zeros} exactly 0; grow + audits "
+        f"{t_audit:.0f} s; load average after {os.getloadavg()}"
+    )
+    console.print(summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": machine(),
+        "command": sys.argv,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "runs": [str(r) for r in runs],
+        "scores": scores,
+        "critic": {"path": str(path), "l2": critic.l2, "features": list(critic.features)},
+        "summary": summary,
+        "wall_s": t_audit,
+    }
+    (args.out / "critic.json").write_text(json.dumps(result, indent=1, default=str))
+    md = "| features | held-out Spearman ρ | held-out MAE | n |\n|---|---:|---:|---:|\n"
+    md += "".join(
+        f"| {k} | {v['spearman']:+.3f} | {v['mae']:.4f} | {v['n']} |\n"
+        for k, v in scores.items()
+        if not math.isnan(v["spearman"])
+    )
+    (args.out / "critic.md").write_text(f"{md}\n{summary}\n\n{machine()}\n")
+    console.print(f"written to {args.out}/critic.json and .md")
+
+
+if __name__ == "__main__":
+    main()
