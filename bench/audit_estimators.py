@@ -106,17 +106,15 @@ def audit(args: argparse.Namespace, run_dir: Path) -> tuple[int, int, int]:
     return len(candidates), result.retrains, result.cached
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=12, help="recorded runs (seeds 0..N-1)")
+def run_arguments(p: argparse.ArgumentParser, runs: int) -> None:
+    """The recorded runs and their audits (shared with bench/critic.py)."""
+    p.add_argument("--runs", type=int, default=runs, help="recorded runs (seeds 0..N-1)")
     p.add_argument("--ticks", type=int, default=12, help="ticks of each recorded run")
     p.add_argument("--budget", type=int, default=10, help="ticks of each audit retrain")
     p.add_argument("--repeats", type=int, default=2, help="R of the exact audit")
     p.add_argument("--metric", default="metric", help="metric, val_loss or train_loss")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--samples", type=int, default=2, help="permutation estimator orders")
     p.add_argument("--lag", type=int, default=3, help="critic: ticks after germination")
-    p.add_argument("--width", type=int, default=2, help="host width")
     p.add_argument(
         "--policies",
         nargs="+",
@@ -126,13 +124,26 @@ def main() -> None:
     )
     p.add_argument("--batches-per-tick", type=int, default=0, help="0: one epoch")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
-    p.add_argument("--out", type=Path, default=Path("runs/audit_estimators"))
-    args = p.parse_args()
+
+
+def start(args: argparse.Namespace) -> Console:
+    """Torch threads as asked; a console that has printed the machine and the command."""
     torch.set_num_threads(args.threads)
     console = Console(width=150)
     console.print(
         f"[bold]{machine()}[/]\n$ {' '.join(sys.argv)}\nload average before: {os.getloadavg()}"
     )
+    return console
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    run_arguments(p, runs=12)
+    p.add_argument("--samples", type=int, default=2, help="permutation estimator orders")
+    p.add_argument("--width", type=int, default=2, help="host width")
+    p.add_argument("--out", type=Path, default=Path("runs/audit_estimators"))
+    args = p.parse_args()
+    console = start(args)
     t_all = time.perf_counter()
     runs, seeds_audited, retrained, cached = [], 0, 0, 0
     t0 = time.perf_counter()

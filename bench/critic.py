@@ -28,35 +28,28 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from rich.console import Console
 from rich.table import Table
 
-from audit_estimators import audit, grow, machine
+from audit_estimators import audit, grow, machine, run_arguments, start
 from esper.simic.critic import (
     BLUEPRINT_PREFIX,
+    FIRST_SLOT_FEATURES,
     GLOBAL_FEATURES,
+    GRADIENT_FEATURES,
+    PLACE_FEATURES,
     TOPOLOGY_PREFIX,
+    TREND_FEATURES,
     CriticRow,
     critic_dataset,
     fit_critic,
     held_out,
 )
 
-FIRST = (
-    *GLOBAL_FEATURES,
-    "stage",
-    "alpha",
-    "ticks_in_stage",
-    "contribution",
-    "has_contribution",
-    "slot_rent",
-)
 GROUPS = {
-    "first critic's features": (),
-    "+ gradient health": ("log_seed_grad", "log_host_grad", "log_grad_ratio"),
-    "+ depth, width, seed size": ("depth", "log_channels", "seed_param_frac"),
-    "+ metric gain over lag": ("metric_gain",),
+    "first critic's features": (*GLOBAL_FEATURES, *FIRST_SLOT_FEATURES),
+    "+ gradient health": GRADIENT_FEATURES,
+    "+ depth, width, seed size": PLACE_FEATURES,
+    "+ metric gain over lag": TREND_FEATURES,
 }
 
 
@@ -75,24 +68,11 @@ def keep(rows: list[CriticRow], names: set[str]) -> list[CriticRow]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=36, help="recorded runs (seeds 0..N-1)")
+    run_arguments(p, runs=36)
     p.add_argument("--widths", type=int, nargs="+", default=[2, 3], help="host widths, cycled")
-    p.add_argument("--ticks", type=int, default=12, help="ticks of each recorded run")
-    p.add_argument("--budget", type=int, default=10, help="ticks of each audit retrain")
-    p.add_argument("--repeats", type=int, default=2, help="R of the exact audit")
-    p.add_argument("--metric", default="metric", help="metric, val_loss or train_loss")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--lag", type=int, default=3, help="critic: ticks after germination")
-    p.add_argument("--policies", nargs="+", default=["heuristic", "random"])
-    p.add_argument("--batches-per-tick", type=int, default=0, help="0: one epoch")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--out", type=Path, default=Path("runs/critic"))
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    console = Console(width=150)
-    console.print(
-        f"[bold]{machine()}[/]\n$ {' '.join(sys.argv)}\nload average before: {os.getloadavg()}"
-    )
+    console = start(args)
     t0 = time.perf_counter()
     runs, audited = [], 0
     for seed in range(args.runs):
@@ -118,7 +98,7 @@ def main() -> None:
         title=f"critic of exact φ: ridge on telemetry {args.lag} ticks after germination, "
         "leave one run out",
     )  # fmt: skip
-    names: set[str] = set(FIRST)
+    names: set[str] = set()
     scores = {}
     for label, group in GROUPS.items():
         names |= set(group)
