@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from _engine_helpers import FAST_HEURISTIC, cnn_driver, small_config
+import esper
+from _engine_helpers import FAST_HEURISTIC, cnn_driver, small_config, text_driver
 from conftest import (
     fixed_loss,
     grow,
@@ -266,13 +267,23 @@ def test_one_live_widening_at_a_time() -> None:
     assert not any(Blueprint.WIDEN in bps for bps in after)
 
 
-def test_the_shipped_policy_loads_for_this_library_and_can_widen() -> None:
-    policy = load_policy(GrowConfig(policy="learned"))
+SHIPPED = sorted((Path(esper.__file__).parent / "tamiyo" / "trained").glob("*.safetensors"))
+
+
+def test_the_shipped_policies_are_there() -> None:
+    # `learned` (digits) and the curriculum policy; both are package data (pyproject.toml)
+    assert {p.stem for p in SHIPPED} >= {"digits", "curriculum"}
+
+
+@pytest.mark.parametrize("path", ["learned", *map(str, SHIPPED)], ids=lambda p: Path(p).stem)
+def test_the_shipped_policy_loads_for_this_library_and_can_widen(path: str) -> None:
+    policy = load_policy(GrowConfig(policy=path))
     assert isinstance(policy, LearnedPolicy)
-    obs = cnn_driver().tick().observation  # the first tick of the impaired CNN: WIDEN is legal
-    assert all(Blueprint.WIDEN in bps for bps in obs.legal_blueprints)
-    decision = policy.act(obs)
-    assert illegal_reason(decision.action, obs) is None
+    for driver in (cnn_driver(), text_driver()):  # a feature-map host and a sequence host
+        obs = driver.tick().observation  # the first tick: WIDEN is legal
+        assert all(Blueprint.WIDEN in bps for bps in obs.legal_blueprints)
+        decision = policy.act(obs)
+        assert illegal_reason(decision.action, obs) is None
 
 
 # ---------------------------------------------------------------------------------------------
