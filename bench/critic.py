@@ -32,6 +32,7 @@ from pathlib import Path
 from rich.table import Table
 
 from audit_estimators import audit, grow, machine, run_arguments, start
+from esper.run import SHIPPED_POLICY
 from esper.simic.critic import (
     BLUEPRINT_PREFIX,
     FIRST_SLOT_FEATURES,
@@ -47,7 +48,6 @@ from esper.simic.critic import (
     spearman,
 )
 
-SHIPPED = "src/esper/tamiyo/trained/digits.safetensors"
 GROUPS = {
     "first critic's features": (*GLOBAL_FEATURES, *FIRST_SLOT_FEATURES),
     "+ gradient health": GRADIENT_FEATURES,
@@ -74,7 +74,7 @@ def main() -> None:
     run_arguments(p, runs=36)
     # Runs and audits of one length, so that a seed germinated late still has ticks to blend;
     # the shipped learned policy varies the blueprints and timing the heuristic repeats.
-    p.set_defaults(ticks=14, budget=14, policies=["heuristic", SHIPPED, "random"])
+    p.set_defaults(ticks=14, budget=14, policies=["heuristic", str(SHIPPED_POLICY), "random"])
     p.add_argument("--widths", type=int, nargs="+", default=[2, 3], help="host widths, cycled")
     p.add_argument("--out", type=Path, default=Path("runs/critic"))
     args = p.parse_args()
@@ -135,7 +135,7 @@ def main() -> None:
         )
     console.print(table)
     critic = fit_critic(rows, lag=args.lag)
-    critic.meta["held_out"] = scores[label]
+    critic.meta["held_out"] = scores[list(GROUPS)[-1]]  # the full feature set
     path = critic.save(args.out / "critic.safetensors")
     phis = [r.phi for r in rows]
     zeros = sum(1 for x in phis if x == 0)

@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-import esper
 from _engine_helpers import FAST_HEURISTIC, cnn_driver, small_config, text_driver
 from conftest import (
     fixed_loss,
@@ -51,7 +50,7 @@ from esper.kasmina import (
     supported_topologies,
 )
 from esper.kasmina.stream import _Wide
-from esper.run import load_policy, resume_run, start_run
+from esper.run import SHIPPED_POLICY, load_policy, resume_run, start_run
 from esper.tamiyo.learned import LearnedPolicy
 from esper.tamiyo.masks import illegal_reason
 from esper.tolaria.environment import GrowthEnv
@@ -267,7 +266,7 @@ def test_one_live_widening_at_a_time() -> None:
     assert not any(Blueprint.WIDEN in bps for bps in after)
 
 
-SHIPPED = sorted((Path(esper.__file__).parent / "tamiyo" / "trained").glob("*.safetensors"))
+SHIPPED = sorted(SHIPPED_POLICY.parent.glob("*.safetensors"))
 
 
 def test_the_shipped_policies_are_there() -> None:
